@@ -1,0 +1,55 @@
+"""HM4SR's losses, eq. 20-27, as plain functions of tensors.
+
+The contrastive losses take the tensors to contrast AGAINST as arguments: on one process those are
+the batch's own; under data parallelism the trainer hands in the all-gathered global batch and the
+index of each local row's positive in it, and the model never knows the difference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def main_loss(scores: Tensor, target: Tensor) -> Tensor:
+    """Eq. 20: softmax cross-entropy over all items (scores (B, n_items + 1), padding column -inf)."""
+    return F.cross_entropy(scores, target)
+
+
+def category_loss(logits: Tensor, labels: Tensor, denominator: Tensor | float | None = None) -> Tensor:
+    """Eq. 21-22: binary cross-entropy of per-item category logits against multi-hot labels.
+
+    logits, labels: (n_real_items, C), one row per non-padding input position (padding never
+    reaches here). Reduced as a mean over those items and the C categories (spec §3; see
+    docs/model.md): the summed BCE divided by `denominator`, default n_real_items * C.
+    """
+    total = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="sum")
+    if denominator is None:
+        denominator = max(logits.numel(), 1)
+    return total / denominator
+
+
+def info_nce(queries: Tensor, keys: Tensor, positives: Tensor, query_ids: Tensor, key_ids: Tensor,
+             temperature: float) -> Tensor:
+    """InfoNCE with cosine similarity (eq. 23, 25), mean over the query rows.
+
+    queries (b, d); keys (N, d) (N >= b: the global batch); positives (b,) index of each query's
+    positive key; query_ids (b,) and key_ids (N,) the target items: a key whose target equals the
+    query's (other than its positive) is masked out, since it is not a true negative.
+    """
+    sim = F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T / temperature      # (b, N)
+    same_target = query_ids.unsqueeze(1) == key_ids.unsqueeze(0)
+    rows = torch.arange(queries.shape[0], device=queries.device)
+    same_target[rows, positives] = False
+    return F.cross_entropy(sim.masked_fill(same_target, float("-inf")), positives)
+
+
+def weighted_total(main: Tensor, cp: Tensor | None, idcl: Tensor | None, pcl: Tensor | None,
+                   cp_weight: float, idcl_weight: float, pcl_weight: float) -> Tensor:
+    """Eq. 27: L = L_main + l1 L_CP + l2 L_IDCL + l3 L_PCL (absent terms count as 0)."""
+    total = main
+    for term, weight in ((cp, cp_weight), (idcl, idcl_weight), (pcl, pcl_weight)):
+        if term is not None and weight:
+            total = total + weight * term
+    return total

@@ -1,0 +1,118 @@
+"""The training objective: HM4SR forward + every loss term, in one module's forward.
+
+DeepSpeed (and DDP) must see the whole graph through the engine's own forward, so the losses are
+computed inside `HM4SRObjective.forward`. Cross-worker communication is handed in as a
+`BatchExchange`; the local one below is the identity, so this file stays free of torch.distributed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from hm4sr_dist.batch import Batch
+from hm4sr_dist.config import LossConfig
+from hm4sr_dist.losses import category_loss, info_nce, main_loss, weighted_total
+from hm4sr_dist.model.hm4sr import HM4SR, HM4SROutput
+
+
+class BatchExchange:
+    """How rows of the global batch are shared. This one is a single process: the identity.
+
+    A distributed implementation (hm4sr_dist/dist) concatenates every rank's rows with an
+    autograd-aware all-gather, rank-major, and sums counts across ranks.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """(b, ...) on each rank -> (world_size * b, ...), gradients flowing back to the owner."""
+        return tensor
+
+    def all_sum(self, tensor: Tensor) -> Tensor:
+        """A count summed over ranks (no gradient)."""
+        return tensor
+
+
+@dataclass
+class LossTerms:
+    total: Tensor
+    main: Tensor
+    cp: Tensor | None = None
+    idcl: Tensor | None = None
+    pcl: Tensor | None = None
+    output: HM4SROutput | None = None
+
+    def scalars(self) -> dict[str, float]:
+        """Detached values of the present terms, for logging."""
+        names = ("total", "main", "cp", "idcl", "pcl")
+        return {n: float(getattr(self, n).detach()) for n in names if getattr(self, n) is not None}
+
+
+class HM4SRObjective(nn.Module):
+    """Wraps an `HM4SR` and computes L of eq. 27 for a batch.
+
+    Args:
+        model: the recommender.
+        loss_cfg: weights and temperatures.
+        categories: (n_items + 1, C) multi-hot table, needed when loss_cfg.cp_weight > 0.
+        exchange: shares rows across workers for the IDCL/PCL negatives and the CP normaliser.
+    """
+
+    def __init__(self, model: HM4SR, loss_cfg: LossConfig, categories: Tensor | None = None,
+                 exchange: BatchExchange | None = None):
+        super().__init__()
+        self.model = model
+        self.cfg = loss_cfg
+        self.exchange = exchange or BatchExchange()
+        if loss_cfg.cp_weight > 0:
+            if categories is None:
+                raise ValueError("loss.cp_weight > 0 but the data set has no item categories; "
+                                 "set loss.cp_weight=0")
+            self.register_buffer("categories", categories.to(torch.bool), persistent=False)
+        if "id" not in model.modalities and loss_cfg.idcl_weight > 0:
+            raise ValueError("loss.idcl_weight > 0 needs the 'id' modality (IDCL contrasts H^id, eq. 23)")
+
+    def forward(self, batch: Batch) -> LossTerms:
+        model, cfg, ex = self.model, self.cfg, self.exchange
+        out = model(batch, augment=cfg.pcl_weight > 0)
+        terms = LossTerms(total=out.seq_repr.new_zeros(()), main=main_loss(
+            model.scores(out.seq_repr, out.item_repr), batch.target), output=out)
+        b = batch.target.shape[0]
+        if cfg.idcl_weight > 0 or cfg.pcl_weight > 0:
+            # Rank-major gather: this rank's rows sit at [rank*b, (rank+1)*b) of the global batch.
+            positives = ex.rank * b + torch.arange(b, device=batch.target.device)
+            all_targets = ex.all_gather(batch.target)
+        if cfg.cp_weight > 0 and out.cp_logits is not None:
+            labels = self.categories[out.cp_items]
+            # Normalise by the GLOBAL count so that averaging over ranks gives the global mean.
+            local = torch.tensor(float(out.cp_logits.numel()), device=labels.device)
+            terms.cp = category_loss(out.cp_logits, labels, ex.all_sum(local) / ex.world_size)
+        if cfg.idcl_weight > 0:
+            d, i = model.d, model.modalities.index("id")
+            h_id = out.seq_repr[:, i * d:(i + 1) * d]
+            x_target = out.item_repr[batch.target, i * d:(i + 1) * d]
+            terms.idcl = info_nce(h_id, ex.all_gather(x_target), positives, batch.target, all_targets,
+                                  cfg.idcl_temperature)                            # eq. 23
+        if cfg.pcl_weight > 0 and out.pcl_repr:
+            per_modality = []
+            for mod, augmented in out.pcl_repr.items():                            # eq. 25
+                i = model.modalities.index(mod)
+                h = out.seq_repr[:, i * model.d:(i + 1) * model.d]
+                per_modality.append(info_nce(h, ex.all_gather(augmented), positives, batch.target,
+                                             all_targets, cfg.pcl_temperature))
+            terms.pcl = torch.stack(per_modality).mean()                            # eq. 26
+        terms.total = weighted_total(terms.main, terms.cp, terms.idcl, terms.pcl,
+                                     cfg.cp_weight, cfg.idcl_weight, cfg.pcl_weight)
+        return terms
+
+
+def build_objective(model_cfg, loss_cfg: LossConfig, catalog, exchange: BatchExchange | None = None
+                    ) -> HM4SRObjective:
+    """The model and its objective for one data set, with the switches the loss weights imply."""
+    model = HM4SR(model_cfg, catalog, category_head=loss_cfg.cp_weight > 0,
+                  pcl_ratio=loss_cfg.pcl_ratio if loss_cfg.pcl_weight > 0 else None)
+    return HM4SRObjective(model, loss_cfg, catalog.categories, exchange)
