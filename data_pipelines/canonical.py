@@ -1,0 +1,80 @@
+"""The canonical form every source adapter produces, and the row checks they share.
+
+interactions: DataFrame[user: str, item: str, timestamp: int64 unix seconds], in input order.
+items (optional): DataFrame[item: str, text: str, categories: list[str], image: str | None],
+where `image` is a local path or URL; `None` when the source has no item metadata at all.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from data_pipelines.report import DropLog
+
+
+@dataclass
+class CanonicalData:
+    source: str
+    name: str
+    interactions: pd.DataFrame
+    items: pd.DataFrame | None
+    inputs: list[Path]
+    rows_read: int
+    drops: DropLog
+    category_names: list[str] = field(default_factory=list)  # fixed order when the source has one
+
+
+class TimestampCheck:
+    """Parses one raw timestamp; returns int seconds or None after a counted drop."""
+
+    def __init__(self, drops: DropLog, max_future_seconds: int, unit_seconds: float = 1.0):
+        self.drops = drops
+        self.max_ts = int(time.time()) + int(max_future_seconds)
+        self.unit = unit_seconds
+
+    def __call__(self, raw: object, where: str, field_name: str = "timestamp") -> int | None:
+        if raw is None or (isinstance(raw, float) and math.isnan(raw)) or raw == "":
+            self.drops.drop("missing_timestamp", where, f"field {field_name!r} is missing")
+            return None
+        try:
+            value = raw
+            if isinstance(raw, str):
+                try:
+                    value = int(raw.strip())      # exact for any integer string
+                except ValueError:
+                    value = float(raw.strip())
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, float):
+                if not math.isfinite(value):
+                    raise ValueError
+                if self.unit == 1.0 and value != int(value):
+                    raise ValueError
+            ts = int(value / self.unit) if self.unit != 1.0 else int(value)
+        except (TypeError, ValueError, OverflowError):
+            self.drops.drop("bad_timestamp", where, f"field {field_name!r} is not a whole number "
+                            f"of seconds: {raw!r}")
+            return None
+        if ts < 0:
+            self.drops.drop("negative_timestamp", where, f"field {field_name!r} = {ts} < 0")
+            return None
+        if ts > self.max_ts:
+            self.drops.drop("future_timestamp", where, f"field {field_name!r} = {ts} is in the "
+                            "future")
+            return None
+        return ts
+
+
+def interactions_frame(users: list, items: list, stamps: list) -> pd.DataFrame:
+    return pd.DataFrame({"user": pd.Series(users, dtype=str), "item": pd.Series(items, dtype=str),
+                         "timestamp": pd.Series(stamps, dtype="int64")})
+
+
+def items_frame(ids: list, texts: list, categories: list, images: list) -> pd.DataFrame:
+    return pd.DataFrame({"item": pd.Series(ids, dtype=str), "text": texts,
+                         "categories": categories, "image": images})

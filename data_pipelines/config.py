@@ -1,0 +1,71 @@
+"""`PrepConfig`: every knob of the data preparation, with defaults from the paper (§5.1)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# Fields that change how the work runs but not what it produces: left out of the fingerprint.
+RUNTIME_ONLY = ("force", "num_actors", "num_cpus", "progress", "download_workers", "out_dir",
+                "text_batch_size", "image_batch_size")
+
+
+@dataclass
+class PrepConfig:
+    """One preparation run. `source` picks the adapter; the input fields it needs are listed there."""
+
+    source: str                               # amazon2014 | movielens | sequence | tabular
+    out_dir: str
+    name: str = ""                            # data set name for the manifest (default: input name)
+    # --- inputs (per source) ---
+    input_dir: str = ""                       # amazon2014 / movielens / sequence: the folder
+    category: str = ""                        # amazon2014: <Cat> of reviews_<Cat>_5.json.gz
+    interactions: str = ""                    # tabular: .parquet or .csv
+    items: str = ""                           # tabular: optional item table
+    user_col: str = "user"
+    item_col: str = "item"
+    time_col: str = "timestamp"
+    item_id_col: str = "item"
+    text_cols: list = field(default_factory=lambda: ["title"])
+    category_col: str = ""
+    image_col: str = ""
+    time_unit: str = "s"                      # tabular: s | ms (the time column's unit)
+    # --- validation ---
+    strict: bool = False                      # raise on the first bad row instead of a counted drop
+    max_future_seconds: int = 86400           # drop timestamps later than now + this
+    # --- preprocessing (spec §1) ---
+    k_core: int = 5
+    max_len: int = 50
+    mu: float = 100.0                         # eq. 12, for the interval-bucket statistics
+    # --- features ---
+    text_model: str = "bert-base-uncased"     # HF name or local folder; "minilm-offline" = bundled
+    text_fallback: bool = True                # use the bundled MiniLM when text_model is unreachable
+    text_pooling: str = "cls"                 # cls (the paper) | mean
+    text_max_tokens: int = 128
+    image_model: str = "vit_base_patch16_224"  # timm name
+    image_checkpoint: str = ""                # local weights for the timm model
+    image_pretrained: bool = True             # False: random init (tests; logged loudly)
+    image_dir: str = ""                       # local images named <raw item id>.<ext>
+    download_images: bool = False             # fetch imUrl (amazon2014) into image_cache_dir
+    image_cache_dir: str = ""
+    download_retries: int = 3
+    no_images: bool = False
+    no_text: bool = False
+    # --- shards ---
+    target_shard_bytes: int = 64 << 20
+    min_shards: int = 8
+    # --- runtime ---
+    num_actors: int = 1
+    num_cpus: int = 0                         # for a local ray.init (0 = Ray's default)
+    text_batch_size: int = 64
+    image_batch_size: int = 32
+    download_workers: int = 16
+    force: bool = False
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}

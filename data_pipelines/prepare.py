@@ -1,0 +1,249 @@
+"""Raw logs -> prepared folder (shards + item tables + manifest). The CLI and the orchestration.
+
+    python -m data_pipelines.prepare --source movielens --input-dir ../shared/data/ml-100k \
+        --out-dir outputs/ml-100k --text-model minilm-offline
+
+Re-running with the same inputs and config is a no-op (the manifest's fingerprint matches and the
+shards check out); a changed input file or config field is reported and the folder is rebuilt.
+`--force` rebuilds regardless. The folder is built beside the target and swapped in at the end,
+so an interrupted run never leaves a half-written folder with a manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from data_pipelines import items as item_tables
+from data_pipelines.config import PrepConfig
+from data_pipelines.preprocess import interval_stats, preprocess, split_sizes
+from data_pipelines.report import DataError
+from data_pipelines.shards import write_shards
+from data_pipelines.sources import input_files, load_source
+from hm4sr_dist.data.manifest import (MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, ManifestError,
+                                      read_manifest, sha256_file, verify_shards)
+
+log = logging.getLogger("data_pipelines.prepare")
+SECONDS_PER_DAY = 86400
+
+
+# -- fingerprint: what the output depends on -------------------------------------------------
+def describe_inputs(cfg: PrepConfig) -> list[dict]:
+    described = [{"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size,
+                  "sha256": sha256_file(p)} for p in input_files(cfg)]
+    if cfg.image_dir:  # names and sizes of the image folder (hashing every image would be slow)
+        listing = sorted((p.name, p.stat().st_size) for p in Path(cfg.image_dir).iterdir() if p.is_file())
+        described.append({"path": str(Path(cfg.image_dir).resolve()), "files": len(listing),
+                          "listing_sha256": hashlib.sha256(json.dumps(listing).encode()).hexdigest()})
+    return described
+
+
+def fingerprint(inputs: list[dict], cfg: PrepConfig) -> str:
+    blob = json.dumps({"schema": SCHEMA_VERSION, "inputs": inputs, "config": cfg.fingerprint_fields()},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def what_changed(old: dict, inputs: list[dict], cfg: PrepConfig) -> list[str]:
+    changes = []
+    old_inputs = {d["path"]: d for d in old.get("provenance", {}).get("inputs", [])}
+    for d in inputs:
+        if old_inputs.get(d["path"]) != d:
+            changes.append(f"input {d['path']}")
+    for key, value in cfg.fingerprint_fields().items():
+        if old.get("config", {}).get(key) != value:
+            changes.append(f"config {key}: {old.get('config', {}).get(key)!r} -> {value!r}")
+    return changes or ["schema or provenance"]
+
+
+def up_to_date(out: Path, fp: str, inputs: list[dict], cfg: PrepConfig) -> dict | None:
+    if not (out / MANIFEST_NAME).is_file():
+        return None
+    try:
+        old = read_manifest(out)
+    except ManifestError as exc:
+        log.warning("existing %s is unusable (%s): rebuilding", out, exc)
+        return None
+    if old.get("fingerprint") != fp:
+        log.warning("inputs or config changed since %s was prepared: %s; rebuilding", out,
+                    "; ".join(what_changed(old, inputs, cfg)))
+        return None
+    try:
+        verify_shards(out, old, check="size")
+    except ManifestError as exc:
+        log.warning("%s: %s; rebuilding", out, exc)
+        return None
+    return old
+
+
+# -- the run ---------------------------------------------------------------------------------
+def ensure_ray(cfg: PrepConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+
+
+def prepare(cfg: PrepConfig) -> dict[str, Any]:
+    """Build (or confirm) the prepared folder `cfg.out_dir`; returns its manifest.
+
+    The returned manifest carries `"status"`: "written" or "up_to_date" (not stored on disk).
+    """
+    started = time.time()
+    out = Path(cfg.out_dir)
+    inputs = describe_inputs(cfg)
+    fp = fingerprint(inputs, cfg)
+    if not cfg.force and (old := up_to_date(out, fp, inputs, cfg)) is not None:
+        log.info("%s is up to date (fingerprint %s): nothing to do", out, fp[:12])
+        return {**old, "status": "up_to_date"}
+
+    data = load_source(cfg)
+    prep = preprocess(data.interactions, data.drops, cfg.k_core, data.name)
+    stats: dict[str, int] = {}
+    build = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir(parents=True)
+
+    manifest: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "dataset": data.name,
+                                "fingerprint": fp, "max_len": cfg.max_len, "features": {}}
+    pd.DataFrame({"user_id": np.arange(prep.n_users), "raw_id": prep.user_raw.astype(str)}) \
+        .to_parquet(build / "users.parquet", index=False)
+    items = item_tables.align_items(data, prep, stats)
+    ensure_ray(cfg)
+    if items is not None:
+        items.to_parquet(build / "items.parquet", index=False)
+        cats, names = item_tables.category_table(items, data.category_names)
+        if names:
+            (build / "category_names.json").write_text(json.dumps(names, indent=0))
+            manifest["categories"] = {"file": item_tables.save_table(build, "categories.npy", cats),
+                                      "n": len(names), "names_file": "category_names.json"}
+        if not cfg.no_text:
+            table, info = item_tables.text_features(items, cfg, stats)
+            manifest["features"]["text"] = {"file": item_tables.save_table(build, "text_features.npy", table),
+                                            "width": int(table.shape[1]), **info}
+        if not cfg.no_images and item_tables.has_images(items):
+            table, info = item_tables.image_features(items, cfg, stats)
+            manifest["features"]["image"] = {"file": item_tables.save_table(build, "image_features.npy", table),
+                                             "width": int(table.shape[1]), **info}
+
+    shards = write_shards(prep, build / SHARD_DIR, cfg.target_shard_bytes, cfg.min_shards, cfg.progress)
+    tmin, tmax = int(prep.times.min()), int(prep.times.max())
+    manifest.update({
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "provenance": {"source": data.source, "inputs": inputs, "versions": _versions()},
+        "counts": {"rows_read": data.rows_read, "dropped": dict(data.drops.counts),
+                   "drop_examples": data.drops.examples, "items_stats": stats,
+                   "users": prep.n_users, "items": prep.n_items, "actions": prep.n_actions,
+                   "kcore_rounds": prep.kcore_rounds, "samples": split_sizes(prep)},
+        "n_categories": manifest.get("categories", {}).get("n", 0),
+        "interval": interval_stats(prep, cfg.mu),
+        "time": {"min": tmin, "max": tmax, "n_days": (tmax - tmin) // SECONDS_PER_DAY + 1},
+        "shards": shards,
+        "tables": {"users": "users.parquet", "items": "items.parquet" if items is not None else None},
+        "config": cfg.fingerprint_fields(),
+        "elapsed_s": round(time.time() - started, 2),
+    })
+    if sum(s["actions"] for s in shards) != prep.n_actions or sum(s["users"] for s in shards) != prep.n_users:
+        raise RuntimeError(f"{build}: shards hold {sum(s['actions'] for s in shards)} actions, "
+                           f"expected {prep.n_actions}")
+    (build / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))  # last: marks completion
+    _swap_in(build, out)
+    return {**manifest, "status": "written"}
+
+
+def _swap_in(build: Path, out: Path) -> None:
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.replace(old)
+    build.replace(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    found = {}
+    for pkg in ("hm4sr-dist", "ray", "torch", "transformers", "timm", "webdataset", "pyarrow"):
+        try:
+            found[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
+# -- summary and CLI -------------------------------------------------------------------------
+def summary(m: dict) -> str:
+    c = m["counts"]
+    lines = [f"prepared {m['dataset']!r}: {m['status']}",
+             f"  rows read              {c['rows_read']:>12,}"]
+    for reason, n in sorted(c["dropped"].items()):
+        lines.append(f"  dropped: {reason:<22}{n:>9,}")
+        for example in c.get("drop_examples", {}).get(reason, [])[:2]:
+            lines.append(f"      e.g. {example}")
+    for key, n in sorted(c.get("items_stats", {}).items()):
+        lines.append(f"  items: {key:<24}{n:>9,}")
+    lines += [f"  kept users             {c['users']:>12,}",
+              f"  kept items             {c['items']:>12,}",
+              f"  kept actions           {c['actions']:>12,}",
+              "  samples                " + ", ".join(f"{k} {v:,}" for k, v in c["samples"].items()),
+              f"  categories             {m.get('n_categories', 0):>12,}",
+              "  features               " + (", ".join(f"{k} {v['width']}-d ({v.get('source') or v['model']})"
+                                                   for k, v in m["features"].items()) or "none"),
+              f"  max interval bucket    {m['interval']['max_train_bucket']:>12,} (mu={m['interval']['mu']})",
+              f"  shards written         {len(m['shards']):>12,} "
+              f"({sum(s['bytes'] for s in m['shards']):,} bytes)"]
+    if m["status"] == "written":
+        lines.append(f"  elapsed                {m['elapsed_s']:>11.1f}s "
+                     f"({c['actions'] / max(m['elapsed_s'], 1e-9):,.0f} actions/s)")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_pipelines.prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(PrepConfig):
+        flag = "--" + f.name.replace("_", "-")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = (None if required else
+                   f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif f.type in ("list", list):
+            parser.add_argument(flag, nargs="*", default=default)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=default, required=required)
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    logging.basicConfig(level=args.pop("log_level"), format="%(levelname)s %(name)s: %(message)s")
+    cfg = PrepConfig(**args)
+    try:
+        manifest = prepare(cfg)
+    except (DataError, ManifestError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(manifest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

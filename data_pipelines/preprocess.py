@@ -1,0 +1,155 @@
+"""Preprocessing of spec §1 / paper §5.1.1 on canonical interactions.
+
+1. drop duplicate (user, item, timestamp) rows (the first occurrence stays);
+2. stable time sort per user (ties keep input order);
+3. iterative k-core: drop users and items with fewer than k actions until both hold;
+   Users also need n >= 3 for the leave-one-out split, so the user threshold is max(k, 3)
+   inside the same loop (it differs from k only when k < 3);
+4. dense IDs: items 1..n_items, users 0..n_users-1, both in sorted raw-ID order (numeric order
+   when every raw ID is an integer); 0 = the padding item;
+5. per-user arrays (CSR: offsets into flat item/time arrays) and interval statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from data_pipelines.report import DataError, DropLog
+from hm4sr_dist.data.records import split_count
+
+
+class EmptyResultError(DataError):
+    """Nothing left after filtering."""
+
+
+@dataclass
+class Prepared:
+    user_raw: np.ndarray      # (n_users,) raw user IDs, index = dense user ID
+    item_raw: np.ndarray      # (n_items,) raw item IDs, index + 1 = dense item ID
+    offsets: np.ndarray       # (n_users + 1,) int64: user u owns [offsets[u], offsets[u+1])
+    items: np.ndarray         # (n_actions,) int64 dense item IDs, per user oldest first
+    times: np.ndarray         # (n_actions,) int64 unix seconds
+    kcore_rounds: int
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_raw)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_raw)
+
+    @property
+    def n_actions(self) -> int:
+        return len(self.items)
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def user(self, u: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.offsets[u], self.offsets[u + 1]
+        return self.items[lo:hi], self.times[lo:hi]
+
+
+def _sorted_ids(values: np.ndarray) -> np.ndarray:
+    """Unique raw IDs, numerically sorted when all are integers (so '10' follows '9')."""
+    unique = pd.unique(values)
+    try:
+        order = np.argsort(np.array([int(v) for v in unique], dtype=np.int64), kind="stable")
+    except (ValueError, OverflowError):
+        order = np.argsort(unique.astype(str), kind="stable")
+    return unique[order]
+
+
+def kcore(user_codes: np.ndarray, item_codes: np.ndarray, k: int,
+          k_user: int | None = None) -> tuple[np.ndarray, int]:
+    """Boolean keep-mask of the iterative k-core over rows, and the number of rounds.
+
+    Items need >= k rows, users >= k_user (default k).
+    """
+    k_user = k if k_user is None else k_user
+    keep = np.ones(len(user_codes), dtype=bool)
+    rounds = 0
+    while True:
+        rounds += 1
+        u_count = np.bincount(user_codes[keep], minlength=user_codes.max(initial=-1) + 1)
+        i_count = np.bincount(item_codes[keep], minlength=item_codes.max(initial=-1) + 1)
+        bad = keep & ((u_count[user_codes] < k_user) | (i_count[item_codes] < k))
+        if not bad.any():
+            return keep, rounds
+        keep &= ~bad
+
+
+def preprocess(df: pd.DataFrame, drops: DropLog, k: int = 5, source_name: str = "") -> Prepared:
+    if k < 1:
+        raise DataError(f"k_core: expected >= 1, got {k}")
+    if df.empty:
+        raise EmptyResultError(f"{source_name}: no valid interactions were read")
+    df = df.reset_index(drop=True)
+    dup = df.duplicated(subset=["user", "item", "timestamp"], keep="first").to_numpy()
+    if dup.any():
+        first = df[dup].iloc[0]
+        drops.note("duplicate_row", int(dup.sum()),
+                   f"e.g. user {first.user!r}, item {first.item!r}, t={first.timestamp}")
+        df = df[~dup].reset_index(drop=True)
+
+    user_codes, _ = pd.factorize(df["user"])
+    item_codes, _ = pd.factorize(df["item"])
+    keep, rounds = kcore(user_codes, item_codes, k, k_user=max(k, 3))
+    removed = int((~keep).sum())
+    drops.note(f"kcore_{k}", removed)
+    df = df[keep]
+    if df.empty:
+        raise EmptyResultError(f"{source_name}: nothing left after the {k}-core filter "
+                               f"({removed} of {len(keep)} actions removed in {rounds} rounds); "
+                               "lower k_core or check the input")
+
+    user_raw = _sorted_ids(df["user"].to_numpy())
+    item_raw = _sorted_ids(df["item"].to_numpy())
+    uid = pd.Index(user_raw).get_indexer(df["user"])
+    iid = pd.Index(item_raw).get_indexer(df["item"]) + 1
+    # Stable time sort per user: lexsort is stable, so equal (user, time) keep input order.
+    order = np.lexsort((df["timestamp"].to_numpy(), uid))
+    items = iid[order].astype(np.int64)
+    times = df["timestamp"].to_numpy()[order].astype(np.int64)
+    counts = np.bincount(uid, minlength=len(user_raw))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return Prepared(user_raw, item_raw, offsets, items, times, rounds)
+
+
+def split_sizes(prep: Prepared) -> dict[str, int]:
+    lengths = prep.lengths()
+    return {s: int(sum(split_count(int(n), s) for n in lengths)) for s in ("train", "valid", "test")}
+
+
+def interval_stats(prep: Prepared, mu: float) -> dict:
+    """Largest gaps between consecutive items, within the training part (what training sees) and
+    within the test input, plus a histogram of training-part buckets floor(mu*log2(a+1))."""
+    lengths = prep.lengths()
+    gaps = np.diff(prep.times)
+    pos = np.arange(len(prep.times))
+    owner = np.repeat(np.arange(prep.n_users), lengths)
+    index_in_user = pos - prep.offsets[owner]
+    # gaps[j] = times[j+1]-times[j], valid when j+1 is in the same user; j+1's index within user:
+    nxt_idx = index_in_user[1:]
+    same = owner[1:] == owner[:-1]
+    n_of = lengths[owner[1:]]
+    train_gap = same & (nxt_idx <= n_of - 3)   # both ends inside the training part items[:n-2]
+    input_gap = same & (nxt_idx <= n_of - 2)   # both ends inside the test input items[:n-1]
+    a_train = gaps[train_gap]
+    a_input = gaps[input_gap]
+    buckets = np.floor(mu * np.log2(a_train.astype(np.float64) + 1.0)).astype(np.int64)
+    hist_edges = [0, 1, 500, 1000, 1500, 2000, 2500, 3000, 1 << 62]
+    hist = np.histogram(buckets, bins=hist_edges)[0] if len(buckets) else np.zeros(8, dtype=int)
+    return {
+        "mu": mu,
+        "max_train_interval_seconds": int(a_train.max(initial=0)),
+        "max_input_interval_seconds": int(a_input.max(initial=0)),
+        "max_train_bucket": int(buckets.max(initial=0)),
+        "zero_intervals_share": float((a_train == 0).mean()) if len(a_train) else 0.0,
+        "bucket_histogram": {f"[{lo},{hi})": int(c) for lo, hi, c in
+                             zip(hist_edges[:-1], ["inf" if h == 1 << 62 else h for h in hist_edges[1:]], hist)},
+    }

@@ -1,0 +1,104 @@
+"""Writing per-user samples to WebDataset tar shards through Ray Data (`write_webdataset`), then
+naming, counting and checksumming them for the manifest.
+
+Each row becomes one sample `u<uid>.seq.npy` (see `hm4sr_dist.data.records`). Rows are encoded in
+Ray tasks (`map_batches`), split into `n_shards` blocks in user order and written one tar per
+block; the driver then re-reads every shard (the same code the trainer uses), so the manifest
+counts are measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from ray.data.datasource import FilenameProvider
+from tqdm import tqdm
+
+from data_pipelines.preprocess import Prepared
+from hm4sr_dist.data.manifest import sha256_file
+from hm4sr_dist.data.records import encode_user, iter_shard_tarfile, split_count, user_key
+
+TAR_BLOCK = 512
+
+
+def estimated_bytes(lengths: np.ndarray) -> int:
+    """Tar size: a 512-byte header per member + the npy payload (128-byte header + 16 n) rounded up."""
+    payload = 128 + 16 * lengths.astype(np.int64)
+    return int((TAR_BLOCK + -(-payload // TAR_BLOCK) * TAR_BLOCK).sum()) + 2 * TAR_BLOCK
+
+
+def shard_count(lengths: np.ndarray, target_bytes: int, min_shards: int) -> int:
+    wanted = max(min_shards, math.ceil(estimated_bytes(lengths) / max(target_bytes, 1)))
+    return max(1, min(wanted, len(lengths)))
+
+
+def encode_batch(batch: dict[str, np.ndarray], items: np.ndarray, times: np.ndarray) -> dict:
+    """Ray Data UDF: (uid, lo, hi) rows -> WebDataset rows (__key__, seq.npy bytes)."""
+    keys, payloads = [], []
+    for uid, lo, hi in zip(batch["uid"], batch["lo"], batch["hi"]):
+        keys.append(user_key(int(uid)))
+        payloads.append(encode_user(items[lo:hi], times[lo:hi]))
+    return {"__key__": np.array(keys, dtype=object), "seq.npy": np.array(payloads, dtype=object)}
+
+
+class ShardNames(FilenameProvider):
+    """Ray FilenameProvider: one `part-<task>.tar` per write task (renamed in user order after)."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{task_index:06d}.tar"
+
+    def get_filename_for_block(self, block, write_uuid: str, task_index: int, block_index: int) -> str:
+        return f"part-{task_index:06d}-{block_index:06d}.tar"
+
+    def get_filename_for_row(self, row, write_uuid: str, task_index: int, block_index: int,
+                             row_index: int) -> str:  # not used for tar output
+        return f"part-{task_index:06d}-{block_index:06d}-{row_index:06d}.tar"
+
+
+def write_shards(prep: Prepared, shard_dir: Path, target_bytes: int, min_shards: int,
+                 progress: bool = True) -> list[dict]:
+    import ray
+    names = ShardNames()
+    n_shards = shard_count(prep.lengths(), target_bytes, min_shards)
+    rows = pd.DataFrame({"uid": np.arange(prep.n_users), "lo": prep.offsets[:-1], "hi": prep.offsets[1:]})
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # shards hold contiguous, ordered user ranges
+    staging = shard_dir.parent / (shard_dir.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    (ray.data.from_pandas(rows)
+        .map_batches(encode_batch, fn_kwargs={"items": prep.items, "times": prep.times},
+                     batch_size=4096, batch_format="numpy")
+        .repartition(n_shards)
+        .write_webdataset(str(staging), encoder=None, filename_provider=names))
+    parts = sorted(staging.glob("*.tar"))
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    scanned = []
+    for part in tqdm(parts, desc="checking shards", unit=" shard", disable=not progress):
+        scanned.append((scan_shard(part), part))
+    scanned.sort(key=lambda s: s[0]["first_key"])  # user order, whatever order tasks finished in
+    entries = []
+    for index, (info, part) in enumerate(scanned):
+        name = f"shard-{index:05d}.tar"
+        final = shard_dir / name
+        part.replace(final)
+        entries.append({"file": name, "sha256": sha256_file(final), "bytes": final.stat().st_size,
+                        **{k: v for k, v in info.items() if k != "first_key"}})
+    shutil.rmtree(staging, ignore_errors=True)
+    return entries
+
+
+def scan_shard(path: Path) -> dict:
+    """Counts of one shard, read back with the training reader's own code."""
+    info = {"users": 0, "actions": 0, "train": 0, "valid": 0, "test": 0, "first_key": None}
+    for key, items, _times in iter_shard_tarfile(path):
+        info["first_key"] = info["first_key"] or key
+        n = len(items)
+        info["users"] += 1
+        info["actions"] += n
+        for split in ("train", "valid", "test"):
+            info[split] += split_count(n, split)
+    return info

@@ -1,0 +1,55 @@
+"""Sequence-file adapter: `<Name>_item.txt` (`user item_1 ... item_n`) + `<Name>_time.txt`
+(`user t_1 ... t_n`), the same users in the same order (e.g. amazon-beauty). IDs and times only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from data_pipelines.canonical import CanonicalData, TimestampCheck, interactions_frame
+from data_pipelines.config import PrepConfig
+from data_pipelines.report import DataError, DropLog
+from data_pipelines.sources.common import numbered_lines, require
+
+
+def find_pair(root: Path) -> tuple[Path, Path]:
+    items = sorted(root.glob("*_item.txt"))
+    if len(items) != 1:
+        raise DataError(f"{root}: expected exactly one *_item.txt, found {[p.name for p in items]}")
+    times = require(items[0].with_name(items[0].name[: -len("_item.txt")] + "_time.txt"),
+                    "matching *_time.txt")
+    return items[0], times
+
+
+def load(cfg: PrepConfig) -> CanonicalData:
+    item_path, time_path = find_pair(Path(cfg.input_dir))
+    drops = DropLog(strict=cfg.strict)
+    check = TimestampCheck(drops, cfg.max_future_seconds)
+    users, items, stamps, rows = [], [], [], 0
+    item_lines = numbered_lines(item_path, progress=cfg.progress)
+    time_lines = numbered_lines(time_path, progress=False)
+    for (n_i, line_i), (n_t, line_t) in zip(item_lines, time_lines):
+        a, b = line_i.split(), line_t.split()
+        where_i, where_t = f"{item_path}:{n_i}", f"{time_path}:{n_t}"
+        rows += max(len(a) - 1, 0)
+        if a[0] != b[0]:
+            raise DataError(f"{where_i} / {where_t}: user {a[0]!r} vs {b[0]!r}: the two files "
+                            "must list the same users in the same order")
+        if len(a) != len(b):
+            drops.drop("malformed_line", where_t, f"{len(a) - 1} items but {len(b) - 1} timestamps "
+                       f"for user {a[0]!r}; the user's {len(a) - 1} rows are dropped", n=len(a) - 1)
+            continue
+        for position, (item, raw) in enumerate(zip(a[1:], b[1:]), start=1):
+            ts = check(raw, f"{where_t} (user {a[0]}, position {position})")
+            if ts is not None:
+                users.append(a[0])
+                items.append(item)
+                stamps.append(ts)
+    if next(item_lines, None) is not None or next(time_lines, None) is not None:
+        raise DataError(f"{item_path} and {time_path}: different numbers of users")
+    name = cfg.name or item_path.name[: -len("_item.txt")].lower()
+    return CanonicalData("sequence", name, interactions_frame(users, items, stamps), None,
+                         [item_path, time_path], rows, drops)
+
+
+def files(cfg: PrepConfig) -> list[Path]:
+    return list(find_pair(Path(cfg.input_dir)))

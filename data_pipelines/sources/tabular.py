@@ -1,0 +1,91 @@
+"""Parquet/CSV adapter for everyone else: an interaction table with user, item and time columns,
+plus an optional item table (id, text columns, a category column, an image column).
+
+The time column may hold integer seconds (or milliseconds with `time_unit: ms`) or datetimes.
+A category cell may be a list or a '|'-separated string.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data_pipelines.canonical import CanonicalData, TimestampCheck, interactions_frame, items_frame
+from data_pipelines.config import PrepConfig
+from data_pipelines.report import DataError, DropLog
+from data_pipelines.sources.common import require
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    require(path, "table")
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        if path.suffix in (".csv", ".gz", ".tsv"):
+            return pd.read_csv(path, sep="\t" if ".tsv" in path.name else ",", dtype=str,
+                               keep_default_na=False)
+    except Exception as exc:  # noqa: BLE001 - pyarrow/pandas raise many types; name the file
+        raise DataError(f"{path}: cannot read table ({exc})") from None
+    raise DataError(f"{path}: expected .parquet or .csv")
+
+
+def _columns(df: pd.DataFrame, path: Path, names: list[str]) -> None:
+    missing = [c for c in names if c and c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; columns are {list(df.columns)}")
+
+
+def _categories(cell: object) -> list[str]:
+    if cell is None or (isinstance(cell, float) and np.isnan(cell)):
+        return []
+    if isinstance(cell, (list, tuple, np.ndarray)):
+        return [str(c) for c in cell if str(c)]
+    return [c.strip() for c in str(cell).split("|") if c.strip()]
+
+
+def load(cfg: PrepConfig) -> CanonicalData:
+    path = Path(cfg.interactions)
+    df = read_table(path)
+    _columns(df, path, [cfg.user_col, cfg.item_col, cfg.time_col])
+    drops = DropLog(strict=cfg.strict)
+    unit = {"s": 1.0, "ms": 1000.0}.get(cfg.time_unit)
+    if unit is None:
+        raise DataError(f"time_unit: expected 's' or 'ms', got {cfg.time_unit!r}")
+    check = TimestampCheck(drops, cfg.max_future_seconds, unit)
+    times = df[cfg.time_col]
+    if pd.api.types.is_datetime64_any_dtype(times):  # datetimes -> unix seconds (UTC)
+        times = times.map(lambda t: None if pd.isna(t) else int(pd.Timestamp(t).timestamp()))
+        check = TimestampCheck(drops, cfg.max_future_seconds)
+    users, items, stamps = [], [], []
+    # Row numbers are 1-based data rows (+1 for the CSV header line: line = row + 1).
+    for row, (u, i, t) in enumerate(zip(df[cfg.user_col], df[cfg.item_col], times), start=1):
+        where = f"{path}:row {row}"
+        if u is None or i is None or str(u) == "" or str(i) == "":
+            drops.drop("missing_field", where, f"empty {cfg.user_col!r} or {cfg.item_col!r}")
+            continue
+        ts = check(t, where, cfg.time_col)
+        if ts is not None:
+            users.append(str(u))
+            items.append(str(i))
+            stamps.append(ts)
+    inputs = [path]
+    item_table = None
+    if cfg.items:
+        ipath = Path(cfg.items)
+        idf = read_table(ipath)
+        _columns(idf, ipath, [cfg.item_id_col, *cfg.text_cols, cfg.category_col, cfg.image_col])
+        cats = [_categories(c) for c in idf[cfg.category_col]] if cfg.category_col else [[]] * len(idf)
+        texts = [". ".join(str(v) for v in vals if str(v) and str(v) != "nan")
+                 for vals in zip(*[idf[c] for c in cfg.text_cols])] if cfg.text_cols else [""] * len(idf)
+        images = ([None if not v or str(v) == "nan" else str(v) for v in idf[cfg.image_col]]
+                  if cfg.image_col else [None] * len(idf))
+        item_table = items_frame([str(v) for v in idf[cfg.item_id_col]], texts, cats, images)
+        inputs.append(ipath)
+    return CanonicalData("tabular", cfg.name or path.stem, interactions_frame(users, items, stamps),
+                         item_table, inputs, len(df), drops)
+
+
+def files(cfg: PrepConfig) -> list[Path]:
+    return [require(Path(p), "table") for p in (cfg.interactions, cfg.items) if p]
