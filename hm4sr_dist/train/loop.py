@@ -63,6 +63,7 @@ def fit_in_process(cfg: ExperimentConfig, catalog: ItemCatalog, train: Callable[
         stats |= {f"valid/{k}": v for k, v in
                   finalize(evaluate_sums(objective.model, valid, cfg.eval.ks, cfg.eval.item_chunk_size)).items()}
         history.append(stats | {"epoch": epoch})
-        log(f"epoch {epoch}: loss {stats['total']:.4f}  valid {cfg.eval.valid_metric} "
+        terms = "  ".join(f"{n} {stats[n]:.3f}" for n in ("main", "cp", "idcl", "pcl") if n in stats)
+        log(f"epoch {epoch}: loss {stats['total']:.4f} ({terms})  valid {cfg.eval.valid_metric} "
             f"{stats['valid/' + cfg.eval.valid_metric]:.4f}  {stats['sequences_per_s']:.0f} seq/s")
     return objective, history
