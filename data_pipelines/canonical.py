@@ -76,5 +76,7 @@ def interactions_frame(users: list, items: list, stamps: list) -> pd.DataFrame:
 
 
 def items_frame(ids: list, texts: list, categories: list, images: list) -> pd.DataFrame:
-    return pd.DataFrame({"item": pd.Series(ids, dtype=str), "text": texts,
-                         "categories": categories, "image": images})
+    # object dtype keeps None as None (pandas 3 would infer a string dtype holding NaN)
+    return pd.DataFrame({"item": pd.Series(ids, dtype=str), "text": pd.Series(texts, dtype=object),
+                         "categories": pd.Series(categories, dtype=object),
+                         "image": pd.Series(images, dtype=object)})

@@ -54,7 +54,7 @@ class PrepConfig:
     no_text: bool = False
     # --- shards ---
     target_shard_bytes: int = 64 << 20
-    min_shards: int = 8
+    min_shards: int = 32                      # >= ranks x loader workers; more = better rank balance
     # --- runtime ---
     num_actors: int = 1
     num_cpus: int = 0                         # for a local ray.init (0 = Ray's default)

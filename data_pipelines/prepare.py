@@ -97,6 +97,8 @@ def ensure_ray(cfg: PrepConfig) -> None:
         ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+    if not cfg.progress:  # Ray Data logs its progress at INFO when stderr is not a terminal
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def prepare(cfg: PrepConfig) -> dict[str, Any]:
