@@ -35,8 +35,10 @@ def align_items(data: CanonicalData, prep: Prepared, stats: dict) -> pd.DataFram
         "raw_id": prep.item_raw.astype(str),
         "has_metadata": has_meta,
         "text": aligned["text"].fillna("").astype(str).to_numpy(),
-        "categories": [c if isinstance(c, list) else [] for c in aligned["categories"]],
-        "image": [v if isinstance(v, str) and v else None for v in aligned["image"]],
+        "categories": pd.Series([c if isinstance(c, list) else [] for c in aligned["categories"]],
+                                dtype=object),
+        "image": pd.Series([v if isinstance(v, str) and v else None for v in aligned["image"]],
+                           dtype=object),  # object: keep None (pandas 3 infers str + NaN)
     })
     return out
 
@@ -70,7 +72,8 @@ def text_features(items: pd.DataFrame, cfg: PrepConfig, stats: dict) -> tuple[np
 def image_features(items: pd.DataFrame, cfg: PrepConfig, stats: dict) -> tuple[np.ndarray, dict]:
     from data_pipelines.features.image import ImageEncoder
 
-    refs = dict(zip(items["item_id"], items["image"]))
+    refs = {int(i): (r if isinstance(r, str) and r else None)
+            for i, r in zip(items["item_id"], items["image"])}
     download = {}
     if cfg.download_images:
         from data_pipelines.features.download import fetch_images

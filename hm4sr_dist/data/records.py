@@ -84,6 +84,14 @@ def iter_shard_tarfile(path: str | Path) -> Iterator[tuple[str, np.ndarray, np.n
                     raise ShardError(f"shard {path}: member {member.name} is truncated")
                 items, times = decode_user(payload, f"shard {path}, sample {key}")
                 yield key, items, times
+            end = tar.offset
+        # tarfile stops quietly when a file ends at a member boundary: a complete archive ends
+        # with two zero blocks, so their absence means the shard was cut short.
+        with open(path, "rb") as fh:
+            fh.seek(end)
+            if fh.read(1024) != bytes(1024):
+                raise ShardError(f"shard {path}: truncated (no end-of-archive marker after "
+                                 f"byte {end})")
     except ShardError:
         raise
     except (tarfile.TarError, OSError, EOFError) as exc:
