@@ -50,8 +50,8 @@ class PrepConfig:
     download_images: bool = False             # fetch imUrl (amazon2014) into image_cache_dir
     image_cache_dir: str = ""
     download_retries: int = 3
-    no_images: bool = False
-    no_text: bool = False
+    images: bool = True                       # --no-images: skip image features
+    text: bool = True                         # --no-text: skip text features
     # --- shards ---
     target_shard_bytes: int = 64 << 20
     min_shards: int = 32                      # >= ranks x loader workers; more = better rank balance

@@ -134,11 +134,11 @@ def prepare(cfg: PrepConfig) -> dict[str, Any]:
             (build / "category_names.json").write_text(json.dumps(names, indent=0))
             manifest["categories"] = {"file": item_tables.save_table(build, "categories.npy", cats),
                                       "n": len(names), "names_file": "category_names.json"}
-        if not cfg.no_text:
+        if cfg.text:
             table, info = item_tables.text_features(items, cfg, stats)
             manifest["features"]["text"] = {"file": item_tables.save_table(build, "text_features.npy", table),
                                             "width": int(table.shape[1]), **info}
-        if not cfg.no_images and item_tables.has_images(items):
+        if cfg.images and item_tables.has_images(items):
             table, info = item_tables.image_features(items, cfg, stats)
             manifest["features"]["image"] = {"file": item_tables.save_table(build, "image_features.npy", table),
                                              "width": int(table.shape[1]), **info}

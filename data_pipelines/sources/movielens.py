@@ -99,5 +99,10 @@ def load(cfg: PrepConfig) -> CanonicalData:
 
 def files(cfg: PrepConfig) -> list[Path]:
     root = Path(cfg.input_dir)
-    names = ("u.data", "u.item", "u.genre") if (root / "u.data").is_file() else ("ratings.dat", "movies.dat")
+    if (root / "u.data").is_file():
+        names: tuple[str, ...] = ("u.data", "u.item", "u.genre")
+    elif (root / "ratings.dat").is_file():
+        names = ("ratings.dat", "movies.dat")
+    else:
+        raise DataError(f"{root}: neither u.data (ml-100k) nor ratings.dat (ml-1m) found")
     return [require(root / n, "input file") for n in names]

@@ -1,0 +1,77 @@
+"""The CLI, idempotent re-runs, change detection, and image downloads."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from data_pipelines.config import PrepConfig
+from data_pipelines.features.download import fetch_images
+from data_pipelines.prepare import main, prepare
+from hm4sr_dist.data import read_manifest
+from tests.data.fixtures import draw_images, make_log, write_ml100k, write_sequences
+
+
+def test_rerun_is_a_noop_and_changes_are_detected(tmp_path, ray_local, caplog):
+    raw = tmp_path / "raw"
+    write_sequences(raw, make_log(seed=2, n_users=30, n_items=6))
+    cfg = PrepConfig("sequence", str(tmp_path / "out"), input_dir=str(raw), k_core=3, min_shards=3,
+                     progress=False)
+    first = prepare(cfg)
+    assert first["status"] == "written" and len(first["shards"]) == 3
+    assert "text" not in first["features"] and "categories" not in first  # sequence files: IDs only
+    stamp = (tmp_path / "out" / "manifest.json").stat().st_mtime_ns
+    assert prepare(cfg)["status"] == "up_to_date"
+    assert (tmp_path / "out" / "manifest.json").stat().st_mtime_ns == stamp
+    with caplog.at_level(logging.WARNING, logger="data_pipelines.prepare"):
+        cfg.k_core = 2
+        assert prepare(cfg)["status"] == "written"
+        assert "config k_core: 3 -> 2" in caplog.text
+        with open(raw / "Toy_item.txt", "a") as fi, open(raw / "Toy_time.txt", "a") as ft:
+            fi.write("U77 I1 I2 I3\n")
+            ft.write("U77 1300000000 1300000001 1300000002\n")
+        assert prepare(cfg)["status"] == "written"
+        assert f"input {raw / 'Toy_item.txt'}" in caplog.text
+    assert read_manifest(tmp_path / "out")["counts"]["users"] == first["counts"]["users"] + 1
+    cfg.force = True
+    assert prepare(cfg)["status"] == "written"
+
+
+def test_cli_summary_and_clear_errors(tmp_path, ray_local, capsys):
+    write_ml100k(tmp_path / "ml", make_log(seed=4, n_users=30, n_items=6))
+    rc = main(["--source", "movielens", "--input-dir", str(tmp_path / "ml"), "--out-dir",
+               str(tmp_path / "out"), "--k-core", "3", "--no-text", "--no-progress", "--min-shards", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    manifest = read_manifest(tmp_path / "out")
+    assert f"kept users {manifest['counts']['users']:>16,}".split() == \
+        [w for w in out.splitlines() if "kept users" in w][0].split()
+    assert "dropped: duplicate_row" in out and "shards written" in out
+    assert manifest["n_categories"] == 3                      # genres from u.genre, fixed order
+    rc = main(["--source", "movielens", "--input-dir", str(tmp_path / "nothing"), "--out-dir",
+               str(tmp_path / "o2"), "--no-progress"])
+    assert rc == 2 and "nothing: neither u.data" in capsys.readouterr().err
+    rc = main(["--source", "movielens", "--input-dir", str(tmp_path / "ml"), "--out-dir",
+               str(tmp_path / "o3"), "--k-core", "50", "--no-text", "--no-progress"])
+    assert rc == 2 and "nothing left after the 50-core" in capsys.readouterr().err
+
+
+def test_image_download_retries_and_caches(tmp_path):
+    draw_images(tmp_path / "src", ["a", "b"])
+    urls = {"a": f"file://{tmp_path}/src/a.png", "b": f"file://{tmp_path}/src/b.png",
+            "c": f"file://{tmp_path}/src/missing.png"}
+    paths, stats = fetch_images(urls, tmp_path / "cache", workers=3, retries=2, progress=False,
+                                backoff=0.0)
+    assert stats["downloaded"] == 2 and stats["failed"] == 1 and paths["c"] is None
+    assert open(paths["a"], "rb").read() == (tmp_path / "src" / "a.png").read_bytes()
+    (tmp_path / "src" / "a.png").unlink()                     # cached: never fetched again
+    paths, stats = fetch_images(urls, tmp_path / "cache", workers=3, retries=0, progress=False)
+    assert stats["cached"] == 2 and paths["a"] is not None
+
+
+def test_bad_source_name_is_an_error(tmp_path):
+    from data_pipelines.report import DataError
+
+    with pytest.raises(DataError, match="source: expected one of"):
+        prepare(PrepConfig("csvv", str(tmp_path / "o")))
