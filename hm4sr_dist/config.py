@@ -10,7 +10,6 @@ errors name the offending key (``model.hidden_size: expected an int >= 1, got 0`
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +104,37 @@ class EvalConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where the prepared shards are and how workers read them (see docs/data.md)."""
+
+    prepared_dir: str = _f("", "folder with manifest.json, item tables and shards (set by the jobs)")
+    shuffle_buffer: int = _f(20000, "samples in each worker's shuffling buffer", min=1)
+    equalize: str = _f("pad", "equal steps per rank: 'pad' repeats a few samples, 'drop' skips the tail",
+                       choices=("pad", "drop"))
+
+
+@dataclass
+class TrainConfig:
+    """Distributed training: Ray Train workers, each with a DeepSpeed engine."""
+
+    num_workers: int = _f(2, "Ray Train workers (one GPU each when GPUs are used)", min=1)
+    use_gpu: str = _f("auto", "'auto' (GPU if the cluster has one), 'true' or 'false'",
+                      choices=("auto", "true", "false"))
+    cpus_per_worker: int = _f(1, "CPUs reserved per worker (also its torch thread count on CPU)", min=1)
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage (0-2)", min=0, max=2)
+    precision: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16' or 'fp16'",
+                        choices=("auto", "fp32", "bf16", "fp16"))
+    grad_accum_steps: int = _f(1, "micro-batches per optimiser step on each worker", min=1)
+    storage_path: str = _f("outputs/ray_results", "Ray Train storage (shared path or URI on a cluster)")
+    run_name: str = _f("", "Ray Train run name; re-running with the same name resumes it ('' = cfg.name)")
+    max_failures: int = _f(2, "worker-group restarts from the last checkpoint before giving up", min=-1)
+    checkpoints_to_keep: int = _f(2, "most recent checkpoints kept in storage", min=1)
+    log_every_steps: int = _f(20, "steps between progress lines and TensorBoard scalars", min=1)
+    tensorboard_dir: str = _f("", "TensorBoard event folder ('' = <storage>/<run>/tensorboard)")
+    fail_at_step: int = _f(-1, "fault injection for tests: worker rank 1 dies once at this global step", min=-1)
+
+
+@dataclass
 class ExperimentConfig:
     """The whole tree. Later sections (data, distributed training) hang off the same root."""
 
@@ -113,6 +143,8 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "ExperimentConfig":
         """Checks that span fields (value ranges are checked on load)."""
@@ -131,7 +163,16 @@ class ExperimentConfig:
         if self.eval.valid_metric not in known:
             raise ConfigError(f"eval.valid_metric: expected one of {sorted(known)}, "
                               f"got {self.eval.valid_metric!r}")
+        per_step = self.train.num_workers * self.train.grad_accum_steps
+        if self.optim.batch_size % per_step:
+            raise ConfigError(f"optim.batch_size: {self.optim.batch_size} is not divisible by "
+                              f"train.num_workers * train.grad_accum_steps = {per_step}")
         return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Sequences per worker per forward pass."""
+        return self.optim.batch_size // (self.train.num_workers * self.train.grad_accum_steps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 Every real item is a candidate (the padding item is not; history items are NOT masked). A
 target's rank is the number of real items scored strictly above it. Results are kept as sums plus
-a count, so workers can add them up and divide once: the global mean is exact, not an average of
-per-worker means.
+a count (`metric_sums`), so workers can add them up and divide once: the global mean is exact, not
+an average of per-worker means, and does not depend on how rows were split or ordered.
 """
 
 from __future__ import annotations
@@ -36,16 +36,17 @@ def target_ranks(seq_repr: Tensor, item_repr: Tensor, target: Tensor, chunk_size
 
 
 def metric_sums(ranks: Tensor, ks: Iterable[int], weight: Tensor | None = None) -> dict[str, Tensor]:
-    """Per-metric sums over rows (float64) plus "count"; `weight` 0 drops padded rows."""
+    """Summable evaluation state: how many rows have each rank below max(ks), and the row count.
+
+    Counts are whole numbers (float64, exact to 2**53), so adding them across batches and workers
+    in any order gives bit-identical metrics. `weight` 0 drops padded rows.
+    """
+    top = max(ks)
     w = torch.ones_like(ranks, dtype=torch.float64) if weight is None else weight.to(torch.float64)
-    r = ranks.to(torch.float64)
-    sums = {"count": w.sum()}
-    for k in ks:
-        hit = (r < k).to(torch.float64) * w
-        sums[f"hit@{k}"] = hit.sum()
-        sums[f"ndcg@{k}"] = (hit / torch.log2(r + 2.0)).sum()
-        sums[f"mrr@{k}"] = (hit / (r + 1.0)).sum()
-    return sums
+    inside = ranks < top
+    hist = torch.zeros(top, dtype=torch.float64, device=ranks.device)
+    hist.index_add_(0, ranks[inside], w[inside])
+    return {"rank_hist": hist, "count": w.sum()}
 
 
 def add_sums(total: dict[str, Tensor] | None, new: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -54,12 +55,20 @@ def add_sums(total: dict[str, Tensor] | None, new: dict[str, Tensor]) -> dict[st
     return {k: total[k] + new[k] for k in total}
 
 
-def finalize(sums: dict[str, Tensor]) -> dict[str, float]:
-    """Means from summed metrics."""
+def finalize(sums: dict[str, Tensor], ks: Iterable[int]) -> dict[str, float]:
+    """NDCG@K (1/log2(rank+2)), MRR@K (1/(rank+1)) and Hit@K, averaged over all rows."""
+    hist = sums["rank_hist"].double().cpu()
     count = float(sums["count"])
     if count == 0:
         raise ValueError("no evaluation rows: cannot compute metrics")
-    return {k: float(v) / count for k, v in sums.items() if k != "count"} | {"count": int(count)}
+    r = torch.arange(len(hist), dtype=torch.float64)
+    out: dict[str, float] = {}
+    for k in sorted(ks):
+        h = hist[:k]
+        out[f"hit@{k}"] = float(h.sum()) / count
+        out[f"ndcg@{k}"] = float((h / torch.log2(r[:k] + 2)).sum()) / count
+        out[f"mrr@{k}"] = float((h / (r[:k] + 1)).sum()) / count
+    return out | {"count": int(count)}
 
 
 def random_ranking_ndcg(k: int, n_items: int) -> float:

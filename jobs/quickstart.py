@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     objective, history = fit_in_process(
         cfg, log.catalog, lambda epoch: batches(samples["train"], B, L, shuffle=True, seed=epoch),
         batches(samples["valid"], cfg.eval.batch_size, L), epochs=args.epochs)
-    test = finalize(evaluate_sums(objective.model, batches(samples["test"], cfg.eval.batch_size, L), cfg.eval.ks))
+    test = finalize(evaluate_sums(objective.model, batches(samples["test"], cfg.eval.batch_size, L), cfg.eval.ks), cfg.eval.ks)
     results = {"test": test, "history": history, "config": to_dict(cfg), "wall_seconds": time.time() - started,
                "chance_ndcg@10": random_ranking_ndcg(10, log.catalog.n_items)}
     out = Path(args.output)

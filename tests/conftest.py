@@ -32,3 +32,32 @@ def tiny_batch(tiny_log):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One embedded Ray for the whole session (each start costs seconds)."""
+    import os
+
+    import ray
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def prepared_sequences(tmp_path_factory, local_ray):
+    """A generated log written as sequence files and prepared into shards by the real pipeline."""
+    from data_pipelines.prepare import main as prepare
+
+    root = tmp_path_factory.mktemp("seq")
+    log = generate_log(n_users=60, n_clusters=4, items_per_cluster=8, min_len=7, max_len=16, seed=21)
+    with open(root / "Toy_item.txt", "w") as items, open(root / "Toy_time.txt", "w") as times:
+        for user, (seq, ts) in enumerate(zip(log.sequences, log.timestamps)):
+            items.write(f"u{user} " + " ".join(map(str, seq)) + "\n")
+            times.write(f"u{user} " + " ".join(map(str, ts)) + "\n")
+    out = root / "prepared"
+    assert prepare(["--source", "sequence", "--input-dir", str(root), "--name", "Toy",
+                    "--out-dir", str(out), "--min-shards", "4", "--no-progress"]) == 0
+    return out

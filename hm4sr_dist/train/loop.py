@@ -61,7 +61,7 @@ def fit_in_process(cfg: ExperimentConfig, catalog: ItemCatalog, train: Callable[
     for epoch in range(epochs):
         stats = train_one_epoch(step, train(epoch))
         stats |= {f"valid/{k}": v for k, v in
-                  finalize(evaluate_sums(objective.model, valid, cfg.eval.ks, cfg.eval.item_chunk_size)).items()}
+                  finalize(evaluate_sums(objective.model, valid, cfg.eval.ks, cfg.eval.item_chunk_size), cfg.eval.ks).items()}
         history.append(stats | {"epoch": epoch})
         terms = "  ".join(f"{n} {stats[n]:.3f}" for n in ("main", "cp", "idcl", "pcl") if n in stats)
         log(f"epoch {epoch}: loss {stats['total']:.4f} ({terms})  valid {cfg.eval.valid_metric} "

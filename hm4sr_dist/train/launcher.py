@@ -1,0 +1,57 @@
+"""Start a Ray Train run of HM4SR: a TorchTrainer whose workers run `train_loop_per_worker`.
+
+With no cluster address (no RAY_ADDRESS, not under `ray job submit`), `ray.init()` starts an
+embedded local Ray; workers then use the CPU and gloo. On a cluster, workers take one GPU each
+and NCCL. Re-running with the same `train.storage_path` and `train.run_name` resumes the run from
+its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from hm4sr_dist.config import ExperimentConfig, to_dict
+from hm4sr_dist.train.worker import train_loop_per_worker
+
+
+def ensure_ray() -> None:
+    if not ray.is_initialized():
+        ray.init()      # connects to RAY_ADDRESS / the job's cluster, else starts a local one
+
+
+def cluster_has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def storage_root(cfg: ExperimentConfig) -> str:
+    """Absolute local path or a URI (s3://, gs://, ...), as Ray Train needs."""
+    path = cfg.train.storage_path
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def run_training(cfg: ExperimentConfig):
+    """Fit and return the Ray Train `Result` (final metrics in `result.metrics`)."""
+    if not cfg.data.prepared_dir:
+        raise ValueError("data.prepared_dir: no prepared data set given (run the data pipeline first)")
+    cfg.data.prepared_dir = str(Path(cfg.data.prepared_dir).resolve())
+    ensure_ray()
+    use_gpu = {"auto": cluster_has_gpus(), "true": True, "false": False}[cfg.train.use_gpu]
+    name = cfg.train.run_name or cfg.name
+    storage = storage_root(cfg)
+    run_dir = os.path.join(storage, name) if "://" not in storage else os.path.join("outputs", name)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "run_dir": run_dir},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)),
+    )
+    return trainer.fit()
