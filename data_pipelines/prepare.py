@@ -114,8 +114,13 @@ def prepare(cfg: PrepConfig) -> dict[str, Any]:
         log.info("%s is up to date (fingerprint %s): nothing to do", out, fp[:12])
         return {**old, "status": "up_to_date"}
 
+    timings: dict[str, float] = {}
+    clock = time.time()
     data = load_source(cfg)
+    timings["read"] = time.time() - clock
+    clock = time.time()
     prep = preprocess(data.interactions, data.drops, cfg.k_core, data.name)
+    timings["preprocess"] = time.time() - clock
     stats: dict[str, int] = {}
     build = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(build, ignore_errors=True)
@@ -126,7 +131,10 @@ def prepare(cfg: PrepConfig) -> dict[str, Any]:
     pd.DataFrame({"user_id": np.arange(prep.n_users), "raw_id": prep.user_raw.astype(str)}) \
         .to_parquet(build / "users.parquet", index=False)
     items = item_tables.align_items(data, prep, stats)
+    clock = time.time()
     ensure_ray(cfg)
+    timings["ray_start"] = time.time() - clock
+    clock = time.time()
     if items is not None:
         items.to_parquet(build / "items.parquet", index=False)
         cats, names = item_tables.category_table(items, data.category_names)
@@ -143,7 +151,10 @@ def prepare(cfg: PrepConfig) -> dict[str, Any]:
             manifest["features"]["image"] = {"file": item_tables.save_table(build, "image_features.npy", table),
                                              "width": int(table.shape[1]), **info}
 
+    timings["features"] = time.time() - clock
+    clock = time.time()
     shards = write_shards(prep, build / SHARD_DIR, cfg.target_shard_bytes, cfg.min_shards, cfg.progress)
+    timings["shards"] = time.time() - clock
     tmin, tmax = int(prep.times.min()), int(prep.times.max())
     manifest.update({
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -159,6 +170,7 @@ def prepare(cfg: PrepConfig) -> dict[str, Any]:
         "tables": {"users": "users.parquet", "items": "items.parquet" if items is not None else None},
         "config": cfg.fingerprint_fields(),
         "elapsed_s": round(time.time() - started, 2),
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
     })
     if sum(s["actions"] for s in shards) != prep.n_actions or sum(s["users"] for s in shards) != prep.n_users:
         raise RuntimeError(f"{build}: shards hold {sum(s['actions'] for s in shards)} actions, "
@@ -211,7 +223,8 @@ def summary(m: dict) -> str:
               f"({sum(s['bytes'] for s in m['shards']):,} bytes)"]
     if m["status"] == "written":
         lines.append(f"  elapsed                {m['elapsed_s']:>11.1f}s "
-                     f"({c['actions'] / max(m['elapsed_s'], 1e-9):,.0f} actions/s)")
+                     f"({c['actions'] / max(m['elapsed_s'], 1e-9):,.0f} actions/s; "
+                     + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items()) + ")")
     return "\n".join(lines)
 
 
