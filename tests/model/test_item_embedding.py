@@ -1,0 +1,86 @@
+"""Eq. 2-5: item representations x_id (ID table), x_txt = W_txt f_txt + b_txt, x_img = W_img f_img + b_img."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from hm4sr_dist.model import ItemCatalog
+from hm4sr_dist.model.items import ItemEmbedding
+from hm4sr_tiny import D, N_ITEMS, make_model, randomize_, tiny_batch, tiny_catalog, tiny_model_cfg
+
+
+def test_item_embedding_matches_affine_maps_by_hand():
+    catalog = tiny_catalog()
+    emb = randomize_(ItemEmbedding(tiny_model_cfg(), catalog), seed=1)
+    out = emb()
+    assert out.shape == (N_ITEMS + 1, 3 * D)
+    # x_id: the ID table itself
+    assert_close(out[:, :D], emb.id_table.weight, rtol=0, atol=0)
+    # x_txt, x_img: an affine map of the frozen features, computed in float64 as an explicit sum
+    for i, (mod, feats) in enumerate([("text", catalog.text_features), ("image", catalog.image_features)], 1):
+        w = emb.projections[mod].weight.double()       # (d, w_m)
+        b = emb.projections[mod].bias.double()
+        f = feats.double()
+        expected = torch.stack([torch.stack([sum(w[r, c] * f[v, c] for c in range(f.shape[1])) + b[r]
+                                             for r in range(D)]) for v in range(N_ITEMS + 1)])
+        assert_close(out[:, i * D:(i + 1) * D].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("modalities", [["image", "id"], ["text"], ["id"]])
+def test_concatenation_follows_cfg_modalities_order(modalities):
+    catalog = tiny_catalog()
+    emb = randomize_(ItemEmbedding(tiny_model_cfg(modalities=modalities), catalog), seed=2)
+    out = emb()
+    assert out.shape == (N_ITEMS + 1, len(modalities) * D)
+    for i, mod in enumerate(modalities):
+        part = out[:, i * D:(i + 1) * D]
+        if mod == "id":
+            expected = emb.id_table.weight
+        else:
+            proj = emb.projections[mod]
+            expected = F.linear(catalog.feature_table(mod), proj.weight, proj.bias)
+        assert_close(part, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_id_padding_row_is_zero_and_gets_no_gradient():
+    batch = tiny_batch()
+    model = make_model(randomize=False)          # the model's own initialisation
+    assert torch.count_nonzero(model.items.id_table.weight[0]) == 0
+    assert torch.count_nonzero(model.item_representations()[0, :D]) == 0
+    # A training step's gradient never reaches the padding row (padded slots and the -inf column
+    # are the only readers of row 0), so the row stays zero under training.
+    model.train()
+    out = model(batch, augment=True)
+    scores = model.scores(out.seq_repr, out.item_repr)
+    loss = F.cross_entropy(scores, batch.target) + out.cp_logits.square().mean() \
+        + sum(h.square().mean() for h in out.pcl_repr.values())
+    loss.backward()
+    grad = model.items.id_table.weight.grad
+    assert torch.count_nonzero(grad[1:]) > 0
+    assert torch.count_nonzero(grad[0]) == 0
+
+
+def test_frozen_features_are_buffers_not_parameters():
+    catalog = tiny_catalog()
+    cat64 = ItemCatalog(n_items=catalog.n_items, text_features=catalog.text_features.double(),
+                        image_features=catalog.image_features.double())
+    emb = ItemEmbedding(tiny_model_cfg(), cat64)
+    buffers = dict(emb.named_buffers())
+    params = dict(emb.named_parameters())
+    for mod in ("text", "image"):
+        name = f"{mod}_features"
+        assert name in buffers and name not in params
+        assert not buffers[name].requires_grad
+        assert buffers[name].dtype == torch.float32                    # cast once, at build time
+        assert_close(buffers[name], cat64.feature_table(mod).float(), rtol=0, atol=0)
+    assert not any("features" in k for k in emb.state_dict())          # kept out of checkpoints
+    assert set(params) == {"id_table.weight", "projections.text.weight", "projections.text.bias",
+                           "projections.image.weight", "projections.image.bias"}
+
+
+def test_missing_feature_table_is_an_error():
+    catalog = tiny_catalog()
+    no_image = ItemCatalog(n_items=catalog.n_items, text_features=catalog.text_features)
+    with pytest.raises(ValueError, match="image"):
+        ItemEmbedding(tiny_model_cfg(), no_image)
