@@ -3,18 +3,7 @@
 import pytest
 import torch
 
-from hm4sr_dist.config import ExperimentConfig
 from hm4sr_dist.synthetic import collate, generate_log, split_samples
-
-
-def tiny_config(**model_overrides) -> ExperimentConfig:
-    cfg = ExperimentConfig()
-    cfg.model.hidden_size = 8
-    cfg.model.inner_size = 16
-    cfg.model.max_seq_len = 12
-    for key, value in model_overrides.items():
-        setattr(cfg.model, key, value)
-    return cfg.validate()
 
 
 @pytest.fixture(scope="session")

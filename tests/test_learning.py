@@ -4,7 +4,7 @@ falls and NDCG@10 rises far above chance, for HM4SR and for the SASRec setting."
 import math
 
 import pytest
-from conftest import tiny_config
+from hm4sr_test_utils import tiny_config
 
 from hm4sr_dist.config import apply_variant
 from hm4sr_dist.metrics import random_ranking_ndcg

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
+from hm4sr_test_utils import tiny_config
 
 from hm4sr_dist.losses import category_loss, info_nce, main_loss
 from hm4sr_dist.objective import build_objective

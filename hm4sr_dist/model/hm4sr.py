@@ -122,9 +122,10 @@ class HM4SR(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        if "id" in self.modalities:
-            with torch.no_grad():
-                self.items.id_table.weight[0].zero_()
+        with torch.no_grad():                    # padding rows (ID table, day tables) start at zero
+            for module in self.modules():
+                if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
 
     # -- the pieces ---------------------------------------------------------------------------
     def item_representations(self) -> Tensor:

@@ -90,11 +90,14 @@ class TimeEmbedding(nn.Module):
         """r_1 = M_t[pos_i] (eq. 12)."""
         return self.interval_table(interval_buckets(time_seq, real, self.mu, self.max_bucket))
 
-    def _cosine(self, value: Tensor, real: Tensor) -> Tensor:
-        """cos((l_j * value + z_j) * freq^(-j/d)) in float64; padded slots -> 0."""
+    def _cosine(self, value: Tensor, real: Tensor, frequency_scaled: bool = True) -> Tensor:
+        """cos((l_j * value + z_j) * freq^(-j/d)) (eq. 13), or cos(w_j * value + b_j) when not
+        `frequency_scaled` (Fig. 5's "Cos"); float64 throughout; padded slots -> 0."""
         w = self.time_linear.weight.squeeze(-1).double()
         b = self.time_linear.bias.double()
-        angle = (value.unsqueeze(-1) * w + b) * self.freq_scales
+        angle = value.unsqueeze(-1) * w + b
+        if frequency_scaled:
+            angle = angle * self.freq_scales
         return (torch.cos(angle) * real.unsqueeze(-1)).to(self.time_linear.weight.dtype)
 
     def absolute_embedding(self, time_seq: Tensor, real: Tensor) -> Tensor:
@@ -112,7 +115,7 @@ class TimeEmbedding(nn.Module):
         if self.kind == "absolute":
             return self.absolute_embedding(time_seq, real)
         if self.kind == "cos_interval":
-            return self._cosine(intervals(time_seq, real).double() / self.time_unit, real)
+            return self._cosine(intervals(time_seq, real).double() / self.time_unit, real, frequency_scaled=False)
         if self.kind == "day":
             day = torch.div(time_seq - self.time_origin, SECONDS_PER_DAY, rounding_mode="floor")
             return self.day_table((day.clamp(0, self.n_days - 1) + 1) * real)
