@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Fields that change how the work runs but not what it produces: left out of the fingerprint.
 RUNTIME_ONLY = ("force", "num_actors", "num_cpus", "progress", "download_workers", "out_dir",
                 "text_batch_size", "image_batch_size")
+
+PATH_FIELDS = ("input_dir", "interactions", "items", "image_dir", "image_cache_dir", "image_checkpoint")
 
 
 @dataclass
@@ -68,4 +71,9 @@ class PrepConfig:
         return dataclasses.asdict(self)
 
     def fingerprint_fields(self) -> dict[str, Any]:
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}
+        """Fields the output depends on; paths made absolute so their spelling does not count."""
+        out = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}
+        for key in PATH_FIELDS:
+            if out.get(key):
+                out[key] = str(Path(out[key]).resolve())
+        return out
