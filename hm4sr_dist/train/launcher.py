@@ -52,6 +52,8 @@ def run_training(cfg: ExperimentConfig):
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+                             # Train's print() patch echoes every progress line twice in job logs.
+                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
     )
     return trainer.fit()

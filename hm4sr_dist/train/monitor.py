@@ -7,7 +7,6 @@ expert per range of the interval before the item. Per epoch: validation metrics.
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
@@ -45,10 +44,8 @@ def routing_summary(out: HM4SROutput, time_seq: Tensor, modalities: list[str]) -
 
 
 def say(message: str) -> None:
-    """One progress line. Written to stdout directly: Ray Train's patched print() would echo it
-    through its logger as well, and `ray job logs` would show every line twice."""
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
+    """One progress line for the driver's output and `ray job logs`."""
+    print(message, flush=True)
 
 
 class Monitor:

@@ -81,7 +81,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     micro = cfg.micro_batch_size
     reader = lambda split, b: ShardReader(cfg.data.prepared_dir, split, b, rank=rank, world_size=world,  # noqa: E731
                                           seed=cfg.optim.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                                          equalize=cfg.data.equalize, max_len=cfg.model.max_seq_len)
+                                          equalize=cfg.data.equalize, max_len=cfg.model.max_seq_len,
+                                          bucket_pool_batches=cfg.data.bucket_pool_batches)
     train_reader = reader("train", micro)
     valid_reader, test_reader = reader("valid", cfg.eval.batch_size), reader("test", cfg.eval.batch_size)
     logdir = cfg.train.tensorboard_dir or str(run_dir / "tensorboard")

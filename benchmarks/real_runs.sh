@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The real runs quoted in the closing notes: 2 CPU workers, epoch caps stated per run.
+# Usage: bash benchmarks/real_runs.sh ml100k|beauty|scaling   (logs in outputs/logs/)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${HM4SR_DATA:-../shared/data}
+run() { local log=outputs/logs/$1.log; shift; echo "== $* (log $log)"; python "$@" > "$log" 2>&1; tail -2 "$log"; }
+case "${1:-}" in
+  ml100k)
+    run ml100k-sasrec jobs/train_movielens.py --raw-dir "$DATA/ml-100k" --prepared-dir outputs/prepared/ml-100k \
+        --variant sasrec optim.epochs=${SASREC_EPOCHS:-10} train.run_name=ml100k-sasrec
+    run ml100k-hm4sr jobs/train_movielens.py --raw-dir "$DATA/ml-100k" --prepared-dir outputs/prepared/ml-100k \
+        --variant hm4sr optim.epochs=${HM4SR_EPOCHS:-3} train.run_name=ml100k-hm4sr ;;
+  beauty)
+    run beauty-sasrec jobs/train_beauty.py --raw-dir "$DATA/amazon-beauty" --prepared-dir outputs/prepared/beauty \
+        --variant sasrec optim.epochs=${SASREC_EPOCHS:-10} train.run_name=beauty-sasrec
+    run beauty-hm4sr jobs/train_beauty.py --raw-dir "$DATA/amazon-beauty" --prepared-dir outputs/prepared/beauty \
+        --variant hm4sr optim.epochs=${HM4SR_EPOCHS:-3} train.run_name=beauty-hm4sr ;;
+  scaling)
+    for n in 1 2; do
+      run ml100k-sasrec-${n}w jobs/train_movielens.py --raw-dir "$DATA/ml-100k" --prepared-dir outputs/prepared/ml-100k \
+          --variant sasrec optim.epochs=1 train.num_workers=$n train.cpus_per_worker=$((2 / n)) train.run_name=scaling-${n}w
+    done ;;
+  *) echo "usage: $0 ml100k|beauty|scaling" >&2; exit 2 ;;
+esac
