@@ -111,6 +111,8 @@ class DataConfig:
     shuffle_buffer: int = _f(20000, "samples in each worker's shuffling buffer", min=1)
     equalize: str = _f("pad", "equal steps per rank: 'pad' repeats a few samples, 'drop' skips the tail",
                        choices=("pad", "drop"))
+    bucket_pool_batches: int = _f(64, "length bucketing of training batches: pool of this many batches "
+                                  "sorted by length (0 or 1 = off)", min=0)
 
 
 @dataclass

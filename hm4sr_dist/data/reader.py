@@ -9,6 +9,13 @@ negatives need equal shapes on every rank). Equalising (`equalize`):
 N_r, the samples of rank r, comes from the manifest, so every rank computes every rank's count
 without talking to the others.
 
+Length bucketing (train with shuffling, `bucket_pool_batches` > 1, default 64): the shuffled
+sample stream is cut into pools of `bucket_pool_batches * batch_size` samples; each pool is sorted
+by input length (min(end, max_len); ties in random order), cut into batches, and the batches are
+yielded in random order. The samples consumed (steps * batch_size of the same stream) are exactly
+those without bucketing, so steps, batch sizes, "pad"/"drop" and determinism are unchanged; only
+rows move between batches, so a batch's longest sequence (its `Batch.trimmed()` width) shrinks.
+
 Evaluation (`split="valid"|"test"`) yields `EvalBatch(batch, mask)`: `mask` (B,) bool is True on
 real rows. Every user is seen exactly once over all ranks; every rank runs ceil(max_r U_r / B)
 steps; padded rows copy a real row (so the model never sees seq_len 0) and carry mask False, so
@@ -31,6 +38,7 @@ from hm4sr_dist.data.manifest import read_manifest, shard_path, verify_shards, M
 from hm4sr_dist.data.records import BACKENDS, SPLITS, ShardError, split_ends
 
 Sample = tuple  # (items: ndarray, times: ndarray, end: int)
+BUCKET_TAG = 2**31 + 1  # rng stream of length bucketing; pass streams use n_pass < 2**30
 
 
 class EvalBatch(NamedTuple):
@@ -81,7 +89,8 @@ class ShardReader:
     def __init__(self, prepared_dir: str | Path, split: str = "train", batch_size: int = 1024,
                  rank: int = 0, world_size: int = 1, shuffle: bool | None = None, seed: int = 0,
                  epoch: int = 0, shuffle_buffer: int = 20000, equalize: str = "pad",
-                 max_len: int | None = None, backend: str = "tarfile", verify: str = "size"):
+                 max_len: int | None = None, backend: str = "tarfile", verify: str = "size",
+                 bucket_pool_batches: int = 64):
         if split not in SPLITS:
             raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
         if not 0 <= rank < world_size:
@@ -90,6 +99,8 @@ class ShardReader:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         if equalize not in ("pad", "drop"):
             raise ValueError(f"equalize: expected 'pad' or 'drop', got {equalize!r}")
+        if bucket_pool_batches < 0:
+            raise ValueError(f"bucket_pool_batches: expected >= 0, got {bucket_pool_batches}")
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {sorted(BACKENDS)}, got {backend!r}")
         self.dir = Path(prepared_dir)
@@ -101,6 +112,7 @@ class ShardReader:
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.equalize, self.backend = equalize, backend
         self.max_len = int(max_len or self.manifest["max_len"])
+        self.bucket_pool_batches = bucket_pool_batches
         self.shards = self.manifest["shards"]
         self.counts = [int(s[split]) for s in self.shards]
         if split == "train" and len(self.shards) < world_size:
@@ -190,8 +202,32 @@ class ShardReader:
                        if self.shuffle else None)
                 yield from self._samples(mine, rng)
         stream = endless()
-        for _ in range(steps):
-            yield collate([next(stream) for _ in range(b)], self.max_len)
+        pool_batches = self.bucket_pool_batches if self.shuffle else 0
+        if pool_batches <= 1:
+            for _ in range(steps):
+                yield collate([next(stream) for _ in range(b)], self.max_len)
+            return
+        # a stream of its own (n_pass < 2**30 never reaches BUCKET_TAG): the samples drawn above
+        # are the same with and without bucketing
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, BUCKET_TAG])
+        done = 0
+        while done < steps:
+            n = min(pool_batches, steps - done)
+            pool = [next(stream) for _ in range(n * b)]
+            for rows in self._bucket(pool, n, b, rng):
+                yield collate(rows, self.max_len)
+            done += n
+
+    def _bucket(self, pool: list[Sample], n: int, b: int,
+                rng: np.random.Generator) -> Iterator[list[Sample]]:
+        """`n` batches of `b` rows from `pool` (n * b samples): sorted by input length, ties in
+        random order, batches in random order."""
+        lengths = np.fromiter((min(end, self.max_len) for _, _, end in pool), dtype=np.int64,
+                              count=len(pool))
+        perm = rng.permutation(len(pool))
+        order = perm[np.argsort(lengths[perm], kind="stable")]
+        for k in rng.permutation(n):
+            yield [pool[i] for i in order[k * b:(k + 1) * b]]
 
     def _eval_batches(self, mine: list[int], steps: int, b: int) -> Iterator[EvalBatch]:
         stream = self._samples(mine, None)
