@@ -61,10 +61,10 @@ def write_demo(out_dir: str | Path, log: SyntheticLog, items_per_line: int, cate
 
 
 def generate_demo(out_dir: str | Path, n_users: int = 300, n_lines: int = 8, items_per_line: int = 12,
-                  seed: int = 0) -> Path:
+                  seed: int = 0, category: str = "Demo") -> Path:
     log = generate_log(n_users=n_users, n_clusters=n_lines, items_per_cluster=items_per_line,
                        min_len=6, max_len=30, seed=seed)
-    return write_demo(out_dir, log, items_per_line)
+    return write_demo(out_dir, log, items_per_line, category)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--users", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--category", default="Demo", help="the <Cat> of reviews_<Cat>_5.json.gz")
     args = parser.parse_args(argv)
-    print(f"wrote {generate_demo(args.out_dir, args.users, seed=args.seed)}")
+    print(f"wrote {generate_demo(args.out_dir, args.users, seed=args.seed, category=args.category)}")
 
 
 if __name__ == "__main__":

@@ -41,17 +41,37 @@ def parse_args(job: DatasetJob, argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", default=os.environ.get("HM4SR_OUTPUT_DIR", ""),
                    help="where results.json goes (default outputs/<run name>)")
     p.add_argument("--force-prepare", action="store_true", help="rebuild the shards even if up to date")
+    p.add_argument("--prep", action="append", default=[], metavar="KEY=VALUE",
+                   help="a data-pipeline setting (a PrepConfig field), e.g. text_model=minilm-offline, "
+                        "image_dir=/data/images, download_images=true; repeatable")
     p.add_argument("overrides", nargs="*", help="key.path=value config overrides")
     return p.parse_args(argv)
 
 
-def ensure_prepared(job: DatasetJob, raw_dir: str, prepared_dir: Path, force: bool) -> dict:
+def prep_settings(job: DatasetJob, pairs: list[str]) -> dict:
+    """The job's pipeline settings with `--prep key=value` pairs on top (values parsed as YAML)."""
+    import dataclasses
+
+    import yaml
+    from data_pipelines.config import PrepConfig
+    known = {f.name for f in dataclasses.fields(PrepConfig)}
+    settings = dict(job.prep)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"error: --prep {pair!r}: expected KEY=VALUE with KEY one of {sorted(known)}")
+        settings[key] = yaml.safe_load(value)
+    return settings
+
+
+def ensure_prepared(job: DatasetJob, raw_dir: str, prepared_dir: Path, force: bool,
+                    prep: dict | None = None) -> dict:
     """Prepare the shards from the raw files unless an up-to-date manifest is already there."""
     if raw_dir:
         from data_pipelines.config import PrepConfig
         from data_pipelines.prepare import prepare, summary
         manifest = prepare(PrepConfig(source=job.source, out_dir=str(prepared_dir), name=job.name,
-                                      input_dir=raw_dir, force=force, **job.prep))
+                                      input_dir=raw_dir, force=force, **(prep or job.prep)))
         say(summary(manifest))
         return manifest
     if not (prepared_dir / "manifest.json").exists():
@@ -79,12 +99,13 @@ def fit_to_data(cfg: ExperimentConfig, manifest: dict) -> list[str]:
 
 
 def run_job(job: DatasetJob, argv: list[str] | None = None) -> dict:
-    from hm4sr_dist.train.launcher import run_training
+    from hm4sr_dist.train.launcher import ensure_ray, run_training
 
     args = parse_args(job, argv)
     started = time.time()
+    ensure_ray()          # before the pipeline's own init, which would not forward worker logs
     prepared = Path(args.prepared_dir or f"outputs/prepared/{job.name}")
-    manifest = ensure_prepared(job, args.raw_dir, prepared, args.force_prepare)
+    manifest = ensure_prepared(job, args.raw_dir, prepared, args.force_prepare, prep_settings(job, args.prep))
     cfg = apply_variant(load_config(args.config, args.overrides), args.variant)
     cfg.name = f"{job.name}-{args.variant.lstrip('-').lower()}"
     cfg.data.prepared_dir = str(prepared.resolve())

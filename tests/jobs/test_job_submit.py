@@ -1,0 +1,92 @@
+"""`ray job submit -- python jobs/train_home.py` against a local Ray head, on a tiny fixture in the
+raw Amazon 2014 format (reviews/meta json.gz and drawn images): the job prepares the data, trains
+on 2 workers and leaves results.json and TensorBoard event files."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from data_pipelines.demo import generate_demo
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli(*args, env, timeout=600):
+    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def submit_when_ready(env, *args, attempts: int = 15):
+    """`ray job submit`, retried while the new head's job agent is still starting (bounded)."""
+    for _ in range(attempts):
+        result = ray_cli("job", "submit", *args, env=env, timeout=900)
+        if "No available agent to submit job" not in result.stderr:
+            return result
+        time.sleep(2)
+    return result
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head of our own, stopped without touching any other Ray on the machine (`ray stop`
+    would kill every Ray process of the user, other runs included)."""
+    temp = tempfile.mkdtemp(prefix="rj")       # short: Ray's socket paths must stay under 107 bytes
+    # Ray 2.60 turns token auth on for a new head; the CLI must then send the token too.
+    env = os.environ | {"RAY_TMPDIR": temp, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    port, dashboard = free_port(), free_port()
+    try:
+        # Free ports for every agent service too: another Ray on this machine (a local ray.init)
+        # may hold the fixed defaults, and then this head's job agent never comes up.
+        agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                       f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+        started = ray_cli("start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
+                          "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
+                          f"--temp-dir={temp}", *agent_ports, env=env)
+        assert started.returncode == 0, started.stderr[-3000:]
+        yield env, f"http://127.0.0.1:{dashboard}"
+    finally:
+        # Every process of this head names its private temp folder (or its GCS port) on its command line.
+        subprocess.run(["pkill", "-f", temp], check=False)
+        subprocess.run(["pkill", "-f", f"gcs-address=127.0.0.1:{port}"], check=False)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_submitted_home_job_writes_results_and_events(ray_head, tmp_path):
+    env, address = ray_head
+    raw = generate_demo(tmp_path / "raw", n_users=60, n_lines=4, items_per_line=8, category="Home_and_Kitchen")
+    out, storage = tmp_path / "out", tmp_path / "storage"
+    runtime_env = {"excludes": [".git", "outputs", "**/__pycache__", "*.egg-info"],
+                   "env_vars": {"HF_HUB_OFFLINE": "1"}}
+    submitted = submit_when_ready(
+        env, "--address", address, "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env),
+        "--", "python", "jobs/train_home.py", "--raw-dir", str(raw), "--prepared-dir", str(tmp_path / "prepared"),
+        "--output", str(out), "--prep", "text_model=minilm-offline", "--prep", f"image_dir={raw / 'images'}",
+        "--prep", "image_model=vit_tiny_patch16_224", "--prep", "image_pretrained=false", "--prep", "min_shards=4",
+        "model.hidden_size=16", "model.inner_size=32", "optim.batch_size=64", "optim.epochs=2",
+        f"train.storage_path={storage}", "train.run_name=home-job")
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + "\n---\n" + submitted.stderr[-3000:]
+    assert "succeeded" in submitted.stdout.lower()
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"] == "home" and results["epochs_run"] == 2
+    assert results["test"]["count"] == 60 and 0 < results["test"]["ndcg@10"] <= 1
+    assert results["config"]["model"]["modalities"] == ["id", "text", "image"]
+    assert results["data_manifest"]["fingerprint"]
+    assert list((storage / "home-job" / "tensorboard").glob("events.out.tfevents.*"))
+    logs = submitted.stdout + submitted.stderr
+    assert "epoch 1 done" in logs, logs[-3000:]                  # progress reaches the job's log
