@@ -22,7 +22,7 @@ VIT = "vit_tiny_patch16_224"
 
 
 @pytest.fixture(scope="module")
-def amazon(tmp_path_factory, ray_local):
+def amazon(tmp_path_factory, local_ray):
     """One prepared Amazon-format data set with MiniLM text and tiny-ViT image features."""
     root = tmp_path_factory.mktemp("amazon")
     log = make_log(seed=1, n_users=40, n_items=9)

@@ -13,7 +13,7 @@ from hm4sr_dist.data import read_manifest
 from tests.data.fixtures import draw_images, make_log, write_ml100k, write_sequences
 
 
-def test_rerun_is_a_noop_and_changes_are_detected(tmp_path, ray_local, caplog):
+def test_rerun_is_a_noop_and_changes_are_detected(tmp_path, local_ray, caplog):
     raw = tmp_path / "raw"
     write_sequences(raw, make_log(seed=2, n_users=30, n_items=6))
     cfg = PrepConfig("sequence", str(tmp_path / "out"), input_dir=str(raw), k_core=3, min_shards=3,
@@ -38,7 +38,7 @@ def test_rerun_is_a_noop_and_changes_are_detected(tmp_path, ray_local, caplog):
     assert prepare(cfg)["status"] == "written"
 
 
-def test_cli_summary_and_clear_errors(tmp_path, ray_local, capsys):
+def test_cli_summary_and_clear_errors(tmp_path, local_ray, capsys):
     write_ml100k(tmp_path / "ml", make_log(seed=4, n_users=30, n_items=6))
     rc = main(["--source", "movielens", "--input-dir", str(tmp_path / "ml"), "--out-dir",
                str(tmp_path / "out"), "--k-core", "3", "--no-text", "--no-progress", "--min-shards", "2"])
