@@ -39,13 +39,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="hyper-parameter to sweep (l2, l3, tau, k1, k2, beta or a dotted key); repeatable. "
                         "Default: the Fig. 4 panels (fig4) or all six (grid)")
     p.add_argument("--values", action="append", default=[],
-                   help="values for the --param at the same position, e.g. 0.5,1.0 (default: the paper's grid)")
+                   help="values for the --param at the same position, e.g. 0.5,1.0 "
+                        "(default: the paper's grid)")
     p.add_argument("--name", default="", help="sweep name (default <data set>-<sweep>-<params>)")
     p.add_argument("--max-concurrent", type=int, default=1,
                    help="trials running at once; each starts train.num_workers workers")
     p.add_argument("--trial-cpus", type=float, default=1.0,
-                   help="CPUs reserved by each trial's driver function (Tune's default 1; it only drives the Train "
-                        "controller, so a fraction such as 0.1 leaves more for the workers; must be > 0)")
+                   help="CPUs reserved by each trial's driver function (Tune's default 1; it only drives "
+                        "the Train controller, so a fraction such as 0.1 leaves more for the workers; > 0)")
     p.add_argument("--output", default="", help="folder for sweep_results.json (default outputs/<name>)")
     p.add_argument("--dry-run", action="store_true", help="print the trials and exit")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides of the base config")
