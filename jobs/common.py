@@ -37,7 +37,7 @@ def parse_args(job: DatasetJob, argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prepared-dir", default=os.environ.get("HM4SR_PREPARED_DIR", ""),
                    help=f"prepared shards (default outputs/prepared/{job.name})")
     p.add_argument("--config", default="configs/hm4sr_paper.yaml")
-    p.add_argument("--variant", default="hm4sr", help="hm4sr, sasrec or an ablation such as -TMoE")
+    p.add_argument("--variant", default="hm4sr", help="hm4sr, sasrec or an ablation, written with = : --variant=-TMoE")
     p.add_argument("--output", default=os.environ.get("HM4SR_OUTPUT_DIR", ""),
                    help="where results.json goes (default outputs/<run name>)")
     p.add_argument("--force-prepare", action="store_true", help="rebuild the shards even if up to date")

@@ -34,26 +34,32 @@ def storage_root(cfg: ExperimentConfig) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def run_training(cfg: ExperimentConfig):
-    """Fit and return the Ray Train `Result` (final metrics in `result.metrics`)."""
-    if not cfg.data.prepared_dir:
-        raise ValueError("data.prepared_dir: no prepared data set given (run the data pipeline first)")
-    cfg.data.prepared_dir = str(Path(cfg.data.prepared_dir).resolve())
+def build_trainer(cfg: ExperimentConfig, callbacks: list | None = None) -> TorchTrainer:
+    """The TorchTrainer for one run, with optional extra Train `UserCallback`s (a Tune trial adds its
+    report callback). `cfg.data.prepared_dir` must already be absolute: a Tune trial runs in its own
+    working directory."""
     ensure_ray()
     use_gpu = {"auto": cluster_has_gpus(), "true": True, "false": False}[cfg.train.use_gpu]
     name = cfg.train.run_name or cfg.name
     storage = storage_root(cfg)
     run_dir = os.path.join(storage, name) if "://" not in storage else os.path.join("outputs", name)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": run_dir},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage,
+        run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks or []),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
                              # Train's print() patch echoes every progress line twice in job logs.
                              worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
     )
-    return trainer.fit()
+
+
+def run_training(cfg: ExperimentConfig):
+    """Fit and return the Ray Train `Result` (final metrics in `result.metrics`)."""
+    if not cfg.data.prepared_dir:
+        raise ValueError("data.prepared_dir: no prepared data set given (run the data pipeline first)")
+    cfg.data.prepared_dir = str(Path(cfg.data.prepared_dir).resolve())
+    return build_trainer(cfg).fit()

@@ -138,19 +138,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 say(f"early stop: no {cfg.eval.valid_metric} gain for {cfg.eval.patience} epochs")
             break
 
-    # Test with the best validation weights (every rank holds the same copy).
-    if best_model is not None:
-        model.load_state_dict({k: v.to(device) for k, v in best_model.items()})
-    test = distributed_metrics(model, test_reader, cfg, device)
-    final = {f"test/{k}": v for k, v in test.items()} | {
-        "best_epoch": state.best_epoch, "best_valid": state.best_metric, "epochs_run": state.epoch,
-        "global_step": state.global_step, "done": True}
-    monitor.epoch(state.epoch, {k: v for k, v in final.items() if k.startswith("test/")})
-    monitor.close()
-    # The final checkpoint: plain fp32 weights of the best epoch (ZeRO shards are no usable weights
-    # file, pitfalls ray#43285) plus the engine state, so a re-run of a finished run stops at once.
+    # The final checkpoint: the engine state as training left it (so a re-run with more epochs goes
+    # on from the last weights, not the best), plus the plain fp32 best weights (ZeRO shards are no
+    # usable weights file, pitfalls ray#43285); a re-run of a finished run stops at once.
     with tempfile.TemporaryDirectory() as folder:
         engine.save_checkpoint(folder, tag=DS_TAG)
+        # Test with the best validation weights (every rank holds the same copy).
+        if best_model is not None:
+            model.load_state_dict({k: v.to(device) for k, v in best_model.items()})
+        test = distributed_metrics(model, test_reader, cfg, device)
+        final = {f"test/{k}": v for k, v in test.items()} | {
+            "best_epoch": state.best_epoch, "best_valid": state.best_metric, "epochs_run": state.epoch,
+            "global_step": state.global_step, "finished": True}
+        monitor.epoch(state.epoch, {k: v for k, v in final.items() if k.startswith("test/")})
+        monitor.close()
         save_worker_files(Path(folder), rank, state, best_model)
         if rank == 0:
             torch.save(best_model, Path(folder) / "model.pt")

@@ -102,7 +102,7 @@ def _row(result, sweep: str) -> dict:
         "best_epoch": metrics.get("best_epoch"),
         "epochs_run": metrics.get("epochs_run"),
         "test": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("test/")},
-        "finished": bool(metrics.get("train_done")),
+        "finished": bool(metrics.get("finished")),
         "error": repr(result.error) if result.error else None,
         "trial_path": result.path,
     }

@@ -1,35 +1,30 @@
 """One Tune trial = one Ray Train run of HM4SR (the Train V2 pattern of Ray >= 2.43).
 
 The trial is a plain function: it builds the `ExperimentConfig` from the sweep's base config and the
-trial's dotted overrides, builds a `TorchTrainer` exactly as `hm4sr_dist.train.launcher` does, adds
-`ray.tune.integration.ray_train.TuneReportCallback` to its `RunConfig(callbacks=...)`, and fits it.
+trial's dotted overrides, builds the launcher's `TorchTrainer` (`hm4sr_dist.train.launcher.build_trainer`)
+with `ray.tune.integration.ray_train.TuneReportCallback` in its `RunConfig(callbacks=...)`, and fits it.
 The callback forwards every `ray.train.report` of worker rank 0 (each epoch's metrics with
 `best_valid`, then the final test metrics) to Tune as one trial result, so Tune sees the whole
 training curve and the last result holds `best_valid` and `test/*`. (Passing a trainer straight to
 `Tuner` is Train V1's deprecated path; see ray/tune/integration/ray_train.py.)
 
-One trap, handled by `HM4SRTuneReportCallback`: the worker's final report carries `done: True`, and
-`done` is a key Tune reserves (ray.tune.result.DONE): a result with it ends the trial at once, the
-Tune trial actor is killed while the Train controller it owns is still shutting down, the worker
+One trap, guarded by `HM4SRTuneReportCallback`: Tune reserves some result keys (ray.tune.result.DONE
+and others). A result with `done` ends the trial at once, the Tune trial actor is killed while the Train controller it owns is still shutting down, the worker
 group's placement group is never removed, and on a small cluster the next trial's workers wait for
-CPUs that never free up. Reserved keys are therefore forwarded under a `train_` prefix
-(`train_done`).
+CPUs that never free up. The worker therefore marks its final report `finished`, and any reserved
+key a user's metric might still carry is forwarded under a `train_` prefix (`train_done`).
 """
 
 from __future__ import annotations
 
 import copy
-import os
 from typing import Callable, Mapping
 
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.result import DONE, SHOULD_CHECKPOINT, TRIAL_ID
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 
-from hm4sr_dist.config import ExperimentConfig, from_dict, merge_overrides, to_dict
-from hm4sr_dist.train.launcher import cluster_has_gpus, ensure_ray, storage_root
-from hm4sr_dist.train.worker import train_loop_per_worker
+from hm4sr_dist.config import ExperimentConfig, from_dict, merge_overrides
+from hm4sr_dist.train.launcher import build_trainer
 from hm4sr_dist.tune.space import override_strings, trial_run_name
 
 OVERRIDES = "overrides"     # param_space key holding a dict of overrides (one-at-a-time sweeps)
@@ -42,27 +37,6 @@ class HM4SRTuneReportCallback(TuneReportCallback):
     def after_report(self, run_context, metrics, checkpoint):
         renamed = [{(f"train_{k}" if k in TUNE_RESERVED else k): v for k, v in m.items()} for m in metrics]
         super().after_report(run_context, renamed, checkpoint)
-
-
-def build_trainer(cfg: ExperimentConfig, callbacks: list | None = None) -> TorchTrainer:
-    """The launcher's TorchTrainer (same workers, storage, failure and checkpoint settings), with
-    extra Train `UserCallback`s. `cfg.data.prepared_dir` and the storage must already be absolute
-    (a Tune trial runs in its own working directory)."""
-    ensure_ray()
-    use_gpu = {"auto": cluster_has_gpus(), "true": True, "false": False}[cfg.train.use_gpu]
-    name = cfg.train.run_name or cfg.name
-    storage = storage_root(cfg)
-    run_dir = os.path.join(storage, name) if "://" not in storage else os.path.join("outputs", name)
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "run_dir": run_dir},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage, callbacks=list(callbacks or []),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)),
-    )
 
 
 def trial_overrides(config: Mapping) -> dict:

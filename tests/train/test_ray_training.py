@@ -39,7 +39,7 @@ def uninterrupted(prepared_sequences, tmp_path_factory):
 
 def test_run_reports_test_metrics_weights_and_tensorboard(uninterrupted):
     storage, result = uninterrupted
-    assert result.metrics["done"] and result.metrics["epochs_run"] == 3
+    assert result.metrics["finished"] and result.metrics["epochs_run"] == 3
     assert result.metrics["test/count"] == 60
     assert 0 < result.metrics["test/ndcg@10"] <= 1
     with result.checkpoint.as_directory() as folder:
