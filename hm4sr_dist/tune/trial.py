@@ -9,10 +9,11 @@ training curve and the last result holds `best_valid` and `test/*`. (Passing a t
 `Tuner` is Train V1's deprecated path; see ray/tune/integration/ray_train.py.)
 
 One trap, guarded by `HM4SRTuneReportCallback`: Tune reserves some result keys (ray.tune.result.DONE
-and others). A result with `done` ends the trial at once, the Tune trial actor is killed while the Train controller it owns is still shutting down, the worker
-group's placement group is never removed, and on a small cluster the next trial's workers wait for
-CPUs that never free up. The worker therefore marks its final report `finished`, and any reserved
-key a user's metric might still carry is forwarded under a `train_` prefix (`train_done`).
+and others). A result with `done` ends the trial at once, the Tune trial actor is killed while the
+Train controller it owns is still shutting down, the worker group's placement group is never
+removed, and on a small cluster the next trial's workers wait for CPUs that never free up. The
+worker therefore marks its final report `finished`, and any reserved key a user's metric might
+still carry is forwarded under a `train_` prefix (`train_done`).
 """
 
 from __future__ import annotations
