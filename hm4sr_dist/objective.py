@@ -21,7 +21,7 @@ from hm4sr_dist.model.hm4sr import HM4SR, HM4SROutput
 class BatchExchange:
     """How rows of the global batch are shared. This one is a single process: the identity.
 
-    A distributed implementation (hm4sr_dist/dist) concatenates every rank's rows with an
+    A distributed implementation (hm4sr_dist/parallel) concatenates every rank's rows with an
     autograd-aware all-gather, rank-major, and sums counts across ranks.
     """
 

@@ -23,11 +23,11 @@ import torch.distributed as dist
 
 from hm4sr_dist.config import ExperimentConfig, from_dict, to_dict
 from hm4sr_dist.data import ShardReader, load_catalog
-from hm4sr_dist.dist import DistributedExchange
+from hm4sr_dist.parallel import DistributedExchange
 from hm4sr_dist.evaluate import evaluate_sums
 from hm4sr_dist.metrics import finalize
 from hm4sr_dist.objective import build_objective
-from hm4sr_dist.train.engine import build_engine
+from hm4sr_dist.parallel.engine import build_engine
 from hm4sr_dist.train.monitor import Monitor, grad_norm, routing_summary, say
 from hm4sr_dist.train.state import TrainState, load_worker_files, save_worker_files, seed_everything
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hm4sr_dist.config import ExperimentConfig
-from hm4sr_dist.dist import DistributedExchange
+from hm4sr_dist.parallel import DistributedExchange
 from hm4sr_dist.model import hm4sr as hm4sr_module
 from hm4sr_dist.objective import build_objective
 from hm4sr_dist.synthetic import collate, generate_log, split_samples
