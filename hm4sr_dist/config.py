@@ -1,35 +1,108 @@
 """Typed configuration: dataclasses, loaded from YAML, overridden from the command line.
 
 One tree (`ExperimentConfig`) feeds the model, the losses, training and Ray Tune. Every field
-carries its help text and its allowed range in `metadata`, so loading validates in one place and
-errors name the offending key (``model.hidden_size: expected an int >= 1, got 0``).
+carries its help text and its allowed range in `metadata`, so loading validates in one place. A
+`ConfigError` names the key, where its value came from (the YAML file's path or the command line),
+what was expected and what was given, and for a misspelt key the closest known one:
+
+    optim.lr (command line): expected a number > 0, got 'abc'
+    unknown key optim.lrr (command line); did you mean optim.lr?
 
     cfg = load_config("configs/hm4sr_paper.yaml", overrides=["loss.idcl_weight=0.5"])
+    cfg, sources = load_tracked("configs/hm4sr_paper.yaml", ["optim.lr=3e-3"])  # + {key: source}
+
+What a config can train on a given data set (PCL needs the Temporal MoE, CP needs categories, ...)
+is decided by `hm4sr_dist.feasibility`, which `apply_variant` uses too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import yaml
 
 MODALITIES = ("id", "text", "image")
 TIME_EMBEDDINGS = ("interval_absolute", "interval", "absolute", "day", "day_of_year", "cos_interval")
+COMMAND_LINE = "command line"      # the source of `key.path=value` overrides in error messages
+_UNSET = object()
 
 
 class ConfigError(ValueError):
-    """A configuration value that is unknown, of the wrong type or out of range."""
+    """A configuration value that is unknown, of the wrong type, out of range or infeasible.
+
+    Carries what a command-line tool needs for a one-line message: `key` (a dotted key or a flag),
+    `source` ("command line", the YAML file's path, "--param", ...), `expected` and `got`, `why`
+    (the reason behind a rule) and `suggestion` (the closest known name). `ConfigError("free text")`
+    works as before.
+    """
+
+    _FIELDS = ("key", "source", "expected", "got", "why", "suggestion", "unknown")
+
+    def __init__(self, message: str = "", *, key: str = "", source: str = "", expected: str = "",
+                 got: Any = _UNSET, why: str = "", suggestion: str = "", unknown: bool = False):
+        super().__init__(message)
+        self.message, self.key, self.source, self.expected = message, key, source, expected
+        self.got, self.why, self.suggestion, self.unknown = got, why, suggestion, unknown
+
+    def __str__(self) -> str:
+        where = f"{self.key} ({self.source})" if self.key and self.source else self.key or self.source
+        if self.unknown:
+            text = f"unknown key {where}" + (f"; {self.message}" if self.message else "")
+        elif self.expected:
+            got = "" if self.got is _UNSET else f", got {self.got!r}"
+            text = (f"{where}: " if where else "") + f"expected {self.expected}{got}" + \
+                (f" ({self.why})" if self.why else "")
+        else:
+            text = f"{where}: {self.message}" if where else self.message
+        return text + (f"; did you mean {self.suggestion}?" if self.suggestion else "")
+
+    def __reduce__(self):       # keep the fields through pickling (Ray ships errors between processes)
+        state = {k: getattr(self, k) for k in self._FIELDS if getattr(self, k) is not _UNSET}
+        return _rebuild_error, (self.message, state)
+
+
+def _rebuild_error(message: str, state: dict) -> ConfigError:
+    return ConfigError(message, **state)
+
+
+def closest(word: str, candidates: Iterable[str]) -> str:
+    """The candidate `word` most likely misspells, '' if none is close (case-insensitive; a dotted
+    key also matches on its last part, so `lr` suggests `optim.lr`)."""
+    by_lower = {str(c).lower(): str(c) for c in candidates}
+    low = word.lower()
+    if low in by_lower:
+        return by_lower[low]
+    tails: dict[str, list[str]] = {}
+    for cand in by_lower:
+        if "." in cand:
+            tails.setdefault(cand.rsplit(".", 1)[1], []).append(by_lower[cand])
+
+    def by_tail() -> str:
+        match = difflib.get_close_matches(low.rsplit(".", 1)[-1], list(tails), n=1, cutoff=0.75)
+        return " or ".join(sorted(tails[match[0]])) if match else ""
+
+    if "." not in low and by_tail():         # a bare name: `batch_size` -> both sections' keys
+        return by_tail()
+    match = difflib.get_close_matches(low, list(by_lower), n=1, cutoff=0.6)
+    return by_lower[match[0]] if match else by_tail()
 
 
 def _f(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-       choices: Iterable[Any] | None = None, min_exclusive: bool = False) -> Any:
-    """A dataclass field with its help text and validation bounds in metadata."""
+       choices: Iterable[Any] | None = None, min_exclusive: bool = False, nonempty: bool = False,
+       unique: bool = False, item: type | None = None) -> Any:
+    """A dataclass field with its help text and validation bounds in metadata. For a list field,
+    `choices`, `item` (the element type), `min` and `max` apply to its elements."""
     meta = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive,
-            "choices": tuple(choices) if choices is not None else None}
+            "choices": tuple(choices) if choices is not None else None,
+            "nonempty": nonempty, "unique": unique, "item": item}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -42,7 +115,7 @@ class ModelConfig:
     hidden_size: int = _f(64, "d, the width of every item, position and hidden vector", min=1)
     max_seq_len: int = _f(50, "longest input sequence; longer histories keep their last items", min=1)
     modalities: list = _f(["id", "text", "image"], "item modalities used (any non-empty subset)",
-                          choices=MODALITIES)
+                          choices=MODALITIES, nonempty=True, unique=True)
     n_layers: int = _f(2, "Transformer layers per modality", min=1)
     n_heads: int = _f(2, "attention heads per layer", min=1)
     inner_size: int = _f(256, "feed-forward inner width", min=1)
@@ -64,6 +137,8 @@ class ModelConfig:
     time_freq: float = _f(10000.0, "freq of eq. 13", min=1.0)
     time_unit_seconds: float = _f(86400.0, "unit of (t - time_origin) before eq. 13's Linear (1 day)",
                                   min=0.0, min_exclusive=True)
+    absolute_time_span_unit: bool = _f(False, "measure eq. 13's t as a fraction of the data set's time "
+                                       "span (t in [0, 1]) instead of in time_unit_seconds")
 
 
 @dataclass
@@ -96,7 +171,7 @@ class OptimConfig:
 class EvalConfig:
     """Full-ranking evaluation (spec §1)."""
 
-    ks: list = _f([5, 10], "cut-offs K for NDCG@K, MRR@K and Hit@K")
+    ks: list = _f([5, 10], "cut-offs K for NDCG@K, MRR@K and Hit@K", item=int, min=1, nonempty=True)
     batch_size: int = _f(1024, "sequences per evaluation batch", min=1)
     item_chunk_size: int = _f(0, "score items in chunks of this many (0 = all at once)", min=0)
     valid_metric: str = _f("ndcg@5", "validation metric for model selection")
@@ -131,6 +206,10 @@ class TrainConfig:
     run_name: str = _f("", "Ray Train run name; re-running with the same name resumes it ('' = cfg.name)")
     max_failures: int = _f(2, "worker-group restarts from the last checkpoint before giving up", min=-1)
     checkpoints_to_keep: int = _f(2, "most recent checkpoints kept in storage", min=1)
+    checkpoint_every_steps: int = _f(200, "optimiser steps between mid-epoch checkpoints (0 = at epoch "
+                                     "ends only); a resumed run repeats at most this many steps", min=0)
+    allow_config_change: bool = _f(False, "resume a run whose stored config differs (on purpose, e.g. a "
+                                   "lower lr); by default a clash stops with the differing keys")
     log_every_steps: int = _f(20, "steps between progress lines and TensorBoard scalars", min=1)
     tensorboard_dir: str = _f("", "TensorBoard event folder ('' = <storage>/<run>/tensorboard)")
     fail_at_step: int = _f(-1, "fault injection for tests: worker rank 1 dies once at this global step", min=-1)
@@ -148,27 +227,42 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def validate(self) -> "ExperimentConfig":
-        """Checks that span fields (value ranges are checked on load)."""
-        m = self.model
-        if not m.modalities:
-            raise ConfigError("model.modalities: expected a non-empty subset of "
-                              f"{list(MODALITIES)}, got []")
-        if len(set(m.modalities)) != len(m.modalities):
-            raise ConfigError(f"model.modalities: duplicate entries in {m.modalities}")
+    def validate(self, sources: Mapping[str, str] | None = None) -> "ExperimentConfig":
+        """Check every value (the tree may have been edited in code) and the rules that span fields.
+
+        `sources` ({dotted key: where it was set}, from `load_tracked`) names the source in errors
+        and picks which of two clashing keys is blamed: the one set most explicitly (command line
+        over a YAML file over a default).
+        """
+        _check_tree(self, sources)
+        m, ev, t, bs = self.model, self.eval, self.train, self.optim.batch_size
         if m.hidden_size % m.n_heads:
-            raise ConfigError(f"model.hidden_size: {m.hidden_size} is not divisible by "
-                              f"model.n_heads={m.n_heads}")
-        if not self.eval.ks or any((not isinstance(k, int)) or k < 1 for k in self.eval.ks):
-            raise ConfigError(f"eval.ks: expected a list of ints >= 1, got {self.eval.ks}")
-        known = {f"{name}@{k}" for name in ("ndcg", "mrr", "hit") for k in self.eval.ks}
-        if self.eval.valid_metric not in known:
-            raise ConfigError(f"eval.valid_metric: expected one of {sorted(known)}, "
-                              f"got {self.eval.valid_metric!r}")
-        per_step = self.train.num_workers * self.train.grad_accum_steps
-        if self.optim.batch_size % per_step:
-            raise ConfigError(f"optim.batch_size: {self.optim.batch_size} is not divisible by "
-                              f"train.num_workers * train.grad_accum_steps = {per_step}")
+            if _blame(sources, "model.hidden_size", "model.n_heads") == "model.n_heads":
+                raise _error("model.n_heads", sources, f"a divisor of model.hidden_size = {m.hidden_size}",
+                             m.n_heads)
+            raise _error("model.hidden_size", sources, f"a multiple of model.n_heads = {m.n_heads}",
+                         m.hidden_size)
+        known = {f"{name}@{k}" for name in ("ndcg", "mrr", "hit") for k in ev.ks}
+        if ev.valid_metric not in known:
+            name, _, k = ev.valid_metric.partition("@")
+            if (_blame(sources, "eval.valid_metric", "eval.ks") == "eval.ks" and
+                    name in ("ndcg", "mrr", "hit") and k.isdigit()):
+                raise _error("eval.ks", sources, f"a list including {k} (eval.valid_metric = "
+                             f"{ev.valid_metric})", ev.ks)
+            err = _error("eval.valid_metric", sources, f"one of {sorted(known)}", ev.valid_metric)
+            err.suggestion = closest(ev.valid_metric, known)
+            raise err
+        per_step = t.num_workers * t.grad_accum_steps
+        if bs % per_step:
+            blamed = _blame(sources, "optim.batch_size", "train.num_workers", "train.grad_accum_steps")
+            if blamed == "train.num_workers":
+                raise _error(blamed, sources, f"a divisor of optim.batch_size = {bs} (with "
+                             f"train.grad_accum_steps = {t.grad_accum_steps})", t.num_workers)
+            if blamed == "train.grad_accum_steps":
+                raise _error(blamed, sources, f"a divisor of optim.batch_size = {bs} (with "
+                             f"train.num_workers = {t.num_workers})", t.grad_accum_steps)
+            raise _error(blamed, sources, "a multiple of train.num_workers * train.grad_accum_steps "
+                         f"= {per_step}", bs)
         return self
 
     @property
@@ -178,67 +272,230 @@ class ExperimentConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading, overriding, dumping
+# Checking values, naming where they came from
 # ---------------------------------------------------------------------------------------------
 
-def _check_value(path: str, f: dataclasses.Field, value: Any, hint: Any) -> Any:
-    """Coerce and validate one leaf value; raise ConfigError naming `path`."""
-    meta = f.metadata
-    origin = typing.get_origin(hint) or hint
-    if origin is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
-    elif origin is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an int, got {value!r}")
-    elif origin is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        value = float(value)
-    elif origin is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-    elif origin is list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-    lo, hi = meta.get("min"), meta.get("max")
-    if lo is not None and (value <= lo if meta.get("min_exclusive") else value < lo):
-        op = ">" if meta.get("min_exclusive") else ">="
-        raise ConfigError(f"{path}: expected a value {op} {lo}, got {value!r}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{path}: expected a value <= {hi}, got {value!r}")
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _num(x: Any) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _bounds(meta: Mapping) -> str:
+    lo, hi, excl = meta.get("min"), meta.get("max"), meta.get("min_exclusive")
+    if lo is not None and hi is not None:
+        return f" in {'(' if excl else '['}{_num(lo)}, {_num(hi)}]"
+    if lo is not None:
+        return f" {'>' if excl else '>='} {_num(lo)}"
+    return f" <= {_num(hi)}" if hi is not None else ""
+
+
+_KINDS = {bool: "true or false", int: "an int", float: "a number", str: "a string"}
+_PLURALS = {bool: "true/false values", int: "ints", float: "numbers", str: "strings"}
+
+
+def describe(f: dataclasses.Field, hint: Any) -> str:
+    """What field `f` accepts, in words: "a number > 0", "one of ['pad', 'drop']"."""
+    meta, origin = f.metadata, typing.get_origin(hint) or hint
     choices = meta.get("choices")
-    if choices is not None:
-        items = value if isinstance(value, list) else [value]
-        bad = [v for v in items if v not in choices]
-        if bad:
-            raise ConfigError(f"{path}: expected one of {list(choices)}, got {bad[0]!r}")
+    if origin is list:
+        what = ("a non-empty list" if meta.get("nonempty") else "a list") + \
+            (" of distinct" if meta.get("unique") else " of")
+        if choices:
+            return f"{what} values from {list(choices)}"
+        item = meta.get("item")
+        return f"{what} {_PLURALS[item]}{_bounds(meta)}" if item else what.rsplit(" of", 1)[0]
+    if choices:
+        return f"one of {list(choices)}"
+    return _KINDS.get(origin, "a value") + ("" if origin is bool else _bounds(meta))
+
+
+def _coerce(kind: Any, value: Any) -> Any:
+    """`value` as `kind`, or _UNSET when it is not one."""
+    if kind is bool:
+        return value if isinstance(value, bool) else _UNSET
+    if kind is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _UNSET
+    if kind is float:
+        if isinstance(value, str):           # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                return _UNSET
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if ok else _UNSET
+    if kind is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)               # run_name=2024
+        return value if isinstance(value, str) else _UNSET
     return value
 
 
-def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict; unknown keys and bad values raise ConfigError."""
-    data = dict(data or {})
+def _in_range(meta: Mapping, value: Any) -> bool:
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value <= lo if meta.get("min_exclusive") else value < lo):
+        return False
+    return hi is None or value <= hi
+
+
+def _check_value(path: str, f: dataclasses.Field, value: Any, hint: Any, source: str = "") -> Any:
+    """Coerce and validate one leaf value; raise ConfigError naming `path` and `source`."""
+    meta, origin = f.metadata, typing.get_origin(hint) or hint
+    choices = meta.get("choices")
+    bad = ConfigError(key=path, source=source, expected=describe(f, hint), got=value)
+    if origin is list:
+        items = list(value) if isinstance(value, (list, tuple)) else None
+        if items is None or (meta.get("nonempty") and not items) or \
+                (meta.get("unique") and len({repr(v) for v in items}) != len(items)):
+            raise bad
+        out = []
+        for v in items:
+            if choices is not None and v not in choices:
+                bad.suggestion = closest(v, map(str, choices)) if isinstance(v, str) else ""
+                raise bad
+            if meta.get("item") is not None:
+                v = _coerce(meta["item"], v)
+                if v is _UNSET or not _in_range(meta, v):
+                    raise bad
+            out.append(v)
+        return out
+    checked = _coerce(origin, value)
+    if checked is _UNSET or (origin in (int, float) and not _in_range(meta, checked)):
+        raise bad
+    if choices is not None and checked not in choices:
+        bad.suggestion = closest(checked, map(str, choices)) if isinstance(checked, str) else ""
+        raise bad
+    return checked
+
+
+def source_of(key: str, sources: Mapping[str, str] | None) -> str:
+    """Where `key` was set: its own entry, a section given whole, or a key set inside it."""
+    if not sources:
+        return ""
+    probe = key
+    while probe:
+        if probe in sources:
+            return sources[probe]
+        probe = probe.rpartition(".")[0]
+    return next((s for k, s in sources.items() if k.startswith(key + ".")), "")
+
+
+def _rank(source: str) -> int:
+    return 0 if not source else 2 if source == COMMAND_LINE or source.startswith("-") else 1
+
+
+def _blame(sources: Mapping[str, str] | None, *keys: str) -> str:
+    """Of keys that clash, the one set most explicitly (the first on a tie)."""
+    return max(keys, key=lambda k: _rank(source_of(k, sources)))
+
+
+def _error(key: str, sources: Mapping[str, str] | None, expected: str, got: Any) -> ConfigError:
+    return ConfigError(key=key, source=source_of(key, sources), expected=expected, got=got)
+
+
+def _check_tree(node: Any, sources: Mapping[str, str] | None, prefix: str = "") -> None:
+    hints = _hints(type(node))
+    for f in dataclasses.fields(node):
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            _check_tree(value, sources, path)
+        else:
+            setattr(node, f.name, _check_value(path, f, value, hints[f.name], source_of(path, sources)))
+
+
+def known_keys(cls: type = ExperimentConfig, prefix: str = "", sections: bool = False) -> list[str]:
+    """Every dotted leaf key of `cls`'s tree (and its sections with `sections=True`)."""
+    out = []
+    for name, hint in _hints(cls).items():
+        path = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(hint):
+            out += ([path] if sections else []) + known_keys(hint, path, sections)
+        else:
+            out.append(path)
+    return out
+
+
+def _unknown(key: str, cls: type, prefix: str, source: str) -> ConfigError:
+    suggestion = closest(key, known_keys(cls, prefix, sections=True))
+    names = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+    return ConfigError("" if suggestion else f"the keys {'of ' + prefix if prefix else 'at the top'} "
+                       f"are {names}", key=key, source=source, unknown=True, suggestion=suggestion)
+
+
+def check_key(key: str, cls: type = ExperimentConfig, source: str = "") -> None:
+    """Raise ConfigError, with the closest known key, unless `key` names a field or section."""
+    node, parts = cls, key.split(".")
+    for i, part in enumerate(parts):
+        hint = _hints(node).get(part)
+        if hint is None:
+            raise _unknown(key, node, ".".join(parts[:i]), source)
+        if i < len(parts) - 1 and not dataclasses.is_dataclass(hint):
+            raise _unknown(key, cls, "", source)
+        node = hint
+
+
+def check_leaf(key: str, value: Any, source: str = "", cls: type = ExperimentConfig) -> Any:
+    """`value` coerced and checked for leaf `key` on its own (unknown keys raise too)."""
+    check_key(key, cls, source)
+    *sections, name = key.split(".")
+    node = cls
+    for part in sections:
+        node = _hints(node)[part]
+    f = {f.name: f for f in dataclasses.fields(node)}[name]
+    if dataclasses.is_dataclass(_hints(node)[name]):
+        raise ConfigError(key=key, source=source, expected="a single value, not a section", got=value)
+    return _check_value(key, f, value, _hints(node)[name], source)
+
+
+def get_key(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def set_key(cfg: Any, key: str, value: Any) -> None:
+    *sections, name = key.split(".")
+    setattr(get_key(cfg, ".".join(sections)) if sections else cfg, name, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overriding, dumping
+# ---------------------------------------------------------------------------------------------
+
+def _first_leaf(key: str, value: Any) -> str:
+    while isinstance(value, dict) and value:
+        name, value = next(iter(value.items()))
+        key = f"{key}.{name}"
+    return key
+
+
+def from_dict(cls: type, data: dict | None, prefix: str = "", *,
+              sources: Mapping[str, str] | None = None) -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys and bad values raise ConfigError,
+    naming the source of the key when `sources` ({dotted key: source}) has it."""
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or '<root>'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+        raise ConfigError(key=prefix or "<root>", source=source_of(prefix, sources),
+                          expected="a mapping of keys to values", got=data)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]} (known keys here: {sorted(fields)})")
+    for name, value in data.items():
+        if name not in fields:
+            key = _first_leaf(f"{prefix}.{name}" if prefix else str(name), value)
+            raise _unknown(key, cls, prefix, source_of(key, sources))
     kwargs = {}
     for name, value in data.items():
         path = f"{prefix}.{name}" if prefix else name
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-            kwargs[name] = from_dict(hint, value, path)
+            kwargs[name] = from_dict(hint, value, path, sources=sources)
         else:
-            kwargs[name] = _check_value(path, fields[name], value, hint)
+            kwargs[name] = _check_value(path, fields[name], value, hint, source_of(path, sources))
     return cls(**kwargs)
 
 
@@ -246,47 +503,98 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str, source: str = COMMAND_LINE) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (['a','b','c'], value), the value parsed as YAML (so 0.5, true, [id])."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key.path=value")
-    key, raw = text.split("=", 1)
+    key, sep, raw = text.partition("=")
     key = key.strip().lstrip("-")
-    if not key:
-        raise ConfigError(f"override {text!r}: empty key")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+    if not sep or not key:
+        raise ConfigError(key=f"override {text!r}", source=source, expected="key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(key=key, source=source, expected="a YAML value (0.5, true, [id, text], ...)",
+                          got=raw) from None
+    return key.split("."), value
 
 
-def merge_overrides(data: dict, overrides: Iterable[str]) -> dict:
+def _record(sources: dict, key: str, value: Any, source: str) -> None:
+    """Note `source` for `key` and, when `value` is a mapping, for every key inside it."""
+    for old in [k for k in sources if k == key or k.startswith(key + ".")] if key else []:
+        del sources[old]
+    if isinstance(value, dict) and value:
+        for name, sub in value.items():
+            _record(sources, f"{key}.{name}" if key else str(name), sub, source)
+    elif key:
+        sources[key] = source
+
+
+def merge_overrides(data: dict, overrides: Iterable[str], *, cls: type | None = None,
+                    source: str = COMMAND_LINE, sources: dict | None = None) -> dict:
+    """Apply `key.path=value` overrides to the nested dict `data`. With `cls`, a key that is not in
+    its tree raises ConfigError at once; `sources` gets `source` for every key set."""
     for text in overrides:
-        path, value = parse_override(text)
+        path, value = parse_override(text, source)
+        key = ".".join(path)
+        if cls is not None:
+            check_key(key, cls, source)
         node = data
         for part in path[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {part} is not a section")
+                raise ConfigError(f"{part} is not a section", key=key, source=source, unknown=True)
         node[path[-1]] = value
+        if sources is not None:
+            _record(sources, key, value, source)
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    text = problem or (str(exc).splitlines() or ["?"])[0]
+    return f"{text} (line {mark.line + 1}, column {mark.column + 1})" if mark else text
+
+
+def load_tracked(path: str | Path | None = None, overrides: Iterable[str] = (),
+                 cls: type = ExperimentConfig, *, override_source: str = COMMAND_LINE
+                 ) -> tuple[Any, dict[str, str]]:
+    """`load_config`, also returning {dotted key: source} for every key the YAML file (its path)
+    or the overrides (`override_source`) set; errors name that source."""
+    data: Any = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the config file ({exc.strerror or exc})", source=where) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"not valid YAML: {_yaml_problem(exc)}", source=where) from None
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise ConfigError("expected a mapping of keys to values at the top level", source=where)
+        _record(sources, "", data, where)
+    data = merge_overrides(data, overrides, cls=cls, source=override_source, sources=sources)
+    cfg = from_dict(cls, data, sources=sources)
+    if isinstance(cfg, ExperimentConfig):
+        cfg.validate(sources)
+    elif hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg, sources
+
+
+def command_line_keys(sources: Mapping[str, str]) -> dict[str, str]:
+    """The keys of `load_tracked`'s sources set by the overrides: the user's explicit requests."""
+    return {key: src for key, src in sources.items() if src == COMMAND_LINE}
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
                 cls: type = ExperimentConfig) -> Any:
     """Load YAML (or defaults when `path` is None), apply `key=value` overrides, validate."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-    data = merge_overrides(data, overrides)
-    try:
-        cfg = from_dict(cls, data)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
-    return cfg.validate() if hasattr(cfg, "validate") else cfg
+    return load_tracked(path, overrides, cls)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,10 +605,12 @@ def _drop_modality(cfg: ExperimentConfig, modality: str) -> None:
     cfg.model.modalities = [m for m in cfg.model.modalities if m != modality]
 
 
+# Each variant flips its own switch; what that makes infeasible (-TMoE: PCL) is switched off by
+# hm4sr_dist.feasibility in apply_variant.
 VARIANTS = {
     "hm4sr": lambda c: None,
     "-IMoE": lambda c: setattr(c.model, "use_interactive_moe", False),
-    "-TMoE": lambda c: (setattr(c.model, "use_temporal_moe", False), setattr(c.loss, "pcl_weight", 0.0)),
+    "-TMoE": lambda c: setattr(c.model, "use_temporal_moe", False),
     "-CP": lambda c: setattr(c.loss, "cp_weight", 0.0),
     "-IDCL": lambda c: setattr(c.loss, "idcl_weight", 0.0),
     "-PCL": lambda c: setattr(c.loss, "pcl_weight", 0.0),
@@ -314,10 +624,29 @@ VARIANTS = {
 }
 
 
-def apply_variant(cfg: ExperimentConfig, variant: str) -> ExperimentConfig:
-    """Return a copy of `cfg` with one named variant of spec §4 applied."""
+def check_variant(variant: str) -> None:
     if variant not in VARIANTS:
-        raise ConfigError(f"variant: expected one of {list(VARIANTS)}, got {variant!r}")
+        raise ConfigError(key="--variant", expected=f"one of {list(VARIANTS)}", got=variant,
+                          suggestion=closest(variant, VARIANTS))
+
+
+def apply_variant(cfg: ExperimentConfig, variant: str, *, explicit: Mapping[str, str] | None = None,
+                  resolve: bool = True) -> ExperimentConfig:
+    """Return a copy of `cfg` with one named variant of spec §4 applied and, with `resolve`, what it
+    makes infeasible switched off (`hm4sr_dist.feasibility.resolve`: -TMoE thereby drops PCL).
+
+    `explicit` ({key: source}, the keys the user set) turns a key the variant would change, or a
+    request it makes infeasible (`--variant=-TMoE loss.pcl_weight=0.5`), into a ConfigError.
+    """
+    check_variant(variant)
     out = from_dict(type(cfg), to_dict(cfg))
     VARIANTS[variant](out)
-    return out.validate()
+    for key, source in (explicit or {}).items():
+        if get_key(out, key) != get_key(cfg, key):
+            raise ConfigError(f"conflicts with --variant={variant}, which sets it to "
+                              f"{json.dumps(get_key(out, key))}", key=key, source=source)
+    out.validate(explicit)
+    if resolve:
+        from hm4sr_dist.feasibility import resolve as resolve_feasibility
+        out = resolve_feasibility(out, explicit=explicit or {}).config
+    return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -12,21 +12,41 @@ from hm4sr_dist.metrics import add_sums, metric_sums, target_ranks
 from hm4sr_dist.model.hm4sr import HM4SR
 
 
+def _unpack(entry) -> tuple[Batch, Tensor | None, Tensor | None]:
+    """A Batch, a (batch, weight) pair, or an EvalBatch (batch, mask[, users])."""
+    if isinstance(entry, Batch):
+        return entry, None, None
+    batch, weight = entry[0], entry[1]
+    return batch, weight, getattr(entry, "users", None)
+
+
 @torch.no_grad()
-def evaluate_sums(model: HM4SR, batches: Iterable[Batch | tuple[Batch, Tensor]], ks: Iterable[int],
-                  item_chunk_size: int = 0, device: torch.device | str = "cpu") -> dict[str, Tensor]:
-    """Sum NDCG/MRR/Hit over every row. A batch may come with a (B,) weight (0 = padded row)."""
+def evaluate_sums(model: HM4SR, batches: Iterable, ks: Iterable[int], item_chunk_size: int = 0,
+                  device: torch.device | str = "cpu", rows_out: list | None = None,
+                  observe: Callable | None = None) -> dict[str, Tensor]:
+    """Sum NDCG/MRR/Hit over every row. A batch may come with a (B,) weight (0 = padded row).
+
+    `rows_out`, a list, receives (user ids, ranks) of the real rows of every batch (the batch must
+    carry `users`); `observe(out, batch, weight)` sees every forward pass (diagnostics)."""
     was_training = model.training
     model.eval()
     try:
         item_repr = model.item_representations()           # once per evaluation, not per batch
         sums = None
         for entry in batches:
-            batch, weight = entry if isinstance(entry, tuple) else (entry, None)
+            batch, weight, users = _unpack(entry)
             batch = batch.to(device).trimmed()
+            weight = None if weight is None else weight.to(device)
             out = model(batch, item_repr=item_repr)
             ranks = target_ranks(out.seq_repr, item_repr, batch.target, item_chunk_size)
-            sums = add_sums(sums, metric_sums(ranks, ks, None if weight is None else weight.to(device)))
+            sums = add_sums(sums, metric_sums(ranks, ks, weight))
+            if observe is not None:
+                observe(out, batch, weight)
+            if rows_out is not None:
+                if users is None:
+                    raise ValueError("per-user evaluation needs batches that carry user ids")
+                real = torch.ones_like(ranks, dtype=torch.bool) if weight is None else weight.bool()
+                rows_out.append((users[real.cpu()].cpu(), ranks[real].cpu()))
         if sums is None:
             raise ValueError("evaluation got no batches")
         return sums

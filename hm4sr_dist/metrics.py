@@ -1,7 +1,9 @@
 """Full-ranking metrics over the whole catalogue (spec §1): NDCG@K, MRR@K, Hit@K.
 
 Every real item is a candidate (the padding item is not; history items are NOT masked). A
-target's rank is the number of real items scored strictly above it. Results are kept as sums plus
+target's rank is the number of other real items scored at or above it: a tie never favours the
+target (in bf16 or with collapsed embeddings ties are common, and counting them in the target's
+favour would inflate metrics by an amount that differs between models). Results are kept as sums plus
 a count (`metric_sums`), so workers can add them up and divide once: the global mean is exact, not
 an average of per-worker means, and does not depend on how rows were split or ordered.
 """
@@ -16,7 +18,7 @@ from torch import Tensor
 
 
 def target_ranks(seq_repr: Tensor, item_repr: Tensor, target: Tensor, chunk_size: int = 0) -> Tensor:
-    """(B,) int64: how many real items score strictly higher than each row's target (eq. 19 scores).
+    """(B,) int64: how many other real items score at least as high as each row's target (eq. 19).
 
     Items are scored `chunk_size` at a time (0 = all at once), so the largest score block is
     (B, chunk_size) whatever the catalogue size.
@@ -29,8 +31,8 @@ def target_ranks(seq_repr: Tensor, item_repr: Tensor, target: Tensor, chunk_size
         stop = min(start + chunk, n_total)
         scores = seq_repr @ item_repr[start:stop].T                                # (B, c)
         ids = torch.arange(start, stop, device=target.device).unsqueeze(0)
-        # The padding item is no candidate; the target is never above itself (rounding aside).
-        above = (scores > target_score) & (ids != 0) & (ids != target.unsqueeze(1))
+        # The padding item is no candidate; the target is never above itself; ties count against it.
+        above = (scores >= target_score) & (ids != 0) & (ids != target.unsqueeze(1))
         ranks += above.sum(1)
     return ranks
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from hm4sr_dist.batch import Batch
 from hm4sr_dist.config import LossConfig
+from hm4sr_dist.feasibility import unresolved
 from hm4sr_dist.losses import category_loss, info_nce, main_loss, weighted_total
 from hm4sr_dist.model.hm4sr import HM4SR, HM4SROutput
 
@@ -70,11 +71,10 @@ class HM4SRObjective(nn.Module):
         self.exchange = exchange or BatchExchange()
         if loss_cfg.cp_weight > 0:
             if categories is None:
-                raise ValueError("loss.cp_weight > 0 but the data set has no item categories; "
-                                 "set loss.cp_weight=0")
+                raise unresolved("loss.cp_weight", "but the data set has no item categories")
             self.register_buffer("categories", categories.to(torch.bool), persistent=False)
         if "id" not in model.modalities and loss_cfg.idcl_weight > 0:
-            raise ValueError("loss.idcl_weight > 0 needs the 'id' modality (IDCL contrasts H^id, eq. 23)")
+            raise unresolved("loss.idcl_weight", "needs the 'id' modality (IDCL contrasts H^id, eq. 23)")
 
     def forward(self, batch: Batch) -> LossTerms:
         model, cfg, ex = self.model, self.cfg, self.exchange

@@ -5,6 +5,9 @@ categories); text and image features are noisy copies of a cluster centroid. Eac
 catalogue: after a SHORT gap (minutes to hours) the next item is the successor within the same
 cluster, after a LONG gap (weeks) it is the same slot in the next cluster. The rule reads the gap
 before the current item, which the model sees, so ID, content and time all carry signal.
+
+Samples and batches go through the training path: `records.user_samples` (the leave-one-out
+split, spec §1) and the reader's `collate`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import numpy as np
 import torch
 
 from hm4sr_dist.batch import Batch
+from hm4sr_dist.data.reader import collate
+from hm4sr_dist.data.records import Sample, user_samples
 from hm4sr_dist.model.catalog import ItemCatalog
 from hm4sr_dist.model.time import interval_buckets, max_bucket_for
 
@@ -72,38 +77,16 @@ def generate_log(n_users: int = 300, n_clusters: int = 8, items_per_cluster: int
     return SyntheticLog(sequences, timestamps, catalog)
 
 
-def split_samples(log: SyntheticLog, max_len: int = 50) -> dict[str, list[tuple]]:
-    """Leave-one-out (spec §1): every training prefix; valid and test one sample per user.
-
-    A sample is (items, times, target) with at most the last `max_len` input items.
-    """
-    out: dict[str, list[tuple]] = {"train": [], "valid": [], "test": []}
-    for items, times in zip(log.sequences, log.timestamps):
-        n = len(items)
-        for j in range(1, n - 2):
-            out["train"].append((items[max(0, j - max_len):j], times[max(0, j - max_len):j], items[j]))
-        for split, j in (("valid", n - 2), ("test", n - 1)):
-            out[split].append((items[max(0, j - max_len):j], times[max(0, j - max_len):j], items[j]))
-    return out
+def log_samples(log: SyntheticLog, split: str) -> list[Sample]:
+    """Every (items, times, end) sample of `split`, user by user, exactly as the shard reader
+    expands a user (train: every prefix; valid and test: one per user)."""
+    return [sample for items, times in zip(log.sequences, log.timestamps)
+            for sample in user_samples(items, times, split)]
 
 
-def collate(samples: list[tuple], max_len: int) -> Batch:
-    """Right-pad samples into a Batch."""
-    b = len(samples)
-    item_seq = torch.zeros(b, max_len, dtype=torch.long)
-    time_seq = torch.zeros(b, max_len, dtype=torch.long)
-    seq_len = torch.zeros(b, dtype=torch.long)
-    target = torch.zeros(b, dtype=torch.long)
-    for row, (items, times, tgt) in enumerate(samples):
-        n = len(items)
-        item_seq[row, :n] = torch.from_numpy(np.asarray(items))
-        time_seq[row, :n] = torch.from_numpy(np.asarray(times))
-        seq_len[row], target[row] = n, int(tgt)
-    return Batch(item_seq, time_seq, seq_len, target)
-
-
-def batches(samples: list[tuple], batch_size: int, max_len: int, shuffle: bool = False,
+def batches(samples: list[Sample], batch_size: int, max_len: int, shuffle: bool = False,
             seed: int = 0, drop_last: bool = False) -> list[Batch]:
+    """Batches of `samples` through the reader's `collate` (the last `max_len` inputs kept)."""
     order = np.random.default_rng(seed).permutation(len(samples)) if shuffle else np.arange(len(samples))
     stop = len(order) - (len(order) % batch_size if drop_last else 0)
     return [collate([samples[i] for i in order[s:s + batch_size]], max_len)

@@ -1,11 +1,18 @@
-"""What every dataset job does: find or prepare the shards, fit the config to the data, train with
-Ray Train, write results.json. The per-dataset scripts only name their raw source.
+"""What every dataset job does: check the command line, find or prepare the shards, fit the config to
+the data, train with Ray Train, write results.json. The per-dataset scripts only name their raw source.
 
     python jobs/train_home.py [--raw-dir DIR] [--prepared-dir DIR] [--variant hm4sr|sasrec|-TMoE|...]
-                              [--config FILE] [--output DIR] [key.path=value ...]
+                              [--config FILE] [--output DIR] [--prep KEY=VALUE ...] [key.path=value ...]
 
 Flags fall back to environment variables: HM4SR_RAW_DIR, HM4SR_PREPARED_DIR, HM4SR_OUTPUT_DIR.
 Works the same locally (embedded Ray) and under `ray job submit -- python jobs/train_home.py`.
+
+Errors before work: `plan_job` checks the whole command line -- the config (YAML, overrides,
+variant), the --prep settings, the folders, and what the config asks for that the data cannot give
+as far as that is known before preparing it (`hm4sr_dist.feasibility.check`) -- without importing
+Ray or torch. Only then does `run_plan` start Ray, prepare the data and fit the config to it
+(`feasibility.resolve`, a note per part switched off). `main` turns a user error (a `ConfigError`,
+the pipeline's `DataError` or a `ManifestError`) into one `error: ...` line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -13,13 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
-from hm4sr_dist.config import ExperimentConfig, apply_variant, load_config, to_dict
-from hm4sr_dist.data import read_manifest
-from hm4sr_dist.train.monitor import say
+from hm4sr_dist.config import (ConfigError, ExperimentConfig, apply_variant, check_variant, closest,
+                               command_line_keys, load_tracked, to_dict)
+from hm4sr_dist.feasibility import DataOffer, check, resolve
 
 
 @dataclass
@@ -30,8 +40,16 @@ class DatasetJob:
     description: str = ""
 
 
+class JobArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are, like every user error of a job, one line and exit code 2."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def parse_args(job: DatasetJob, argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=f"Train HM4SR on {job.description or job.name}.")
+    p = JobArgumentParser(description=f"Train HM4SR on {job.description or job.name}.")
     p.add_argument("--raw-dir", default=os.environ.get("HM4SR_RAW_DIR", ""),
                    help="folder with the raw files (prepared into --prepared-dir when missing)")
     p.add_argument("--prepared-dir", default=os.environ.get("HM4SR_PREPARED_DIR", ""),
@@ -48,25 +66,114 @@ def parse_args(job: DatasetJob, argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def prep_settings(job: DatasetJob, pairs: list[str]) -> dict:
-    """The job's pipeline settings with `--prep key=value` pairs on top (values parsed as YAML)."""
-    import dataclasses
+# PrepConfig fields the job sets itself -> what sets them.
+JOB_PREP_FIELDS = {"source": "the job script", "name": "the job script", "out_dir": "--prepared-dir",
+                   "input_dir": "--raw-dir", "force": "--force-prepare"}
+_PREP_KINDS = {bool: "true or false", int: "an int", float: "a number", list: "a list"}
 
+
+def _prep_value(key: str, kind: Any, raw: str) -> Any:
+    """A `--prep` value: strings as written (paths, model names), the rest parsed as YAML."""
     import yaml
+
+    if kind is str:
+        return raw
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = None
+    if kind is list and isinstance(value, str):
+        value = [value]
+    ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          list: isinstance(value, list)}.get(kind, True)
+    if not ok:
+        raise ConfigError(key=key, source="--prep", expected=_PREP_KINDS[kind], got=raw)
+    return float(value) if kind is float else value
+
+
+def prep_settings(job: DatasetJob, pairs: list[str]) -> dict:
+    """The job's pipeline settings with `--prep key=value` pairs on top, each checked against the
+    type of its PrepConfig field."""
     from data_pipelines.config import PrepConfig
-    known = {f.name for f in dataclasses.fields(PrepConfig)}
+
+    hints = typing.get_type_hints(PrepConfig)
     settings = dict(job.prep)
     for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in known:
-            raise SystemExit(f"error: --prep {pair!r}: expected KEY=VALUE with KEY one of {sorted(known)}")
-        settings[key] = yaml.safe_load(value)
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(key="--prep", expected="KEY=VALUE", got=pair)
+        if key in JOB_PREP_FIELDS:
+            raise ConfigError(f"set by {JOB_PREP_FIELDS[key]}, not by --prep", key=key, source="--prep")
+        if key not in hints:
+            raise ConfigError(key=key, source="--prep", unknown=True,
+                              suggestion=closest(key, [k for k in hints if k not in JOB_PREP_FIELDS]))
+        settings[key] = _prep_value(key, hints[key], raw)
     return settings
+
+
+def expected_offer(job: DatasetJob, prep: dict) -> DataOffer:
+    """What the data will offer, as far as the source and the --prep settings tell before it is
+    prepared (the sequence files carry IDs and times only; text=false / images=false drop those
+    features). The rest is assumed present: the check after preparation has the last word."""
+    if job.source == "sequence":
+        return DataOffer(frozenset({"id"}), categories=False)
+    modalities = {"id", "text", "image"} - ({"text"} if prep.get("text") is False else set()) \
+        - ({"image"} if prep.get("images") is False else set())
+    return DataOffer(frozenset(modalities), categories=True)
+
+
+def _manifest_offer(prepared: Path) -> DataOffer:
+    """The offer of an already prepared data set, read as plain JSON (no torch); the full check of
+    the manifest comes later."""
+    try:
+        return DataOffer.from_manifest(json.loads((prepared / "manifest.json").read_text()))
+    except (OSError, ValueError, AttributeError):
+        return DataOffer()
+
+
+@dataclass
+class JobPlan:
+    """A checked command line: everything a job needs before it starts Ray."""
+
+    job: DatasetJob
+    args: argparse.Namespace
+    config: ExperimentConfig        # YAML + overrides + variant; run_plan fits it to the data
+    explicit: dict[str, str]        # keys set on the command line -> their source
+    prep: dict                      # PrepConfig fields for the preparation
+    prepared: Path
+    started: float = field(default_factory=time.time)
+
+
+def plan_job(job: DatasetJob, argv: list[str] | None = None, *, check_paths: bool = True) -> JobPlan:
+    """Check the whole command line without touching Ray or the data; raise ConfigError.
+
+    `check_paths=False` skips the checks of --raw-dir / --prepared-dir (the quickstart writes its
+    raw files after checking its overrides)."""
+    args = parse_args(job, argv)
+    check_variant(args.variant)
+    prep = prep_settings(job, args.prep)
+    cfg, sources = load_tracked(args.config, args.overrides)
+    explicit = command_line_keys(sources)
+    cfg = apply_variant(cfg, args.variant, explicit=explicit, resolve=False)
+    cfg.name = f"{job.name}-{args.variant.lstrip('-').lower()}"
+    prepared = Path(args.prepared_dir or f"outputs/prepared/{job.name}")
+    if check_paths and args.raw_dir and not Path(args.raw_dir).is_dir():
+        raise ConfigError(key="--raw-dir", expected="a folder with the raw files", got=args.raw_dir)
+    if check_paths and not args.raw_dir and not (prepared / "manifest.json").is_file():
+        raise ConfigError(f"{prepared} holds no prepared data set (no manifest.json) and no --raw-dir "
+                          "was given to prepare one from", key="--prepared-dir")
+    check(cfg, expected_offer(job, prep) if args.raw_dir else _manifest_offer(prepared), explicit)
+    return JobPlan(job, args, cfg, explicit, prep, prepared)
 
 
 def ensure_prepared(job: DatasetJob, raw_dir: str, prepared_dir: Path, force: bool,
                     prep: dict | None = None) -> dict:
     """Prepare the shards from the raw files unless an up-to-date manifest is already there."""
+    from hm4sr_dist.data.manifest import read_manifest
+    from hm4sr_dist.train.monitor import say
+
     if raw_dir:
         from data_pipelines.config import PrepConfig
         from data_pipelines.prepare import prepare, summary
@@ -75,42 +182,26 @@ def ensure_prepared(job: DatasetJob, raw_dir: str, prepared_dir: Path, force: bo
         say(summary(manifest))
         return manifest
     if not (prepared_dir / "manifest.json").exists():
-        raise SystemExit(f"error: {prepared_dir} holds no prepared data set (no manifest.json) and no "
-                         f"--raw-dir was given to prepare one from")
+        raise ConfigError(f"{prepared_dir} holds no prepared data set (no manifest.json) and no "
+                          "--raw-dir was given to prepare one from", key="--prepared-dir")
     return read_manifest(prepared_dir)
 
 
-def fit_to_data(cfg: ExperimentConfig, manifest: dict) -> list[str]:
-    """Drop what the data set cannot feed (a modality without features, CP without categories)."""
-    notes = []
-    available = {"id"} | set(manifest.get("features", {}))
-    missing = [m for m in cfg.model.modalities if m not in available]
-    if missing:
-        cfg.model.modalities = [m for m in cfg.model.modalities if m in available]
-        notes.append(f"model.modalities: {missing} dropped (the data set has no such features)")
-    if cfg.loss.cp_weight > 0 and not manifest.get("n_categories"):
-        cfg.loss.cp_weight = 0.0
-        notes.append("loss.cp_weight: set to 0 (the data set has no item categories)")
-    if cfg.loss.pcl_weight > 0 and not (cfg.model.use_temporal_moe and
-                                        {"text", "image"} & set(cfg.model.modalities)):
-        cfg.loss.pcl_weight = 0.0
-        notes.append("loss.pcl_weight: set to 0 (PCL needs a text or image modality)")
-    return notes
+def run_plan(plan: JobPlan) -> dict:
+    """Start Ray, prepare the data, fit the config to it, train, write results.json."""
+    import shutil
 
-
-def run_job(job: DatasetJob, argv: list[str] | None = None) -> dict:
     from hm4sr_dist.train.launcher import ensure_ray, run_training
+    from hm4sr_dist.train.monitor import say
+    from hm4sr_dist.train.worker import PER_USER_FILE
 
-    args = parse_args(job, argv)
-    started = time.time()
+    args, job = plan.args, plan.job
     ensure_ray()          # before the pipeline's own init, which would not forward worker logs
-    prepared = Path(args.prepared_dir or f"outputs/prepared/{job.name}")
-    manifest = ensure_prepared(job, args.raw_dir, prepared, args.force_prepare, prep_settings(job, args.prep))
-    cfg = apply_variant(load_config(args.config, args.overrides), args.variant)
-    cfg.name = f"{job.name}-{args.variant.lstrip('-').lower()}"
-    cfg.data.prepared_dir = str(prepared.resolve())
-    for note in fit_to_data(cfg, manifest):
+    manifest = ensure_prepared(job, args.raw_dir, plan.prepared, args.force_prepare, plan.prep)
+    cfg, notes = resolve(plan.config, DataOffer.from_manifest(manifest), plan.explicit)
+    for note in notes:
         say(f"note: {note}")
+    cfg.data.prepared_dir = str(plan.prepared.resolve())
     cfg.validate()
     result = run_training(cfg)
     metrics = dict(result.metrics)
@@ -118,15 +209,51 @@ def run_job(job: DatasetJob, argv: list[str] | None = None) -> dict:
         "dataset": job.name, "variant": args.variant,
         "test": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("test/")},
         "best_valid": metrics.get("best_valid"), "best_epoch": metrics.get("best_epoch"),
-        "epochs_run": metrics.get("epochs_run"), "wall_seconds": time.time() - started,
-        "data_manifest": {"path": str(prepared), "fingerprint": manifest.get("fingerprint"),
+        "epochs_run": metrics.get("epochs_run"), "wall_seconds": time.time() - plan.started,
+        "resumed_at_steps": metrics.get("resumed_at_steps"),
+        "diagnostics": {k: v for k, v in metrics.items() if k.startswith(("moe/", "routing/"))},
+        "data_manifest": {"path": str(plan.prepared), "fingerprint": manifest.get("fingerprint"),
                           "counts": manifest.get("counts", {})},
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "notes": notes,
         "config": to_dict(cfg),
     }
     out = Path(args.output or Path("outputs") / (cfg.train.run_name or cfg.name))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    if result.checkpoint:                  # every test user's rank, for hm4sr-compare
+        with result.checkpoint.as_directory() as folder:
+            shutil.copy(Path(folder) / PER_USER_FILE, out / PER_USER_FILE)
     say("test " + "  ".join(f"{k} {v:.4f}" for k, v in results["test"].items() if k != "count"))
     say(f"wrote {out / 'results.json'}")
     return results
+
+
+def run_job(job: DatasetJob, argv: list[str] | None = None) -> dict:
+    """`plan_job`, then `run_plan`; a user error raises ConfigError (or DataError, ManifestError)."""
+    return run_plan(plan_job(job, argv))
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """A ConfigError, or the data pipeline's DataError / ManifestError (checked without importing
+    their modules: when a module is not loaded, nothing raised one of its errors)."""
+    others = (("data_pipelines.report", "DataError"), ("hm4sr_dist.data.manifest", "ManifestError"))
+    kinds = [ConfigError] + [getattr(sys.modules.get(module), name, None) for module, name in others]
+    return isinstance(exc, tuple(k for k in kinds if k is not None))
+
+
+def exit_on_user_error(fn: Callable[[], Any]) -> Any:
+    """Run `fn`; a user error becomes one `error: ...` line on stderr and exit code 2, no traceback."""
+    try:
+        return fn()
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
+        print("error: " + " ".join(str(exc).split("\n")), file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def main(job: DatasetJob | Callable[[list[str]], DatasetJob], argv: list[str] | None = None) -> dict:
+    """Entry point of the job scripts; `job` may be a function of argv picking the DatasetJob."""
+    argv = sys.argv[1:] if argv is None else argv
+    return exit_on_user_error(lambda: run_job(job if isinstance(job, DatasetJob) else job(argv), argv))

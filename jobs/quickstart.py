@@ -9,6 +9,8 @@
 3. trains HM4SR with Ray Train on 2 workers (DeepSpeed engines; CPU + gloo when there is no GPU)
    on an embedded local Ray, with TensorBoard events and checkpoints under <workdir>/ray_results;
 4. writes <workdir>/results.json with the test metrics.
+
+The overrides are checked before any of that: a bad one is one `error: ...` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -18,9 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from data_pipelines.demo import generate_demo
-from hm4sr_dist.metrics import random_ranking_ndcg
-from jobs.common import DatasetJob, run_job
+from jobs.common import DatasetJob, JobArgumentParser, exit_on_user_error, plan_job, run_plan
 
 # A small model that learns the demo rule in a few epochs on 2 CPU cores.
 QUICK = ["model.hidden_size=32", "model.inner_size=64", "model.max_seq_len=30", "model.hidden_dropout=0.1",
@@ -28,7 +28,7 @@ QUICK = ["model.hidden_size=32", "model.inner_size=64", "model.max_seq_len=30", 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="outputs/quickstart")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
@@ -37,16 +37,19 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")        # the bundled text encoder needs no hub
     work = Path(args.workdir).resolve()
     raw = work / "raw"
-    if not (raw / "reviews_Demo_5.json.gz").exists():
-        generate_demo(raw)
     job = DatasetJob(name="demo", source="amazon2014", description="the generated demo data set", prep={
         "category": "Demo", "image_dir": str(raw / "images"), "text_model": "minilm-offline",
         "image_model": "vit_tiny_patch16_224", "image_pretrained": False, "min_shards": 4,
         "progress": sys.stderr.isatty()})
-    results = run_job(job, [
+    plan = plan_job(job, [          # every override checked before the demo data is written
         "--raw-dir", str(raw), "--prepared-dir", str(work / "prepared"), "--output", str(work),
         *QUICK, f"optim.epochs={args.epochs}", f"train.num_workers={args.workers}",
-        f"train.storage_path={work / 'ray_results'}", *args.overrides])
+        f"train.storage_path={work / 'ray_results'}", *args.overrides], check_paths=False)
+    if not (raw / "reviews_Demo_5.json.gz").exists():
+        from data_pipelines.demo import generate_demo
+        generate_demo(raw)
+    results = run_plan(plan)
+    from hm4sr_dist.metrics import random_ranking_ndcg
     n_items = results["data_manifest"]["counts"]["items"]
     print(f"chance level: ndcg@10 {random_ranking_ndcg(10, n_items):.4f} ({n_items} items); "
           f"TensorBoard: tensorboard --logdir {work / 'ray_results'}")
@@ -54,4 +57,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

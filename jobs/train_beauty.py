@@ -7,10 +7,9 @@ sequence-file copy (Beauty_item.txt + Beauty_time.txt, IDs and timestamps only) 
 ../shared/data/amazon-beauty. See jobs/common.py for every flag.
 """
 
-import sys
 from pathlib import Path
 
-from jobs.common import DatasetJob, parse_args, run_job
+from jobs.common import DatasetJob, main, parse_args
 
 AMAZON = DatasetJob(name="beauty", source="amazon2014", prep={"category": "Beauty"},
                     description="Amazon 2014 Beauty")
@@ -23,4 +22,4 @@ def pick(argv: list[str]) -> DatasetJob:
 
 
 if __name__ == "__main__":
-    run_job(pick(sys.argv[1:]), sys.argv[1:])
+    main(pick)

@@ -6,11 +6,9 @@
 See jobs/common.py for every flag.
 """
 
-import sys
-
-from jobs.common import DatasetJob, run_job
+from jobs.common import DatasetJob, main
 
 JOB = DatasetJob(name="games", source="amazon2014", prep={"category": "Video_Games"}, description="Amazon 2014 Video Games")
 
 if __name__ == "__main__":
-    run_job(JOB, sys.argv[1:])
+    main(JOB)

@@ -6,11 +6,9 @@
 See jobs/common.py for every flag.
 """
 
-import sys
-
-from jobs.common import DatasetJob, run_job
+from jobs.common import DatasetJob, main
 
 JOB = DatasetJob(name="home", source="amazon2014", prep={"category": "Home_and_Kitchen"}, description="Amazon 2014 Home and Kitchen (reviews_Home_and_Kitchen_5.json.gz + meta_Home_and_Kitchen.json.gz)")
 
 if __name__ == "__main__":
-    run_job(JOB, sys.argv[1:])
+    main(JOB)

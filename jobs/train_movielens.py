@@ -5,10 +5,9 @@
 See jobs/common.py for every flag.
 """
 
-import sys
 from pathlib import Path
 
-from jobs.common import DatasetJob, parse_args, run_job
+from jobs.common import DatasetJob, main, parse_args
 
 
 def pick(argv: list[str]) -> DatasetJob:
@@ -18,4 +17,4 @@ def pick(argv: list[str]) -> DatasetJob:
 
 
 if __name__ == "__main__":
-    run_job(pick(sys.argv[1:]), sys.argv[1:])
+    main(pick)

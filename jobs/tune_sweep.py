@@ -13,6 +13,12 @@ Each trial is one Ray Train run named `<sweep>-<overrides>-<hash>` under train.s
 re-running the same command resumes unfinished trials from their checkpoints and returns finished
 ones at once. The table of trial overrides -> best_valid (validation NDCG@5) and test metrics is
 written to <output>/sweep_results.json (default outputs/<sweep name>).
+
+Before Ray starts, every trial's config is built and checked (`hm4sr_dist.tune.space.check_sweep`):
+an unknown key, a bad value, a swept request the model or the data cannot honour (l3 without the
+Temporal MoE, CP weights without categories) or a swept key without effect is one `error: ...` line
+and exit code 2. Without --param, the Fig. 4 panels the config or the data switch off are left out
+with a note.
 """
 
 from __future__ import annotations
@@ -22,15 +28,17 @@ import functools
 import sys
 from pathlib import Path
 
-from hm4sr_dist.config import load_config
-from hm4sr_dist.data import read_manifest
-from hm4sr_dist.train.monitor import say
-from hm4sr_dist.tune.space import fig4_trials, grid_size, grid_space, parse_values, resolve_param
-from jobs.common import fit_to_data
+from hm4sr_dist.config import ConfigError, command_line_keys, load_tracked
+from hm4sr_dist.feasibility import DataOffer, resolve
+from hm4sr_dist.tune.space import (FIG4_PARAMS, PAPER_GRID, check_sweep, fig4_trials, grid_size, grid_space,
+                                   parse_values, resolve_param)
+from jobs.common import JobArgumentParser, exit_on_user_error
+
+say = functools.partial(print, flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prepared-dir", required=True, help="prepared shards (folder with manifest.json)")
     p.add_argument("--config", default="configs/hm4sr_paper.yaml", help="base config of every trial")
     p.add_argument("--sweep", choices=("fig4", "grid"), default="fig4",
@@ -53,31 +61,78 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _space(sweep: str, params: list[str] | None, values: dict, base, offer, explicit):
+    """(trials, grid) of the sweep, checked; default panels the config cannot use are left out."""
+    def build(keys):
+        if sweep == "fig4":
+            return fig4_trials(keys, values), None
+        return None, grid_space(keys, values)
+
+    notes = []
+    if not params and not values:        # the default panels: drop those switched off, with a note
+        params = []
+        for key in (FIG4_PARAMS if sweep == "fig4" else tuple(PAPER_GRID)):
+            try:
+                check_sweep(base, *build([key]), offer=offer, explicit=explicit)
+                params.append(key)
+            except ConfigError as exc:
+                notes.append(f"{key} left out of the sweep: {exc}")
+        if not params:
+            raise ConfigError("no hyper-parameter of the default sweep takes effect in this config; "
+                              "name one with --param", key="--param")
+    trials, grid = build(params or None)
+    check_sweep(base, trials, grid, offer=offer, explicit=explicit)
+    return trials, grid, notes
+
+
+def plan(argv: list[str] | None) -> dict:
+    """Parse and check the whole command line and every trial's config; no Ray, no torch."""
     args = parse_args(argv)
     if len(args.values) > len(args.param):
-        raise SystemExit("error: every --values needs a --param before it")
+        raise ConfigError("every --values needs a --param before it", key="--values")
+    if args.max_concurrent < 1:
+        raise ConfigError(key="--max-concurrent", expected="an int >= 1", got=args.max_concurrent)
+    if not args.trial_cpus > 0:
+        raise ConfigError(key="--trial-cpus", expected="a number > 0", got=args.trial_cpus)
+    loaded, sources = load_tracked(args.config, args.overrides)
+    explicit = command_line_keys(sources)
+    params = [resolve_param(p) for p in args.param]
     values = {resolve_param(p): parse_values(v) for p, v in zip(args.param, args.values)}
-    if args.sweep == "fig4":
-        trials, grid = fig4_trials(args.param or None, values), None
-        n = len(trials)
-    else:
-        trials, grid = None, grid_space(args.param or None, values)
-        n = grid_size(grid)
+
+    def fit(offer):     # the base every trial starts from, and the trials checked on it
+        base, notes = resolve(loaded, offer, explicit)
+        trials, grid, panel_notes = _space(args.sweep, params, values, base, offer, explicit)
+        return base, trials, grid, notes + panel_notes
+
+    base, trials, grid, notes = fit(None)           # all that can be checked before the data
     prepared = Path(args.prepared_dir)
-    if not (prepared / "manifest.json").exists() and not args.dry_run:
-        raise SystemExit(f"error: {prepared} holds no prepared data set (no manifest.json)")
-    manifest = read_manifest(prepared) if (prepared / "manifest.json").exists() else {}
-    base = load_config(args.config, args.overrides)
+    manifest_file = prepared / "manifest.json"
+    if not manifest_file.is_file() and not args.dry_run:
+        raise ConfigError(f"{prepared} holds no prepared data set (no manifest.json)", key="--prepared-dir")
+    manifest, offer = {}, None
+    if manifest_file.is_file():
+        from hm4sr_dist.data.manifest import read_manifest
+        manifest = read_manifest(prepared)
+        offer = DataOffer.from_manifest(manifest)
+        base, trials, grid, notes = fit(offer)
     base.data.prepared_dir = str(prepared.resolve())
     dataset = manifest.get("name") or prepared.name
-    short = "-".join(resolve_param(p).rsplit(".", 1)[-1] for p in args.param)
-    name = args.name or f"{dataset}-{args.sweep}" + (f"-{short}" if short else "")
-    base.name = name
+    short = "-".join(p.rsplit(".", 1)[-1] for p in params)
+    base.name = args.name or f"{dataset}-{args.sweep}" + (f"-{short}" if short else "")
+    n = len(trials) if trials is not None else grid_size(grid)
+    return {"args": args, "base": base, "explicit": explicit, "offer": offer, "trials": trials,
+            "grid": grid, "n": n, "notes": notes}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = plan(argv)
+    args, base, name, n = p["args"], p["base"], p["base"].name, p["n"]
+    for note in p["notes"]:
+        say(f"note: {note}")
     say(f"sweep {name}: {args.sweep}, {n} trials, at most {args.max_concurrent} at once, "
         f"{base.train.num_workers} worker(s) each")
     if args.dry_run:
-        for t in trials or [grid]:
+        for t in p["trials"] or [p["grid"]]:
             say(f"  {t}")
         return {"sweep": name, "n_trials": n}
     if args.sweep == "grid" and n > 200:
@@ -85,8 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from hm4sr_dist.tune.sweep import run_sweep
 
-    table = run_sweep(base, name, trials=trials, grid=grid, max_concurrent=args.max_concurrent,
-                      trial_cpus=args.trial_cpus, adjust=functools.partial(fit_to_data, manifest=manifest),
+    table = run_sweep(base, name, trials=p["trials"], grid=p["grid"], max_concurrent=args.max_concurrent,
+                      trial_cpus=args.trial_cpus, offer=p["offer"], explicit=p["explicit"],
                       output=args.output or None)
     for row in sorted(table["trials"], key=lambda r: -(r["best_valid"] or -1)):
         bv = row["best_valid"]
@@ -97,4 +152,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    exit_on_user_error(lambda: main(sys.argv[1:]))

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from hm4sr_dist.synthetic import collate, generate_log, split_samples
+from hm4sr_dist.data.reader import collate
+from hm4sr_dist.synthetic import generate_log, log_samples
+
+pytest_plugins = ["suite_guards"]        # collection and process-leak guards (tests/suite_guards.py)
+
+# Tiny tensors: one thread is faster than two fighting over the cores (Ray workers set their own).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -14,7 +20,7 @@ def tiny_log():
 
 @pytest.fixture
 def tiny_batch(tiny_log):
-    samples = split_samples(tiny_log, max_len=12)["train"][:9]
+    samples = log_samples(tiny_log, "train")[:9]
     return collate(samples, max_len=12)
 
 

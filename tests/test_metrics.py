@@ -57,3 +57,12 @@ def test_random_ranking_ndcg():
     assert random_ranking_ndcg(10, 10) == pytest.approx(sum(1 / math.log2(r + 2) for r in range(10)) / 10)
     ranks = torch.arange(1000) % 50                           # uniform over 50 items
     assert finalize(metric_sums(ranks, [10]), [10])["ndcg@10"] == pytest.approx(random_ranking_ndcg(10, 50))
+
+
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_ties_count_against_the_target(chunk):
+    # Items 2 and 3 score exactly as the target (item 1); item 4 lower: the target ranks 2nd after
+    # both ties, never first (a bf16 model ties often; ties must not inflate metrics).
+    h = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    items = torch.tensor([[9.0, 0.0], [0.5, 0.0], [0.5, 0.0], [0.5, 0.0], [0.25, 0.0]])
+    assert target_ranks(h, items, torch.tensor([1, 4]), chunk).tolist() == [2, 3]

@@ -4,6 +4,9 @@ user's items (row 0) and unix timestamps (row 1), oldest first, the whole kept h
 The reader expands a user into samples (prefixes) itself: on Beauty this stores 22k samples
 instead of 198k prefix samples (see docs/data.md for the measurements).
 
+This module and `manifest` are the on-disk format: numpy and the standard library only (no torch,
+no model), because the preparation's Ray Data tasks import them.
+
 Split of one user with n >= 3 items (spec §1, leave-one-out); a sample is (history, end):
 input = items[max(0, end - L):end], target = items[end].
 - train: end = 1 .. n-3  (every prefix of the training part items[:n-2]; n-3 samples)
@@ -22,6 +25,7 @@ import numpy as np
 
 MEMBER = "seq.npy"
 SPLITS = ("train", "valid", "test")
+Sample = tuple  # (items: ndarray, times: ndarray, end: int); input = items[:end], target = items[end]
 
 
 class ShardError(IOError):
@@ -65,6 +69,12 @@ def split_ends(n: int, split: str) -> range:
 
 def split_count(n: int, split: str) -> int:
     return len(split_ends(n, split))
+
+
+def user_samples(items: np.ndarray, times: np.ndarray, split: str) -> Iterator[Sample]:
+    """One user's samples of `split` as (items, times, end), oldest prefix first: the only sample
+    expansion (the shard reader and the synthetic test data both use it)."""
+    return ((items, times, end) for end in split_ends(len(items), split))
 
 
 def iter_shard_tarfile(path: str | Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:

@@ -25,13 +25,14 @@ from torch import Tensor, nn
 
 from hm4sr_dist.batch import Batch
 from hm4sr_dist.config import ModelConfig
+from hm4sr_dist.feasibility import CONTENT_MODALITIES, unresolved
 from hm4sr_dist.model.catalog import ItemCatalog
 from hm4sr_dist.model.encoder import SequenceEncoder
 from hm4sr_dist.model.items import ItemEmbedding
 from hm4sr_dist.model.moe import InteractiveMoE, TemporalMoE
 from hm4sr_dist.model.time import TimeEmbedding
 
-PCL_MODALITIES = ("text", "image")   # eq. 26: PCL runs on the content modalities only
+PCL_MODALITIES = CONTENT_MODALITIES   # eq. 26: PCL runs on the content modalities only
 
 
 @dataclass
@@ -97,16 +98,15 @@ class HM4SR(nn.Module):
         self.pcl_ratio = pcl_ratio
         self.pcl_modalities = [mod for mod in self.modalities if mod in PCL_MODALITIES] if pcl else []
         if pcl and not (cfg.use_temporal_moe and self.pcl_modalities):
-            raise ValueError("loss.pcl_weight > 0 needs model.use_temporal_moe and a text or image "
+            raise unresolved("loss.pcl_weight", "needs model.use_temporal_moe and a text or image "
                              "modality (PCL's placeholder is built from the Temporal MoE's time "
-                             "embeddings, eq. 24); set loss.pcl_weight=0")
+                             "embeddings, eq. 24)")
         self.placeholders = nn.ModuleDict({mod: nn.Linear(self.time_embedding.width, d)
                                            for mod in self.pcl_modalities})
         self.cp_head = None
         if category_head:
             if catalog.n_categories == 0:
-                raise ValueError("loss.cp_weight > 0 but the data set has no item categories; "
-                                 "set loss.cp_weight=0")
+                raise unresolved("loss.cp_weight", "but the data set has no item categories")
             self.cp_head = nn.Linear(m * d, catalog.n_categories)
         self._init_weights()
 

@@ -69,7 +69,11 @@ class TimeEmbedding(nn.Module):
         self.mu = cfg.interval_scale
         self.max_bucket = catalog.max_interval_bucket
         self.time_origin = int(catalog.time_origin)
-        self.time_unit = float(cfg.time_unit_seconds)
+        # eq. 13's t: in `time_unit_seconds`, or as a fraction of the data's span (then an Adam step
+        # on l_j moves a phase by at most lr * freq^(-j/d) instead of lr * t_max * freq^(-j/d)).
+        span = max(int(catalog.n_days), 1) * SECONDS_PER_DAY
+        self.time_unit = float(span if cfg.absolute_time_span_unit else cfg.time_unit_seconds)
+        self.interval_unit = float(cfg.time_unit_seconds)
         self.freq = float(cfg.time_freq)
         d = cfg.hidden_size
         if self.kind in ("interval_absolute", "interval"):
@@ -101,7 +105,8 @@ class TimeEmbedding(nn.Module):
         return (torch.cos(angle) * real.unsqueeze(-1)).to(self.time_linear.weight.dtype)
 
     def absolute_embedding(self, time_seq: Tensor, real: Tensor) -> Tensor:
-        """r_2 of eq. 13 on t measured in `time_unit_seconds` from the data's first timestamp."""
+        """r_2 of eq. 13 on t measured from the data's first timestamp, in `time_unit_seconds` or
+        (`absolute_time_span_unit`) in units of the data's span."""
         t = (time_seq - self.time_origin).double() / self.time_unit
         return self._cosine(t, real)
 
@@ -115,7 +120,7 @@ class TimeEmbedding(nn.Module):
         if self.kind == "absolute":
             return self.absolute_embedding(time_seq, real)
         if self.kind == "cos_interval":
-            return self._cosine(intervals(time_seq, real).double() / self.time_unit, real, frequency_scaled=False)
+            return self._cosine(intervals(time_seq, real).double() / self.interval_unit, real, frequency_scaled=False)
         if self.kind == "day":
             day = torch.div(time_seq - self.time_origin, SECONDS_PER_DAY, rounding_mode="floor")
             return self.day_table((day.clamp(0, self.n_days - 1) + 1) * real)

@@ -44,3 +44,24 @@ def build_engine(objective: HM4SRObjective, cfg: ExperimentConfig, world_size: i
                                            config=deepspeed_config(cfg, world_size, on_gpu),
                                            dist_init_required=False)
     return engine
+
+
+def engine_step(engine):
+    """The training step of a DeepSpeed engine: forward through the engine (so its hooks see the
+    whole graph), backward, step; see `hm4sr_dist.train.loop.StepResult`."""
+    from hm4sr_dist.train.loop import StepResult
+    from hm4sr_dist.train.monitor import grad_norm
+
+    def step(batch):
+        terms = engine(batch)
+        engine.backward(terms.total)
+        # The norm before clipping; under ZeRO gradients are sharded and only the engine knows it,
+        # after its step has computed it.
+        sharded = engine.zero_optimization_stage() > 0
+        norm = None if sharded else grad_norm(engine.module.parameters())
+        boundary = engine.is_gradient_accumulation_boundary()   # asked before step() advances it
+        engine.step()
+        if sharded:
+            norm = engine.get_global_grad_norm()
+        return StepResult(terms, float(norm if norm is not None else float("nan")), boundary)
+    return step

@@ -3,7 +3,9 @@
 With no cluster address (no RAY_ADDRESS, not under `ray job submit`), `ray.init()` starts an
 embedded local Ray; workers then use the CPU and gloo. On a cluster, workers take one GPU each
 and NCCL. Re-running with the same `train.storage_path` and `train.run_name` resumes the run from
-its latest checkpoint.
+its latest checkpoint, but only a run of the same resolved config and data (`train/identity.py`);
+without a `train.run_name` the name is `<cfg.name>-<identity hash>`, so every distinct setting gets
+its own run and an unchanged re-run resumes (or, finished, returns at once).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from hm4sr_dist.config import ExperimentConfig, to_dict
+from hm4sr_dist.data.manifest import read_manifest
+from hm4sr_dist.train.identity import check_or_record, run_identity
 from hm4sr_dist.train.worker import train_loop_per_worker
 
 
@@ -37,15 +41,21 @@ def storage_root(cfg: ExperimentConfig) -> str:
 def build_trainer(cfg: ExperimentConfig, callbacks: list | None = None) -> TorchTrainer:
     """The TorchTrainer for one run, with optional extra Train `UserCallback`s (a Tune trial adds its
     report callback). `cfg.data.prepared_dir` must already be absolute: a Tune trial runs in its own
-    working directory."""
+    working directory. Sets `cfg.train.run_name` to the resolved name; raises `RunIdentityError`
+    (before Ray starts) when that run folder holds a run of another config or data set."""
+    identity = run_identity(cfg, read_manifest(cfg.data.prepared_dir).get("fingerprint"))
+    name = cfg.train.run_name = cfg.train.run_name or f"{cfg.name}-{identity['hash'][:8]}"
+    storage = storage_root(cfg)
+    run_dir = f"{storage.rstrip('/')}/{name}" if "://" in storage else os.path.join(storage, name)
+    check_or_record(run_dir, identity, allow_change=cfg.train.allow_config_change)
     ensure_ray()
     use_gpu = {"auto": cluster_has_gpus(), "true": True, "false": False}[cfg.train.use_gpu]
-    name = cfg.train.run_name or cfg.name
-    storage = storage_root(cfg)
-    run_dir = os.path.join(storage, name) if "://" not in storage else os.path.join("outputs", name)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "run_dir": run_dir},
+        # Workers write TensorBoard and markers into a local folder: the run folder, or for a URI
+        # storage a local one of the same name (Ray Train uploads checkpoints itself).
+        train_loop_config={"config": to_dict(cfg),
+                           "run_dir": os.path.join("outputs", name) if "://" in storage else run_dir},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),

@@ -1,67 +1,110 @@
-"""One training epoch and a single-process fit, shared by the tests, the benchmark and the workers.
+"""The training step and epoch, shared by the Ray Train worker, the tests and the benchmarks.
 
-`train_one_epoch` takes any callable `step(batch) -> LossTerms` so the same loop drives a plain
-optimiser here and a DeepSpeed engine inside a Ray Train worker.
+A step function maps a batch to a `StepResult` (the loss terms, the gradient norm, and whether an
+optimiser step was taken); `optimizer_step` makes one for a plain torch optimiser,
+`hm4sr_dist.parallel.engine.engine_step` for a DeepSpeed engine. `run_epoch` drives either over
+an epoch's batches, keeping the running sums in an `EpochProgress` that a mid-epoch checkpoint
+stores, and calls `on_step` after every batch (logging, checkpoints, fault injection live there).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
 import torch
 
 from hm4sr_dist.batch import Batch
-from hm4sr_dist.config import ExperimentConfig
-from hm4sr_dist.evaluate import evaluate_sums
-from hm4sr_dist.metrics import finalize
-from hm4sr_dist.model.catalog import ItemCatalog
-from hm4sr_dist.objective import HM4SRObjective, LossTerms, build_objective
+from hm4sr_dist.objective import HM4SRObjective, LossTerms
+
+
+@dataclass
+class StepResult:
+    terms: LossTerms
+    grad_norm: float = float("nan")
+    boundary: bool = True              # an optimiser step was taken (False inside accumulation)
+
+
+@dataclass
+class EpochProgress:
+    """What an epoch has accumulated so far."""
+
+    batches: int = 0
+    sequences: int = 0
+    seconds: float = 0.0
+    sums: dict = field(default_factory=dict)
+
+    def add(self, terms: LossTerms, sequences: int) -> None:
+        for name, value in terms.scalars().items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.batches += 1
+        self.sequences += sequences
+
+    def means(self) -> dict[str, float]:
+        return {name: value / max(self.batches, 1) for name, value in self.sums.items()}
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+StepFn = Callable[[Batch], StepResult]
 
 
 def optimizer_step(objective: HM4SRObjective, optimizer: torch.optim.Optimizer,
-                   grad_clip: float = 0.0) -> Callable[[Batch], LossTerms]:
+                   grad_clip: float = 0.0) -> StepFn:
     """A plain-PyTorch step: forward (all loss terms), backward, optional clipping, Adam."""
-    def step(batch: Batch) -> LossTerms:
+    def step(batch: Batch) -> StepResult:
         terms = objective(batch)
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip if grad_clip > 0 else float("inf"))
         optimizer.step()
-        return terms
+        return StepResult(terms, float(norm))
     return step
 
 
-def train_one_epoch(step: Callable[[Batch], LossTerms], batches: Iterable[Batch]) -> dict[str, float]:
-    """Run `step` over `batches` (each trimmed to its longest sequence); mean terms and throughput."""
-    sums: dict[str, float] = {}
-    n_batches = n_sequences = 0
-    start = time.perf_counter()
+def run_epoch(step: StepFn, batches: Iterable[Batch], progress: EpochProgress | None = None,
+              on_step: Callable[[StepResult, Batch, EpochProgress], None] | None = None,
+              sequences_per_batch: int | None = None) -> EpochProgress:
+    """Run `step` over `batches` (each trimmed to its longest sequence; `on_step` sees the trimmed
+    batch), continuing `progress`.
+
+    `sequences_per_batch` counts the global batch (all ranks) instead of the local one."""
+    progress = progress or EpochProgress()
+    last = time.perf_counter()
     for batch in batches:
-        terms = step(batch.trimmed())
-        for name, value in terms.scalars().items():
-            sums[name] = sums.get(name, 0.0) + value
-        n_batches += 1
-        n_sequences += len(batch)
-    seconds = time.perf_counter() - start
-    stats = {name: value / max(n_batches, 1) for name, value in sums.items()}
-    return stats | {"seconds": seconds, "sequences_per_s": n_sequences / max(seconds, 1e-9)}
+        batch = batch.trimmed()
+        result = step(batch)
+        now = time.perf_counter()
+        progress.seconds += now - last
+        last = now
+        progress.add(result.terms, sequences_per_batch or len(batch))
+        if on_step is not None:
+            on_step(result, batch, progress)
+            last = time.perf_counter()              # checkpoint and logging time is not step time
+    return progress
 
 
-def fit_in_process(cfg: ExperimentConfig, catalog: ItemCatalog, train: Callable[[int], Iterable[Batch]],
-                   valid: Iterable[Batch], epochs: int, log: Callable[[str], None] = print
-                   ) -> tuple[HM4SRObjective, list[dict]]:
-    """Train on one process with Adam at `cfg.optim`; `train(epoch)` yields that epoch's batches."""
+def fit_in_process(cfg, catalog, train: Callable[[int], Iterable[Batch]], valid: Iterable, epochs: int,
+                   log: Callable[[str], None] = print) -> tuple[HM4SRObjective, list[dict]]:
+    """Train on one process with Adam at `cfg.optim` (tests, benchmarks); `train(epoch)` yields that
+    epoch's batches. The same `run_epoch` as the Ray Train worker, with a plain optimiser step."""
+    from hm4sr_dist.evaluate import evaluate_sums
+    from hm4sr_dist.metrics import finalize
+    from hm4sr_dist.objective import build_objective
+
     torch.manual_seed(cfg.optim.seed)
     objective = build_objective(cfg.model, cfg.loss, catalog)
     optimizer = torch.optim.Adam(objective.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     step = optimizer_step(objective, optimizer, cfg.optim.grad_clip)
     history = []
     for epoch in range(epochs):
-        stats = train_one_epoch(step, train(epoch))
-        stats |= {f"valid/{k}": v for k, v in
-                  finalize(evaluate_sums(objective.model, valid, cfg.eval.ks, cfg.eval.item_chunk_size), cfg.eval.ks).items()}
+        progress = run_epoch(step, train(epoch))
+        stats = progress.means() | {"seconds": progress.seconds,
+                                    "sequences_per_s": progress.sequences / max(progress.seconds, 1e-9)}
+        valid_sums = evaluate_sums(objective.model, valid, cfg.eval.ks, cfg.eval.item_chunk_size)
+        stats |= {f"valid/{k}": v for k, v in finalize(valid_sums, cfg.eval.ks).items()}
         history.append(stats | {"epoch": epoch})
         terms = "  ".join(f"{n} {stats[n]:.3f}" for n in ("main", "cp", "idcl", "pcl") if n in stats)
         log(f"epoch {epoch}: loss {stats['total']:.4f} ({terms})  valid {cfg.eval.valid_metric} "

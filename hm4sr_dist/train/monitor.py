@@ -1,8 +1,15 @@
 """What a person watches: progress lines for `ray job logs` and TensorBoard events (rank 0 only).
 
-Per logged step: each loss term, learning rate, sequences/s, gradient norm, and expert routing —
-the mean gate weight of every Interactive-MoE expert per target modality, and of every Temporal-MoE
-expert per range of the interval before the item. Per epoch: validation metrics.
+TensorBoard has one x-axis, the global optimiser step, for every tag:
+- per logged step: `loss/*`, `train/lr`, `train/grad_norm`, `throughput/sequences_per_s`, and the MoE
+  view of that batch (`routing/*`, `moe/*`, see hm4sr_dist/diagnostics.py);
+- per epoch, at the step the epoch ended: `valid/*` metrics, `epoch/*` (mean loss terms of the
+  epoch, seconds, sequences/s);
+- at the end: `test/*` of the best weights, and the run's hparams (config -> final metrics) for the
+  HParams tab.
+Counts (`valid/count`) and the epoch index are printed, never drawn as curves. A resumed run opens
+its writer with `purge_step` = the checkpoint's step + 1, so points that a crashed attempt wrote
+after that checkpoint are dropped instead of overlapping the resumed ones.
 """
 
 from __future__ import annotations
@@ -11,36 +18,8 @@ import time
 
 import torch
 import yaml
-from torch import Tensor
 
-from hm4sr_dist.model.hm4sr import HM4SROutput
-from hm4sr_dist.model.time import intervals
-
-# Interval ranges for the Temporal-MoE routing view (upper bounds in seconds).
-INTERVAL_RANGES = (("same_time", 0), ("under_1h", 3600), ("under_1d", 86400), ("under_1w", 7 * 86400),
-                   ("under_30d", 30 * 86400), ("over_30d", None))
-
-
-def routing_summary(out: HM4SROutput, time_seq: Tensor, modalities: list[str]) -> dict[str, float]:
-    """Mean gate weights over real positions, as flat `routing/...` scalars."""
-    stats: dict[str, float] = {}
-    real = out.real
-    if out.interactive_gates is not None:
-        gates = out.interactive_gates[real]                                    # (n, M, k1)
-        for i, mod in enumerate(modalities):
-            for e, w in enumerate(gates[:, i].mean(0).tolist()):
-                stats[f"routing/interactive_{mod}/expert{e}"] = w
-    if out.temporal_gates is not None:
-        gates = out.temporal_gates[real]                                       # (n, k2)
-        gaps = intervals(time_seq, real.long())[real]
-        lower = -1
-        for name, upper in INTERVAL_RANGES:
-            sel = gaps > lower if upper is None else (gaps > lower) & (gaps <= upper)
-            if bool(sel.any()):
-                for e, w in enumerate(gates[sel].mean(0).tolist()):
-                    stats[f"routing/temporal_{name}/expert{e}"] = w
-            lower = upper if upper is not None else lower
-    return stats
+NOT_CURVES = ("count", "epoch", "global_step", "best_epoch", "epochs_run", "step_in_epoch")  # printed only
 
 
 def say(message: str) -> None:
@@ -48,21 +27,34 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+def _plotted(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k.rsplit("/", 1)[-1] not in NOT_CURVES}
+
+
 class Monitor:
     """Progress printing and TensorBoard writing; a no-op on ranks other than 0."""
 
-    def __init__(self, rank: int, logdir: str | None, config: dict, steps_per_epoch: int):
+    def __init__(self, rank: int, logdir: str | None, config: dict, steps_per_epoch: int,
+                 resumed_at_step: int = 0):
         self.active = rank == 0
         self.steps_per_epoch = steps_per_epoch
+        self.config = config
         self.writer = None
-        self._last_time, self._last_step, self._sequences = time.perf_counter(), 0, 0
+        self._last_time, self._sequences = time.perf_counter(), 0
         if self.active and logdir:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(logdir)
-            self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "\n```")
+            self.writer = SummaryWriter(logdir, purge_step=resumed_at_step + 1 if resumed_at_step else None)
+            if not resumed_at_step:
+                self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "\n```")
 
     def count(self, sequences: int) -> None:
         self._sequences += sequences
+
+    def _scalars(self, scalars: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for name, value in _plotted(scalars).items():
+                self.writer.add_scalar(name, value, step)
 
     def step(self, global_step: int, epoch: int, step_in_epoch: int, scalars: dict[str, float]) -> None:
         if not self.active:
@@ -71,27 +63,45 @@ class Monitor:
         rate = self._sequences / max(now - self._last_time, 1e-9)
         self._last_time, self._sequences = now, 0
         scalars = scalars | {"throughput/sequences_per_s": rate}
-        if self.writer is not None:
-            for name, value in scalars.items():
-                self.writer.add_scalar(name, value, global_step)
+        self._scalars(scalars, global_step)
         losses = "  ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in scalars.items() if k.startswith("loss/"))
         say(f"epoch {epoch} step {step_in_epoch}/{self.steps_per_epoch} (global {global_step})  {losses}  "
-              f"grad_norm {scalars.get('train/grad_norm', float('nan')):.3f}  {rate:.0f} seq/s")
+            f"grad_norm {scalars.get('train/grad_norm', float('nan')):.3f}  {rate:.0f} seq/s")
 
-    def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+    def epoch(self, epoch: int, global_step: int, metrics: dict[str, float]) -> None:
         if not self.active:
             return
+        self._scalars(metrics, global_step)
         if self.writer is not None:
-            for name, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(name, value, epoch)
             self.writer.flush()
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        say(f"epoch {epoch} done: {shown}")
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                          if isinstance(v, float) and not k.startswith(("routing/", "moe/")))
+        say(f"epoch {epoch} done (global step {global_step}): {shown}")
+
+    def final(self, global_step: int, final: dict[str, float]) -> None:
+        """Test metrics at the last step, and hparams (flattened config -> final metrics)."""
+        if not self.active:
+            return
+        self._scalars({k: v for k, v in final.items() if k.startswith("test/")}, global_step)
+        if self.writer is not None:
+            hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                       for k, v in _flatten(self.config).items()}
+            metrics = {f"hparam/{k}": v for k, v in _plotted(final).items()
+                       if k.startswith("test/") or k in ("best_valid", "best_epoch")}
+            self.writer.add_hparams(hparams, metrics, run_name="hparams", global_step=global_step)
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else key
+        out |= _flatten(value, path) if isinstance(value, dict) else {path: value}
+    return out
 
 
 def grad_norm(parameters) -> float:

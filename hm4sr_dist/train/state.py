@@ -1,4 +1,10 @@
-"""Training progress that a checkpoint must carry besides the DeepSpeed engine's own state."""
+"""Training progress that a checkpoint must carry besides the DeepSpeed engine's own state.
+
+A checkpoint is taken at an epoch end or, every `train.checkpoint_every_steps`, in the middle of
+an epoch. Rank 0 writes the shared progress (`TrainState`, with the epoch's running loss sums) and
+the best weights; every rank writes its own RNG state and its reader position, so a resumed run
+draws the same dropout masks and the same batches as the uninterrupted one.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +15,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hm4sr_dist.train.loop import EpochProgress
+
 
 @dataclass
 class TrainState:
-    epoch: int = 0                   # next epoch to run
+    epoch: int = 0                   # the epoch running (mid-epoch checkpoint) or next to run
     global_step: int = 0
     best_metric: float = float("-inf")
     best_epoch: int = -1
     epochs_without_improvement: int = 0
     history: list = field(default_factory=list)   # per-epoch metrics
+    progress: dict | None = None     # EpochProgress of `epoch` when the checkpoint is mid-epoch
+    resumed_at: list = field(default_factory=list)   # global step of every resume, in order
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def epoch_progress(self) -> EpochProgress | None:
+        return EpochProgress(**self.progress) if self.progress else None
 
 
 def rng_state() -> dict:
@@ -42,19 +55,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_worker_files(folder: Path, rank: int, state: TrainState, best_model: dict | None) -> None:
-    """Per-rank RNG state on every rank; progress and best weights (plain fp32) on rank 0."""
-    torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
+def save_worker_files(folder: Path, rank: int, state: TrainState, best_model: dict | None,
+                      reader_state: dict | None = None) -> None:
+    """Per-rank RNG state and reader position on every rank; progress and best weights on rank 0."""
+    torch.save({"rng": rng_state(), "reader": reader_state}, folder / f"rank{rank}.pt")
     if rank == 0:
         torch.save(state.as_dict(), folder / "train_state.pt")
         if best_model is not None:
             torch.save(best_model, folder / "best_model.pt")
 
 
-def load_worker_files(folder: Path, rank: int) -> tuple[TrainState, dict | None]:
+def load_worker_files(folder: Path, rank: int) -> tuple[TrainState, dict | None, dict | None]:
+    """(progress, best weights, this rank's reader state or None); restores this rank's RNG."""
     state = TrainState(**torch.load(folder / "train_state.pt", weights_only=False))
-    rng_file = folder / f"rng_rank{rank}.pt"
-    if rng_file.exists():                       # a resize of the worker group has no file for new ranks
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    reader_state = None
+    rank_file = folder / f"rank{rank}.pt"
+    if rank_file.exists():                      # a resize of the worker group has no file for new ranks
+        saved = torch.load(rank_file, weights_only=False)
+        set_rng_state(saved["rng"])
+        reader_state = saved.get("reader")
     best = folder / "best_model.pt"
-    return state, (torch.load(best, weights_only=True) if best.exists() else None)
+    return state, (torch.load(best, weights_only=True) if best.exists() else None), reader_state

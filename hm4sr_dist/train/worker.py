@@ -4,8 +4,10 @@ HM4SR, evaluate on all ranks, checkpoint, early-stop, and finally test the best 
 Checkpoints (pitfalls: ray#33369, PR#57118): every rank writes its DeepSpeed state into its own
 local folder, a barrier, then every rank calls `ray.train.report` with its folder; Ray merges them
 in storage. Restoring, every rank loads inside `checkpoint.as_directory()` and waits at a barrier
-before leaving it. Checkpoints are taken at epoch ends, with each rank's RNG state and the reader
-position (seed, epoch), so a resumed run continues exactly where the stopped one was.
+before leaving it. Checkpoints are taken at epoch ends and every `train.checkpoint_every_steps`
+optimiser steps inside an epoch, with each rank's RNG state and reader position, so a resumed or
+failure-recovered run continues at the step where it stopped and sees exactly the batches (and
+dropout masks) the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -23,33 +26,50 @@ import torch.distributed as dist
 
 from hm4sr_dist.config import ExperimentConfig, from_dict, to_dict
 from hm4sr_dist.data import ShardReader, load_catalog
-from hm4sr_dist.parallel import DistributedExchange
-from hm4sr_dist.evaluate import evaluate_sums
-from hm4sr_dist.metrics import finalize
+from hm4sr_dist.diagnostics import MoEStats, batch_diagnostics, moe_parameters
 from hm4sr_dist.objective import build_objective
-from hm4sr_dist.parallel.engine import build_engine
-from hm4sr_dist.train.monitor import Monitor, grad_norm, routing_summary, say
+from hm4sr_dist.parallel import DistributedExchange
+from hm4sr_dist.parallel.engine import build_engine, engine_step
+from hm4sr_dist.parallel.evaluation import distributed_metrics
+from hm4sr_dist.train.loop import EpochProgress, run_epoch
+from hm4sr_dist.train.monitor import Monitor, say
 from hm4sr_dist.train.state import TrainState, load_worker_files, save_worker_files, seed_everything
 
 DS_TAG = "engine"
-
-
-def distributed_metrics(model, reader: ShardReader, cfg: ExperimentConfig, device) -> dict[str, float]:
-    """Full-ranking metrics over every user of the split, summed across ranks (exact global mean)."""
-    sums = evaluate_sums(model, reader, cfg.eval.ks, cfg.eval.item_chunk_size, device)
-    for value in sums.values():
-        dist.all_reduce(value)
-    return finalize(sums, cfg.eval.ks)
+PER_USER_FILE = "per_user_test.npz"
 
 
 def _inject_fault(cfg: ExperimentConfig, rank: int, step: int, run_dir: Path) -> None:
-    """Test hook (train.fail_at_step): rank 1 dies once, as a crashed worker process would."""
+    """Test hook (train.fail_at_step): rank 1 dies once, as a crashed worker process would.
+
+    It first waits two of the controller's polling intervals: Ray Train registers a reported
+    checkpoint only when it polls the workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so a process
+    that dies sooner after a report loses that checkpoint and recovery starts from the one before
+    (still exact, only more steps repeat)."""
     marker = run_dir / "fault_injected"
     if cfg.train.fail_at_step == step and rank == 1 and not marker.exists():
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(f"killed rank {rank} at step {step}\n")
+        time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1)
         say(f"[fault injection] rank {rank} exits at global step {step}")
         os._exit(1)
+
+
+def _all_ranks_agree(flag: bool) -> bool:
+    value = torch.tensor([1 if flag else 0])
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def evaluate(model, reader, cfg: ExperimentConfig, device, per_user: bool = False):
+    """Metrics (and MoE diagnostics) of the whole split, summed over ranks."""
+    stats = MoEStats(model.modalities)
+    weight = model.temporal_moe.expert_weight if model.temporal_moe is not None else None
+    observe = lambda out, batch, w: stats.add(out, batch.time_seq, weight, w)     # noqa: E731
+    metrics, rows = distributed_metrics(model, reader, cfg.eval.ks, cfg.eval.item_chunk_size, device,
+                                        per_user=per_user, observe=observe)
+    stats.all_reduce()
+    return metrics, stats.result() | moe_parameters(model), rows
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -68,16 +88,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     engine = build_engine(objective, cfg, world, on_gpu)
     model = engine.module.model
 
-    state, best_model = TrainState(), None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            engine.load_checkpoint(folder, tag=DS_TAG)
-            state, best_model = load_worker_files(Path(folder), rank)
-            dist.barrier()                           # nobody leaves (and deletes) the folder early
-        if rank == 0:
-            say(f"resumed from checkpoint at epoch {state.epoch} (global step {state.global_step})")
-
     micro = cfg.micro_batch_size
     reader = lambda split, b: ShardReader(cfg.data.prepared_dir, split, b, rank=rank, world_size=world,  # noqa: E731
                                           seed=cfg.optim.seed, shuffle_buffer=cfg.data.shuffle_buffer,
@@ -85,76 +95,113 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                           bucket_pool_batches=cfg.data.bucket_pool_batches)
     train_reader = reader("train", micro)
     valid_reader, test_reader = reader("valid", cfg.eval.batch_size), reader("test", cfg.eval.batch_size)
+
+    state, best_model, reader_state = TrainState(), None, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            engine.load_checkpoint(folder, tag=DS_TAG)
+            state, best_model, reader_state = load_worker_files(Path(folder), rank)
+            dist.barrier()                           # nobody leaves (and deletes) the folder early
+    resume_progress = state.epoch_progress()
+    if resume_progress is not None:
+        train_reader.set_epoch(state.epoch)
+        reason = "no reader position for this rank"
+        try:
+            if reader_state is not None:
+                train_reader.load_state_dict(reader_state)
+                reason = ""
+        except ValueError as exc:                     # e.g. a worker group of another size
+            reason = str(exc)
+        if not _all_ranks_agree(not reason):
+            resume_progress = None
+            train_reader.set_epoch(state.epoch)       # back to the epoch's first batch
+            say(f"rank {rank}: the mid-epoch reader position does not fit this worker group "
+                f"({reason or 'another rank'}): epoch {state.epoch} restarts from its first batch")
+    if checkpoint:
+        state.resumed_at.append(state.global_step)
+    if checkpoint and rank == 0:
+        where = (f"epoch {state.epoch} step {resume_progress.batches}/{len(train_reader)}"
+                 if resume_progress else f"the start of epoch {state.epoch}")
+        say(f"resumed from checkpoint at global step {state.global_step}: continuing at {where}")
+
     logdir = cfg.train.tensorboard_dir or str(run_dir / "tensorboard")
-    monitor = Monitor(rank, logdir, to_dict(cfg), len(train_reader))
+    monitor = Monitor(rank, logdir, to_dict(cfg), len(train_reader), resumed_at_step=state.global_step)
+    step = engine_step(engine)
+    every = cfg.train.checkpoint_every_steps
+
+    def save_checkpoint(metrics: dict, reader_position: dict | None) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            engine.save_checkpoint(folder, tag=DS_TAG)
+            save_worker_files(Path(folder), rank, state, best_model, reader_position)
+            dist.barrier()                            # every shard is on disk before anyone reports
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     for epoch in range(state.epoch, cfg.optim.epochs):
         if state.epochs_without_improvement >= cfg.eval.patience:
             break                                     # a resumed run that had already stopped early
-        train_reader.set_epoch(epoch)
-        started, sums, n = time.perf_counter(), {}, 0
-        for step_in_epoch, batch in enumerate(train_reader, start=1):
-            _inject_fault(cfg, rank, state.global_step, run_dir)
-            batch = batch.to(device).trimmed()
-            terms = engine(batch)
-            engine.backward(terms.total)
-            norm = engine.get_global_grad_norm() if cfg.train.zero_stage > 0 else grad_norm(objective.parameters())
-            engine.step()
+        if resume_progress is None:
+            train_reader.set_epoch(epoch)
+        progress, resume_progress = resume_progress, None
+
+        def on_step(result, batch, progress: EpochProgress, epoch=epoch) -> None:
             monitor.count(len(batch) * world)
-            for name, value in terms.scalars().items():
-                sums[name] = sums.get(name, 0.0) + value
-            n += 1
-            if engine.is_gradient_accumulation_boundary():
-                state.global_step += 1
-                if state.global_step % cfg.train.log_every_steps == 0 or step_in_epoch == len(train_reader):
-                    scalars = {f"loss/{k}": v for k, v in terms.scalars().items()}
-                    scalars |= {"train/lr": engine.get_lr()[0], "train/grad_norm": float(norm or 0.0)}
-                    scalars |= routing_summary(terms.output, batch.time_seq, model.modalities)
-                    monitor.step(state.global_step, epoch, step_in_epoch, scalars)
-        seconds = time.perf_counter() - started
-        valid = distributed_metrics(model, valid_reader, cfg, device)
-        metrics = {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
-        metrics |= {f"valid/{k}": v for k, v in valid.items()}
-        metrics |= {"epoch": epoch, "epoch_seconds": seconds,
-                    "train/sequences_per_s": n * micro * world / max(seconds, 1e-9)}
+            if not result.boundary:
+                return
+            state.global_step += 1
+            if state.global_step % cfg.train.log_every_steps == 0 or progress.batches == len(train_reader):
+                scalars = {f"loss/{k}": v for k, v in result.terms.scalars().items()}
+                scalars |= {"train/lr": engine.get_lr()[0], "train/grad_norm": result.grad_norm}
+                scalars |= batch_diagnostics(model, result.terms.output, batch.time_seq)
+                monitor.step(state.global_step, epoch, progress.batches, scalars)
+            if every and state.global_step % every == 0 and progress.batches < len(train_reader):
+                state.epoch, state.progress = epoch, progress.as_dict()
+                save_checkpoint({"global_step": state.global_step, "epoch": epoch,
+                                 "step_in_epoch": progress.batches, "checkpoint_kind": "step"},
+                                train_reader.state_dict())
+                state.progress = None
+            _inject_fault(cfg, rank, state.global_step, run_dir)
+
+        progress = run_epoch(step, train_reader, progress, on_step, sequences_per_batch=micro * world)
+        valid, diagnostics, _ = evaluate(model, valid_reader, cfg, device)
+        metrics = {f"epoch/{k}": v for k, v in progress.means().items()}
+        metrics |= {f"valid/{k}": v for k, v in valid.items()} | diagnostics
+        metrics |= {"epoch": epoch, "global_step": state.global_step, "epoch/seconds": progress.seconds,
+                    "epoch/sequences_per_s": progress.sequences / max(progress.seconds, 1e-9)}
         score = valid[cfg.eval.valid_metric]
         if score > state.best_metric:
             state.best_metric, state.best_epoch, state.epochs_without_improvement = score, epoch, 0
             best_model = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
         else:
             state.epochs_without_improvement += 1
-        state.epoch = epoch + 1
+        state.epoch, state.progress = epoch + 1, None
         state.history.append(metrics)
         metrics |= {"best_epoch": state.best_epoch, "best_valid": state.best_metric}
-        monitor.epoch(epoch, metrics)
-        stop = state.epochs_without_improvement >= cfg.eval.patience
-        with tempfile.TemporaryDirectory() as folder:
-            engine.save_checkpoint(folder, tag=DS_TAG)
-            save_worker_files(Path(folder), rank, state, best_model)
-            dist.barrier()                            # every shard is on disk before anyone reports
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        if stop:
+        monitor.epoch(epoch, state.global_step, metrics)
+        save_checkpoint(metrics | {"checkpoint_kind": "epoch"}, None)
+        if state.epochs_without_improvement >= cfg.eval.patience:
             if rank == 0:
                 say(f"early stop: no {cfg.eval.valid_metric} gain for {cfg.eval.patience} epochs")
             break
 
     # The final checkpoint: the engine state as training left it (so a re-run with more epochs goes
     # on from the last weights, not the best), plus the plain fp32 best weights (ZeRO shards are no
-    # usable weights file, pitfalls ray#43285); a re-run of a finished run stops at once.
+    # usable weights file, pitfalls ray#43285) and every test user's rank (for paired comparisons);
+    # a re-run of a finished run stops at once.
     with tempfile.TemporaryDirectory() as folder:
         engine.save_checkpoint(folder, tag=DS_TAG)
-        # Test with the best validation weights (every rank holds the same copy).
-        if best_model is not None:
+        if best_model is not None:                    # test with the best validation weights
             model.load_state_dict({k: v.to(device) for k, v in best_model.items()})
-        test = distributed_metrics(model, test_reader, cfg, device)
-        final = {f"test/{k}": v for k, v in test.items()} | {
+        test, diagnostics, rows = evaluate(model, test_reader, cfg, device, per_user=True)
+        final = {f"test/{k}": v for k, v in test.items()} | diagnostics | {
             "best_epoch": state.best_epoch, "best_valid": state.best_metric, "epochs_run": state.epoch,
-            "global_step": state.global_step, "finished": True}
-        monitor.epoch(state.epoch, {k: v for k, v in final.items() if k.startswith("test/")})
+            "global_step": state.global_step, "resumed_at_steps": list(state.resumed_at), "finished": True}
+        monitor.final(state.global_step, final)
         monitor.close()
         save_worker_files(Path(folder), rank, state, best_model)
         if rank == 0:
             torch.save(best_model, Path(folder) / "model.pt")
+            np.savez(Path(folder) / PER_USER_FILE, **rows)
             (Path(folder) / "final_metrics.json").write_text(json.dumps(final, indent=2))
         dist.barrier()
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(folder))

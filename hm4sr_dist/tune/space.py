@@ -8,16 +8,28 @@ command line (`loss.idcl_weight=0.5`). Two kinds of sweep:
 - **grid** (the full product): `grid_space(params)` maps each key to its values; Tune expands the
   product (`grid_size` trials — 162,000 for all seven of them, so pick a few).
 
+`trial_config` builds one trial's config (base + overrides, fitted by `hm4sr_dist.feasibility`
+with the swept keys as explicit requests) and `check_sweep` runs it over every trial in the driver,
+so that an unknown key, a bad value, a swept request the model cannot honour (l3 without the
+Temporal MoE) or a swept key without effect stops the sweep before Ray starts.
+
 Nothing here imports Ray: the spaces are plain Python and unit-tested without a cluster.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import re
 from typing import Iterable, Mapping, Sequence
+
+from hm4sr_dist.config import (ConfigError, ExperimentConfig, check_key, check_leaf, closest, from_dict,
+                               known_keys, merge_overrides, to_dict)
+from hm4sr_dist.feasibility import DataOffer, inert_keys, resolve
+
+SWEEP_SOURCE = "--param"        # the source named in errors about a swept key
 
 # The paper's names (eq. 27, §4.2, §4.3) -> config keys and the grids of spec §3.
 PAPER_KEYS: dict[str, str] = {
@@ -42,11 +54,14 @@ FIG4_PARAMS: tuple[str, ...] = ("model.n_interactive_experts", "model.n_temporal
 
 
 def resolve_param(name: str) -> str:
-    """A paper name (`l2`, `k1`, `beta`, ...) or a dotted config key -> the dotted config key."""
+    """A paper name (`l2`, `k1`, `beta`, ...) or a dotted config key -> the dotted config key.
+    Anything else raises ConfigError with the closest known name."""
     key = PAPER_KEYS.get(name.strip(), name.strip())
     if "." not in key:
-        raise ValueError(f"unknown hyper-parameter {name!r}: use one of {sorted(PAPER_KEYS)} "
-                         f"or a dotted config key such as loss.idcl_weight")
+        raise ConfigError(key=name, source=SWEEP_SOURCE, expected=f"one of {sorted(PAPER_KEYS)} or a "
+                          "dotted config key such as loss.idcl_weight", got=name,
+                          suggestion=closest(key, [*PAPER_KEYS, *known_keys()]))
+    check_key(key, ExperimentConfig, SWEEP_SOURCE)
     return key
 
 
@@ -54,9 +69,12 @@ def parse_values(text: str) -> list:
     """`0.5,1.0` or `[0.5, 1.0]` -> [0.5, 1.0] (each item parsed as YAML, like an override value)."""
     import yaml
 
-    value = yaml.safe_load(text if text.strip().startswith("[") else f"[{text}]")
+    try:
+        value = yaml.safe_load(text if text.strip().startswith("[") else f"[{text}]")
+    except yaml.YAMLError:
+        value = None
     if not isinstance(value, list) or not value:
-        raise ValueError(f"expected a comma-separated list of values, got {text!r}")
+        raise ConfigError(key="--values", expected="a comma-separated list of values", got=text)
     return value
 
 
@@ -68,7 +86,8 @@ def _space(params: Iterable[str] | None, values: Mapping[str, Sequence] | None) 
     for key in keys:
         grid = values.get(key, PAPER_GRID.get(key))
         if not grid:
-            raise ValueError(f"{key}: no grid in the paper's study; give its values explicitly")
+            raise ConfigError("not in the paper's study, so it has no default grid; give its values "
+                              "with --values", key=key, source=SWEEP_SOURCE)
         out[key] = list(grid)
     return out
 
@@ -115,3 +134,44 @@ def trial_run_name(sweep: str, overrides: Mapping[str, object]) -> str:
     slug = "_".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(overrides.items()))
     slug = re.sub(r"[^A-Za-z0-9_.=-]+", "", slug)[:80]
     return f"{sweep}-{slug}-{digest}" if slug else f"{sweep}-{digest}"
+
+
+def trial_config(base: dict, overrides: Mapping, sweep: str, offer: DataOffer | None = None,
+                 explicit: Mapping[str, str] | None = None) -> ExperimentConfig:
+    """The base config tree (a dict) + `key.path=value` overrides, validated and fitted to the data
+    (`hm4sr_dist.feasibility.resolve`, with the swept keys and the base's command-line keys
+    `explicit` as requests that may not be switched off), with a run name unique to the trial."""
+    sources = dict(explicit or {})
+    data = merge_overrides(copy.deepcopy(base), override_strings(overrides), cls=ExperimentConfig,
+                           source=SWEEP_SOURCE, sources=sources)
+    cfg = from_dict(ExperimentConfig, data, sources=sources).validate(sources)
+    cfg.train.run_name = trial_run_name(sweep, overrides)
+    return resolve(cfg, offer, sources).config
+
+
+MAX_CHECKED_COMBOS = 2000       # a larger full grid is checked one key at a time
+
+
+def check_sweep(base: ExperimentConfig, trials: Sequence[Mapping] | None = None,
+                grid: Mapping[str, Sequence] | None = None, *, offer: DataOffer | None = None,
+                explicit: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError unless every trial's config builds (`trial_config`) and every swept key
+    takes effect in some trial (sweeping `loss.pcl_ratio` while PCL is off would train one model
+    over and over). Runs in the driver, before Ray starts."""
+    if grid is not None:
+        trials = (grid_trials(grid) if grid_size(grid) <= MAX_CHECKED_COMBOS else
+                  [{key: value} for key, values in grid.items() for value in values])
+    base_dict = to_dict(base)
+    effective: dict[str, bool] = {}
+    why: dict[str, str] = {}
+    for trial in trials or []:
+        for key, value in trial.items():
+            check_leaf(key, value, "--values")
+        dead = inert_keys(trial_config(base_dict, trial, "check", offer, explicit))
+        for key in trial:
+            effective[key] = effective.get(key, False) or key not in dead
+            why.setdefault(key, dead.get(key, ""))
+    for key, ok in effective.items():
+        if not ok:
+            raise ConfigError(f"has no effect, as {why[key]}; every trial would train the same model",
+                              key=key, source=SWEEP_SOURCE)

@@ -15,11 +15,12 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import ray.tune
 
 from hm4sr_dist.config import ExperimentConfig, from_dict, to_dict
+from hm4sr_dist.feasibility import DataOffer
 from hm4sr_dist.train.launcher import ensure_ray, storage_root
 from hm4sr_dist.tune.space import trial_run_name
 from hm4sr_dist.tune.trial import OVERRIDES, hm4sr_trial, trial_overrides
@@ -43,15 +44,20 @@ def _finite(x) -> bool:
 
 def run_sweep(base: ExperimentConfig, sweep: str, *, trials: Sequence[Mapping] | None = None,
               grid: Mapping[str, Sequence] | None = None, max_concurrent: int = 1,
-              trial_cpus: float = 1.0, adjust: Callable | None = None,
-              output: str | Path | None = None) -> dict:
-    """Fit every trial, write `<output>/sweep_results.json` (default `outputs/<sweep>`), return it."""
+              trial_cpus: float = 1.0, offer: DataOffer | None = None,
+              explicit: Mapping[str, str] | None = None, output: str | Path | None = None) -> dict:
+    """Fit every trial, write `<output>/sweep_results.json` (default `outputs/<sweep>`), return it.
+
+    Each trial's config is `space.trial_config(base, overrides, sweep, offer, explicit)`: fitted to
+    the data's `offer`, with the base's command-line keys `explicit` and the swept keys as requests
+    that may not be switched off. Check them first with `space.check_sweep` (the job does)."""
     started = time.time()
     base = from_base(base)
     ensure_ray()
     storage = storage_root(base)
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(hm4sr_trial, base=to_dict(base), sweep=sweep, adjust=adjust),
+        ray.tune.with_parameters(hm4sr_trial, base=to_dict(base), sweep=sweep, offer=offer,
+                                 explicit=dict(explicit or {})),
         {"cpu": trial_cpus})
     tuner = ray.tune.Tuner(
         trainable,

@@ -18,24 +18,29 @@ still carry is forwarded under a `train_` prefix (`train_done`).
 
 from __future__ import annotations
 
-import copy
-from typing import Callable, Mapping
+from typing import Mapping
 
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.result import DONE, SHOULD_CHECKPOINT, TRIAL_ID
 
-from hm4sr_dist.config import ExperimentConfig, from_dict, merge_overrides
+from hm4sr_dist.feasibility import DataOffer
 from hm4sr_dist.train.launcher import build_trainer
-from hm4sr_dist.tune.space import override_strings, trial_run_name
+from hm4sr_dist.tune.space import trial_config
+
+__all__ = ["OVERRIDES", "HM4SRTuneReportCallback", "trial_overrides", "trial_config", "hm4sr_trial"]
 
 OVERRIDES = "overrides"     # param_space key holding a dict of overrides (one-at-a-time sweeps)
 TUNE_RESERVED = (DONE, SHOULD_CHECKPOINT, TRIAL_ID)
 
 
 class HM4SRTuneReportCallback(TuneReportCallback):
-    """`TuneReportCallback` that forwards Tune-reserved metric names as `train_<name>`."""
+    """`TuneReportCallback` that forwards Tune-reserved metric names as `train_<name>`, and only the
+    per-epoch and final reports: a mid-epoch step checkpoint's report carries no validation metric
+    for Tune's schedulers (the Train run inside the trial keeps and resumes those checkpoints)."""
 
     def after_report(self, run_context, metrics, checkpoint):
+        if metrics and metrics[0].get("checkpoint_kind") == "step":
+            return
         renamed = [{(f"train_{k}" if k in TUNE_RESERVED else k): v for k, v in m.items()} for m in metrics]
         super().after_report(run_context, renamed, checkpoint)
 
@@ -48,21 +53,10 @@ def trial_overrides(config: Mapping) -> dict:
     return out
 
 
-def trial_config(base: dict, overrides: Mapping, sweep: str,
-                 adjust: Callable[[ExperimentConfig], object] | None = None) -> ExperimentConfig:
-    """The base config tree (a dict) + `key.path=value` overrides, validated, with a run name unique
-    to the trial. `adjust(cfg)` may then fit it to the data set (jobs.common.fit_to_data)."""
-    data = merge_overrides(copy.deepcopy(base), override_strings(overrides))
-    cfg = from_dict(ExperimentConfig, data).validate()
-    cfg.train.run_name = trial_run_name(sweep, overrides)
-    if adjust is not None:
-        adjust(cfg)
-    return cfg.validate()
-
-
-def hm4sr_trial(config: dict, *, base: dict, sweep: str,
-                adjust: Callable[[ExperimentConfig], object] | None = None) -> None:
-    """The Tune trainable (wrap with `ray.tune.with_parameters(hm4sr_trial, base=..., sweep=...)`)."""
-    cfg = trial_config(base, trial_overrides(config), sweep, adjust)
+def hm4sr_trial(config: dict, *, base: dict, sweep: str, offer: DataOffer | None = None,
+                explicit: Mapping[str, str] | None = None) -> None:
+    """The Tune trainable (wrap with `ray.tune.with_parameters(hm4sr_trial, base=..., sweep=...)`).
+    The trial's config is `space.trial_config`: the one the driver checked with `check_sweep`."""
+    cfg = trial_config(base, trial_overrides(config), sweep, offer, explicit)
     trainer = build_trainer(cfg, callbacks=[HM4SRTuneReportCallback()])
     trainer.fit()      # raises if the run fails, which marks the trial as errored

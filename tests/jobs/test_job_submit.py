@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from data_pipelines.demo import generate_demo
+from suite_guards import descendants, process_table, processes_with_env, terminate
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -41,6 +42,16 @@ def submit_when_ready(env, *args, attempts: int = 15):
     return result
 
 
+def head_processes(temp: str, session: int | None) -> set[int]:
+    """The processes of the head started with RAY_TMPDIR=temp as leader of `session`: the members of
+    that session, those whose environment names the temp folder (job drivers start sessions of their
+    own), and everything below them (a long process title can overwrite a process's environment)."""
+    table = process_table()
+    head = {p.pid for p in table.values() if p.session == session}
+    head |= processes_with_env("RAY_TMPDIR", temp, table)
+    return head | descendants(head, table)
+
+
 @pytest.fixture
 def ray_head():
     """A Ray head of our own, stopped without touching any other Ray on the machine (`ray stop`
@@ -50,20 +61,35 @@ def ray_head():
     env = os.environ | {"RAY_TMPDIR": temp, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     port, dashboard = free_port(), free_port()
+    session = None
     try:
         # Free ports for every agent service too: another Ray on this machine (a local ray.init)
         # may hold the fixed defaults, and then this head's job agent never comes up.
         agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                       f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
-        started = ray_cli("start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
-                          "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
-                          f"--temp-dir={temp}", *agent_ports, env=env)
-        assert started.returncode == 0, started.stderr[-3000:]
+                       f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                       f"--ray-client-server-port={free_port()}"]
+        # `ray start` leads a new session: the daemons it leaves behind keep that session id, which
+        # no other process can take while one of them lives.
+        start = subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
+             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
+             "--include-dashboard=true", f"--temp-dir={temp}", *agent_ports],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        session = start.pid
+        try:
+            _, stderr = start.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            start.kill()
+            start.communicate()
+            raise
+        assert start.returncode == 0, stderr[-3000:]
         yield env, f"http://127.0.0.1:{dashboard}"
     finally:
-        # Every process of this head names its private temp folder (or its GCS port) on its command line.
-        subprocess.run(["pkill", "-f", temp], check=False)
-        subprocess.run(["pkill", "-f", f"gcs-address=127.0.0.1:{port}"], check=False)
+        # SIGTERM, then SIGKILL after a grace period, as `ray stop` does but for this head only:
+        # on SIGTERM gcs_server hangs for good flushing events to its metrics agent, which has
+        # just been stopped too; SIGTERM alone left it running.
+        terminate(head_processes(temp, session), process_table(), grace=5)
         shutil.rmtree(temp, ignore_errors=True)
 
 

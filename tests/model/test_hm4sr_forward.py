@@ -1,5 +1,7 @@
-"""The assembled model: eq. 6 (shared positions), the wiring of eq. 7-18, eq. 19 (scores), eq. 24
-(PCL placeholders), padding invariance, the ablation switches and single-modality models."""
+"""The assembled model: eq. 2-19 and 24 against `hm4sr_tiny.reference_forward` (the equations
+written out in float64 from the model's parameters, no sub-module called), eq. 6 (one shared
+position table), eq. 19 (scores), eq. 21 (CP logits), eq. 24 (PCL placeholders), padding invariance,
+the ablation switches and single-modality models."""
 
 from fractions import Fraction
 
@@ -11,7 +13,8 @@ from hm4sr_dist.batch import Batch
 from hm4sr_dist.config import ExperimentConfig, apply_variant
 from hm4sr_dist.model import HM4SR, placeholder_mask
 from hm4sr_dist.objective import build_objective
-from hm4sr_tiny import D, L, N_ITEMS, make_model, tiny_batch, tiny_catalog, tiny_model_cfg
+from hm4sr_tiny import (D, L, N_ITEMS, make_model, reference_forward, tiny_batch, tiny_catalog,
+                        tiny_model_cfg)
 
 MODS = ["id", "text", "image"]
 
@@ -20,68 +23,90 @@ def _record(module, store, key):
     return module.register_forward_hook(lambda mod, args, out: store.setdefault(key, []).append((args, out)))
 
 
-# -- eq. 6 and the wiring -----------------------------------------------------------------------
+# -- eq. 2-19 against the equations written out from the parameters ---------------------------
+
+def _ref64(t):
+    return t.detach().double()
+
+
+@pytest.mark.parametrize("overrides", [
+    {},                                                                  # the paper's three modalities
+    {"modalities": ["image", "id"], "n_interactive_experts": 2, "n_heads": 1},   # order follows cfg
+    {"modalities": ["text"], "n_layers": 1, "n_temporal_experts": 5, "n_heads": 4},
+])
+def test_forward_matches_equations_2_to_19_and_24_written_out(overrides):
+    """Eq. 2-19 (and the PCL view of eq. 24): items, shared positions, Interactive MoE, time
+    embedding, Temporal MoE, post-LN causal Transformers and scores, recomputed in float64 from the
+    model's parameters by `hm4sr_tiny.reference_forward` (no sub-module of the model is called)."""
+    cfg = tiny_model_cfg(**overrides)
+    mods = list(cfg.modalities)
+    batch, catalog = tiny_batch(), tiny_catalog()
+    model = make_model(cfg)                                              # eval: dropout off
+    real = batch.padding_mask()
+    torch.manual_seed(7)                                                 # the placeholder draw of eq. 24
+    mask = placeholder_mask(real, batch.seq_len, model.pcl_ratio)
+    torch.manual_seed(7)
+    out = model(batch, augment=True)
+    ref = reference_forward(model, catalog, batch, placeholder=mask)
+    assert mask.any()
+    tol = dict(rtol=1e-5, atol=1e-6)
+    assert_close(_ref64(out.item_repr), torch.cat([ref["x"][m] for m in mods], -1), **tol)      # eq. 2-5
+    assert_close(_ref64(out.interactive_gates)[real], ref["interactive_gates"][real], **tol)    # eq. 9
+    assert_close(_ref64(out.temporal_gates)[real], ref["temporal_gates"][real], **tol)         # eq. 14
+    assert_close(_ref64(out.seq_repr), torch.cat([ref["H"][m] for m in mods], -1), **tol)      # eq. 18
+    scores = _ref64(model.scores(out.seq_repr, out.item_repr))
+    assert torch.isneginf(scores[:, 0]).all() and torch.isneginf(ref["scores"][:, 0]).all()
+    assert_close(scores[:, 1:], ref["scores"][:, 1:], rtol=1e-5, atol=1e-5)                    # eq. 19
+    content = [m for m in mods if m != "id"]
+    assert set(out.pcl_repr) == set(content)
+    for m in content:
+        assert_close(_ref64(out.pcl_repr[m]), ref["H_aug"][m], **tol)                          # eq. 24
+    assert torch.equal(out.real, real)
+    assert out.cp_logits is None                                         # CP is a training loss
+
 
 def test_one_position_table_is_added_to_every_modality():
-    batch = tiny_batch()
+    """Eq. 6: e_m = x_m + p with ONE position table shared by the modalities; what the Interactive
+    MoE receives is the reference's e_m."""
+    batch, catalog = tiny_batch(), tiny_catalog()
     model = make_model()
     seen = {}
     handle = _record(model.interactive_moe, seen, "imoe")
     model(batch)
     handle.remove()
     e = seen["imoe"][0][0][0]                                             # (B, L, M, d) input of eq. 7
-    items = model.item_representations()
-    for i in range(3):
-        x_m = items[batch.item_seq, i * D:(i + 1) * D]                    # x_m of each position
-        assert_close(e[:, :, i], x_m + model.position.weight[:L], rtol=0, atol=1e-6)
+    ref = reference_forward(model, catalog, batch)
+    for i, m in enumerate(MODS):
+        assert_close(_ref64(e[:, :, i]), ref["e"][m], rtol=1e-6, atol=1e-6)
     assert model.position.weight.shape == (L, D)
     assert not any("position" in n and n != "position.weight" for n, _ in model.named_parameters())
 
 
-def test_forward_equals_the_pipeline_written_out():
-    batch = tiny_batch()
-    model = make_model()
-    out = model(batch)
-    b, n = batch.item_seq.shape
-    real = batch.padding_mask()
-    items = model.items()
-    e = items[batch.item_seq].view(b, n, 3, D) + model.position.weight[:n].view(1, n, 1, D)   # eq. 6
-    e, g_inter = model.interactive_moe(e)                                                   # eq. 7-10
-    r = model.time_embedding(batch.time_seq, real)                                          # eq. 11-13
-    e_temp = e.reshape(b, n, 3 * D)                                                         # eq. 15
-    g = torch.softmax(r @ model.temporal_moe.gate.weight.T + model.temporal_moe.gate.bias, -1)  # eq. 14
-    x_temp = sum(g[..., i:i + 1] * model.temporal_moe.expert_weight[i] * e_temp
-                 for i in range(model.cfg.n_temporal_experts))                              # eq. 16
-    h = [model.encoders[m](x_temp[..., i * D:(i + 1) * D], batch.seq_len) for i, m in enumerate(MODS)]
-    assert_close(out.seq_repr, torch.cat(h, -1), rtol=1e-5, atol=1e-5)
-    assert_close(out.interactive_gates, g_inter, rtol=0, atol=0)
-    assert_close(out.temporal_gates, g, rtol=1e-5, atol=1e-6)
-    assert_close(out.item_repr, items, rtol=0, atol=0)
-    assert torch.equal(out.real, real)
-    assert out.cp_logits is None and out.pcl_repr == {}                 # eval, no augment
-
-
 def test_cp_logits_are_the_head_on_real_items():
+    """Eq. 21: in training, one CP logit row W_CP [x_id; x_txt; x_img] + b_CP per real input item."""
     batch = tiny_batch()
     model = make_model(tiny_model_cfg(hidden_dropout=0.0, attn_dropout=0.0)).train()
     out = model(batch)
     real = batch.padding_mask()
-    x = out.item_repr[batch.item_seq[real]]                              # [x_id; x_txt; x_img] (eq. 21)
     assert torch.equal(out.cp_items, batch.item_seq[real])
-    assert_close(out.cp_logits, x @ model.cp_head.weight.T + model.cp_head.bias, rtol=1e-5, atol=1e-6)
+    ref = reference_forward(model, tiny_catalog(), batch)["cp_logits"]
+    assert out.cp_logits.shape == (int(real.sum()), ref.shape[1])
+    assert_close(_ref64(out.cp_logits), ref, rtol=1e-5, atol=1e-6)
 
 
 # -- eq. 19 -------------------------------------------------------------------------------------
 
 def test_scores_are_the_sum_of_per_modality_dot_products():
-    batch = tiny_batch()
+    """Eq. 19 item by item: y_v = sum_m H^m . x_m(v), x_m from the catalogue's frozen features
+    (eq. 4-5); the padding item scores -inf."""
+    batch, catalog = tiny_batch(), tiny_catalog()
     model = make_model()
     out = model(batch)
     scores = model.scores(out.seq_repr, out.item_repr)
     assert scores.shape == (len(batch), N_ITEMS + 1)
     assert torch.isneginf(scores[:, 0]).all()
     x = {"id": model.items.id_table.weight}
-    for m, f in (("text", model.items.text_features), ("image", model.items.image_features)):
+    for m, f in (("text", catalog.text_features), ("image", catalog.image_features)):
         x[m] = f @ model.items.projections[m].weight.T + model.items.projections[m].bias   # eq. 4-5
     expected = torch.zeros(len(batch), N_ITEMS + 1, dtype=torch.float64)
     for i, m in enumerate(MODS):
@@ -99,6 +124,7 @@ def _expected_count(ratio: float, n: int) -> int:
 
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 0.7, 1.0, 0.0])
 def test_placeholder_mask_counts_and_never_padding(ratio):
+    """Eq. 24: floor(beta len) distinct real positions per row, never padding, random but seedable."""
     seq_len = torch.tensor([10, 9, 7, 3, 1, 2, 5])
     real = torch.arange(10).unsqueeze(0) < seq_len.unsqueeze(1)
     expected = torch.tensor([_expected_count(ratio, n) for n in seq_len.tolist()])
@@ -118,11 +144,12 @@ def test_placeholder_mask_counts_and_never_padding(ratio):
 
 @pytest.mark.parametrize("beta", [0.3, 0.5])
 def test_pcl_view_replaces_exactly_the_masked_positions(beta):
+    """Eq. 24: exactly the floor(beta len) drawn real positions of the text and image streams are
+    replaced, by W_{P,m} [r_1; r_2] + b_{P,m} (r from the reference time embedding, eq. 11-13)."""
     batch = tiny_batch()
     model = make_model(pcl_ratio=beta)
     seen = {}
     hooks = [_record(model.encoders[m], seen, m) for m in ("text", "image")]
-    hooks.append(_record(model.time_embedding, seen, "time"))
     real = batch.padding_mask()
     torch.manual_seed(7)
     expected_mask = placeholder_mask(real, batch.seq_len, beta)
@@ -132,7 +159,7 @@ def test_pcl_view_replaces_exactly_the_masked_positions(beta):
         h.remove()
     counts = torch.tensor([_expected_count(beta, n) for n in batch.seq_len.tolist()])
     assert torch.equal(expected_mask.sum(1), counts) and not (expected_mask & ~real).any()
-    time = seen["time"][0][1]                                              # [r_1; r_2], (B, L, 2d)
+    time = reference_forward(model, tiny_catalog(), batch)["time"].float()   # [r_1; r_2], (B, L, 2d)
     assert set(out.pcl_repr) == {"text", "image"}
     for i, m in ((1, "text"), (2, "image")):
         (orig, seq_len), h_m = seen[m][0]
@@ -151,6 +178,7 @@ def test_pcl_view_replaces_exactly_the_masked_positions(beta):
 
 
 def test_no_pcl_view_without_augment_or_without_ratio():
+    """Eq. 24: the PCL view exists only when asked for (augment) and built (pcl_ratio)."""
     batch = tiny_batch()
     assert make_model()(batch).pcl_repr == {}
     model = make_model(pcl_ratio=None)
@@ -170,6 +198,8 @@ def _garbage_in_padding(batch: Batch, seed: int) -> Batch:
 @pytest.mark.parametrize("kind", ["interval_absolute", "interval", "absolute", "day", "day_of_year",
                                   "cos_interval"])
 def test_padded_slots_never_change_real_outputs(kind):
+    """Batch contract: garbage items and timestamps in padded slots change no real output
+    (eq. 11-18 with every Fig. 5 time embedding)."""
     batch = tiny_batch()
     model = make_model(tiny_model_cfg(time_embedding=kind))
     torch.manual_seed(3)
@@ -185,6 +215,7 @@ def test_padded_slots_never_change_real_outputs(kind):
 
 
 def test_extra_padding_columns_and_trimming_change_nothing():
+    """Batch contract: trimming or adding padding columns changes no output (eq. 17-21)."""
     batch = tiny_batch()
     model = make_model(tiny_model_cfg(max_seq_len=10, hidden_dropout=0.0, attn_dropout=0.0)).train()
     rows = batch.seq_len < L                                          # longest real length 5 of 7 columns
@@ -238,6 +269,7 @@ RESHAPED = ("interactive_moe.", "temporal_moe.expert_weight", "cp_head.weight")
 
 @pytest.mark.parametrize("variant", list(REMOVED))
 def test_ablation_removes_exactly_its_parameters(variant):
+    """Spec §4 variants: each ablation removes exactly its modules' parameters and no others."""
     catalog = tiny_catalog()
     full = _variant_model(catalog, "hm4sr")
     ablated = _variant_model(catalog, variant)
@@ -271,6 +303,7 @@ def _compare(full_out, ablated_out, keep, atol):
 
 
 def test_minus_imoe_is_the_full_model_with_alpha_zero():
+    """-IMoE (eq. 7-10 removed) equals the full model with alpha_m = 0 (eq. 8)."""
     catalog = tiny_catalog()
     batch = tiny_batch()
     full = make_model()
@@ -289,6 +322,7 @@ def test_minus_imoe_is_the_full_model_with_alpha_zero():
 
 
 def test_minus_tmoe_is_the_full_model_with_unit_temporal_experts():
+    """-TMoE (eq. 11-16 removed) equals the full model with W_i^temp = 1 (eq. 16)."""
     catalog = tiny_catalog()
     batch = tiny_batch()
     full = make_model()
@@ -324,6 +358,8 @@ def _modality_state(full: HM4SR, ablated: HM4SR, keep: list[int]) -> dict:
 
 @pytest.mark.parametrize("variant, dropped", [("-Text", 1), ("-Image", 2)])
 def test_dropping_a_modality_is_the_full_model_with_that_modality_unread(variant, dropped):
+    """-Text / -Image: the full model with no expert (eq. 8) or CP weight (eq. 21) reading
+    the dropped modality; scores lose exactly its term of eq. 19."""
     catalog = tiny_catalog()
     batch = tiny_batch()
     full = make_model()
@@ -353,6 +389,7 @@ def test_dropping_a_modality_is_the_full_model_with_that_modality_unread(variant
 
 
 def test_sasrec_is_the_id_stream_of_the_full_model_without_moes():
+    """sasrec: the full model's ID stream (eq. 17-19) with both MoEs neutral."""
     catalog = tiny_catalog()
     batch = tiny_batch()
     full = make_model()
@@ -372,6 +409,7 @@ def test_sasrec_is_the_id_stream_of_the_full_model_without_moes():
 @pytest.mark.parametrize("modalities, loss", [(["id"], {"pcl_weight": 0.0}),
                                               (["text"], {"idcl_weight": 0.0})])
 def test_single_modality_models_train_end_to_end(modalities, loss):
+    """Any non-empty modality subset: eq. 2-27 run, give finite losses and train every parameter."""
     catalog = tiny_catalog()
     batch = tiny_batch()
     cfg = ExperimentConfig()
@@ -398,6 +436,7 @@ def test_single_modality_models_train_end_to_end(modalities, loss):
 
 
 def test_pcl_needs_a_content_modality_and_the_temporal_moe():
+    """Eq. 24: the placeholder needs the Temporal MoE's time embeddings and a content modality."""
     catalog = tiny_catalog()
     with pytest.raises(ValueError, match="pcl_weight"):
         HM4SR(tiny_model_cfg(modalities=["id"]), catalog, pcl_ratio=0.3)

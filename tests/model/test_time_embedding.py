@@ -226,3 +226,21 @@ def test_day_table_padding_row_is_zero_after_model_init(kind):
     # padding_idx=0 promises a zero row (outputs never read it: test_padded_slots_never_change_real_outputs).
     model = make_model(tiny_model_cfg(time_embedding=kind), randomize=False)
     assert torch.count_nonzero(model.time_embedding.day_table.weight[0]) == 0
+
+
+def test_span_unit_measures_absolute_time_as_a_fraction_of_the_data_span():
+    """eq. 13 with t in [0, 1]: the angle is (l_j * t / span + z_j) * freq^(-j/d), computed here."""
+    from hm4sr_dist.config import ModelConfig
+    from hm4sr_dist.model.catalog import ItemCatalog
+    from hm4sr_dist.model.time import TimeEmbedding
+
+    cfg = ModelConfig(hidden_size=4, time_embedding="absolute", absolute_time_span_unit=True)
+    catalog = ItemCatalog(n_items=3, time_origin=1_600_000_000, n_days=10)
+    emb = TimeEmbedding(cfg, catalog)
+    times = torch.tensor([[1_600_000_000, 1_600_432_000]], dtype=torch.int64)     # t = 0 and 5 days
+    out = emb(times, torch.ones_like(times, dtype=torch.bool))
+    w, b = emb.time_linear.weight.detach().squeeze(-1).double(), emb.time_linear.bias.detach().double()
+    for col, fraction in enumerate([0.0, 0.5]):
+        for j in range(4):
+            expected = math.cos((w[j] * fraction + b[j]) * 10000.0 ** (-j / 4))
+            assert out[0, col, j].item() == pytest.approx(expected, abs=1e-6)

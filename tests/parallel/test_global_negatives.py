@@ -13,7 +13,8 @@ from hm4sr_dist.config import ExperimentConfig
 from hm4sr_dist.parallel import DistributedExchange
 from hm4sr_dist.model import hm4sr as hm4sr_module
 from hm4sr_dist.objective import build_objective
-from hm4sr_dist.synthetic import collate, generate_log, split_samples
+from hm4sr_dist.data.reader import collate
+from hm4sr_dist.synthetic import generate_log, log_samples
 
 ROWS = 12                      # global batch; each of 2 ranks takes 6
 TOLERANCE = dict(rtol=1e-4, atol=1e-6)   # float32, different reduction orders
@@ -32,7 +33,7 @@ def setup():
     log = generate_log(n_users=40, n_clusters=3, items_per_cluster=6, min_len=6, max_len=12,
                        text_width=6, image_width=5, seed=11)
     # Pick rows whose targets repeat, so same-target masking across ranks is exercised.
-    samples = split_samples(log, max_len=12)["train"][:ROWS]
+    samples = log_samples(log, "train")[:ROWS]
     cfg = ExperimentConfig()
     cfg.model.hidden_size, cfg.model.inner_size, cfg.model.max_seq_len = 8, 16, 12
     cfg.model.hidden_dropout = cfg.model.attn_dropout = 0.0

@@ -1,5 +1,6 @@
 """Ray Train + DeepSpeed on 2 CPU workers (gloo): resume and failure recovery give the same result
-as an uninterrupted run; checkpoints carry plain weights; TensorBoard events are written.
+as an uninterrupted run (also from a mid-epoch step checkpoint); checkpoints carry plain weights
+and per-user test ranks; TensorBoard events use one x-axis and survive a restart without overlap.
 
 Each run is tiny (60 users, ID + time, IDCL on); the code path is the production one.
 """
@@ -7,8 +8,10 @@ Each run is tiny (60 users, ID + time, IDCL on); the code path is the production
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hm4sr_dist.config import load_config
 from hm4sr_dist.train.launcher import run_training
@@ -37,6 +40,10 @@ def uninterrupted(prepared_sequences, tmp_path_factory):
     return storage, fit(prepared_sequences, storage, "full", 3)
 
 
+def scalar_steps(logdir: Path, tag: str) -> list[int]:
+    return [e.step for e in EventAccumulator(str(logdir)).Reload().Scalars(tag)]
+
+
 def test_run_reports_test_metrics_weights_and_tensorboard(uninterrupted):
     storage, result = uninterrupted
     assert result.metrics["finished"] and result.metrics["epochs_run"] == 3
@@ -47,17 +54,29 @@ def test_run_reports_test_metrics_weights_and_tensorboard(uninterrupted):
         assert "items.id_table.weight" in weights and weights["items.id_table.weight"].dtype == torch.float32
         assert json.loads((Path(folder) / "final_metrics.json").read_text())["test/ndcg@10"] == \
             result.metrics["test/ndcg@10"]
-    events = list((storage / "full" / "tensorboard").glob("events.out.tfevents.*"))
-    assert events, "no TensorBoard event file"
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(events[0].parent)).Reload()
+        per_user = np.load(Path(folder) / "per_user_test.npz")
+        assert sorted(per_user["user"].tolist()) == sorted(set(per_user["user"].tolist()))
+        assert len(per_user["user"]) == 60                     # every test user once, over both ranks
+        ndcg = np.where(per_user["rank"] < 10, 1 / np.log2(per_user["rank"] + 2), 0).mean()
+        assert ndcg == pytest.approx(result.metrics["test/ndcg@10"], abs=1e-12)
+    for key in ("moe/temporal/modulation", "moe/temporal/entropy", "moe/interactive_id/entropy",
+                "moe/alpha_id", "moe/temporal/expert_spread"):
+        assert key in result.metrics, key
+    logdir = storage / "full" / "tensorboard"
+    assert list(logdir.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    acc = EventAccumulator(str(logdir)).Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ("loss/main", "loss/idcl", "train/lr", "train/grad_norm", "throughput/sequences_per_s",
-                "valid/ndcg@5", "test/ndcg@10"):
+                "valid/ndcg@5", "epoch/total", "epoch/seconds", "test/ndcg@10", "moe/temporal/modulation"):
         assert tag in tags, tag
+    assert not {"valid/count", "test/count", "epoch", "global_step"} & tags      # no counts as curves
     assert any(t.startswith("routing/interactive_id/expert") for t in tags)
     assert any(t.startswith("routing/temporal_") for t in tags)
     assert "config/text_summary" in acc.Tags()["tensors"]
+    # One x-axis, the global step: the epoch-level points sit at the steps where the epochs ended.
+    steps_per_epoch = result.metrics["global_step"] // 3
+    assert scalar_steps(logdir, "valid/ndcg@5") == [steps_per_epoch * (e + 1) for e in range(3)]
+    assert scalar_steps(logdir, "test/ndcg@10") == [result.metrics["global_step"]]
 
 
 def test_stopped_and_resumed_run_ends_like_the_uninterrupted_one(uninterrupted, prepared_sequences):
@@ -73,7 +92,28 @@ def test_killed_worker_recovers_from_last_checkpoint(uninterrupted, prepared_seq
     storage, full = uninterrupted
     steps_per_epoch = full.metrics["global_step"] // 3
     crash_at = steps_per_epoch + steps_per_epoch // 2                # the middle of epoch 2
-    crashed = fit(prepared_sequences, storage, "crash", 3, f"train.fail_at_step={crash_at}")
+    crashed = fit(prepared_sequences, storage, "crash", 3, f"train.fail_at_step={crash_at}",
+                  "train.checkpoint_every_steps=0")
     assert (storage / "crash" / "fault_injected").exists()
     assert crashed.metrics["epochs_run"] == 3
+    assert crashed.metrics["resumed_at_steps"] == [steps_per_epoch]   # epoch-end checkpoint only
     assert metrics_of_test(crashed) == metrics_of_test(full)
+
+
+def test_worker_killed_mid_epoch_resumes_at_the_step_checkpoint(uninterrupted, prepared_sequences):
+    """Step checkpoints every 2 steps: the recovered run repeats at most 2 steps, sees the same
+    batches and dropout masks, and ends exactly like the uninterrupted run (no checkpoints inside
+    its epochs); TensorBoard keeps one point per step (the crashed attempt's tail is purged)."""
+    storage, full = uninterrupted
+    steps_per_epoch = full.metrics["global_step"] // 3
+    every = 2
+    crash_at = steps_per_epoch + steps_per_epoch // 2 + 1
+    crash_at += 1 if crash_at % every == 0 else 0                    # not on a checkpoint step
+    crashed = fit(prepared_sequences, storage, "crash-mid", 3, f"train.fail_at_step={crash_at}",
+                  f"train.checkpoint_every_steps={every}", "train.log_every_steps=1")
+    assert (storage / "crash-mid" / "fault_injected").exists()
+    [resumed_at] = crashed.metrics["resumed_at_steps"]
+    assert steps_per_epoch < resumed_at < crash_at and crash_at - resumed_at <= every
+    assert metrics_of_test(crashed) == metrics_of_test(full)
+    steps = scalar_steps(storage / "crash-mid" / "tensorboard", "loss/main")
+    assert steps == list(range(1, full.metrics["global_step"] + 1))

@@ -1,0 +1,750 @@
+"""Compare finished runs: mean ± std over seeds per setting, and paired-bootstrap CIs vs a baseline.
+
+Every training run leaves `outputs/<run>/results.json` (config, variant, dataset, test metrics) and
+`per_user_test.npz` (int64 `user`, unique ids in the prepared data set, and `rank`, the 0-based
+full-ranking rank of that user's test target, ties counted against it; see `metrics.py`). From the
+ranks every metric of spec §1 is recomputed per user:
+
+    NDCG@K = 1/log2(r+2) if r < K else 0      MRR@K = 1/(r+1) if r < K else 0      Hit@K = [r < K]
+
+and their mean must equal the test metric in results.json (to 1e-9), otherwise the two files do not
+belong together. Runs whose resolved configs differ only in `optim.seed` and naming/output fields
+form one SETTING. Table 1 gives each setting's seed mean ± sample std. Table 2 compares each setting
+with the baseline by user: per-user values are averaged over a setting's seeds, users are resampled
+with replacement (paired bootstrap), and the mean difference, its percentile 95% CI and the share of
+resamples with difference <= 0 (a one-sided p) are reported.
+
+    hm4sr-compare outputs/beauty-hm4sr-s* outputs/beauty-idcl0-s* --csv study.csv --markdown study.md
+    python -m hm4sr_dist.compare outputs/study/ --baseline hm4sr --metrics ndcg,hit --ks 10,20
+    hm4sr-compare outputs/a-* outputs/b-* --label A='*/a-*' --label B='*/b-*'
+
+For other code (a study runner): `load_run`, `expand_runs`, `group_settings`, `per_user_metrics`,
+`paired_bootstrap`, `compare`, then `format_text`, `write_csv`, `write_markdown`, `write_json`.
+Needs numpy only (no torch), so the command starts quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import fnmatch
+import glob
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+RESULTS_FILE = "results.json"
+PER_USER_FILE = "per_user_test.npz"
+# Config keys that name or place a run but do not change what it learns (plus the seed).
+IGNORED_KEYS = ("optim.seed", "name", "train.run_name", "train.storage_path", "train.tensorboard_dir",
+                "data.prepared_dir")   # the data set itself is keyed by `dataset` + its fingerprint
+DEFAULT_METRICS = ("ndcg", "mrr")
+DEFAULT_KS = (5, 10)
+METRIC_LABELS = {"ndcg": "NDCG", "mrr": "MRR", "hit": "Hit"}
+# Bootstrap: at most this many gathered float64 values per chunk (64 MB) whatever the user count.
+CHUNK_VALUES = 1 << 23
+
+
+class CompareError(ValueError):
+    """Runs that cannot be read, do not match their own metrics, or cannot be paired."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """One finished training run: its results.json and its per-user test ranks (sorted by user)."""
+
+    path: Path
+    results: dict
+    users: np.ndarray                      # (U,) int64, ascending, unique
+    ranks: np.ndarray                      # (U,) int64, rank of users[i]'s test target
+
+    @property
+    def config(self) -> dict:
+        return self.results.get("config") or {}
+
+    @property
+    def seed(self) -> Any:
+        return (self.config.get("optim") or {}).get("seed")
+
+    @property
+    def variant(self) -> str:
+        return str(self.results.get("variant") or self.config.get("name") or self.path.name)
+
+    @property
+    def data_id(self) -> dict:
+        """What identifies the test users: the data set name and its manifest fingerprint."""
+        return {"dataset": self.results.get("dataset"),
+                "data.fingerprint": (self.results.get("data_manifest") or {}).get("fingerprint")}
+
+
+def parse_metric(name: str) -> tuple[str, int]:
+    """'NDCG@10' -> ('ndcg', 10)."""
+    kind, sep, k = name.strip().lower().partition("@")
+    if kind not in METRIC_LABELS or not sep or not k.isdigit() or int(k) < 1:
+        raise CompareError(f"metric {name!r}: expected ndcg@K, mrr@K or hit@K with K >= 1")
+    return kind, int(k)
+
+
+def metric_label(name: str) -> str:
+    kind, k = parse_metric(name)
+    return f"{METRIC_LABELS[kind]}@{k}"
+
+
+def resolve_metrics(metrics: Iterable[str] | None = None, ks: Iterable[int] | None = None) -> list[str]:
+    """Metric names with their cut-off: a bare name ('ndcg') gets every K of `ks`; 'ndcg@20' stays."""
+    ks = list(ks or DEFAULT_KS)
+    out: list[str] = []
+    for m in metrics or DEFAULT_METRICS:
+        names = [m] if "@" in m else [f"{m}@{k}" for k in ks]
+        for name in names:
+            kind, k = parse_metric(name)
+            if f"{kind}@{k}" not in out:
+                out.append(f"{kind}@{k}")
+    if not out:
+        raise CompareError("no metrics selected")
+    return out
+
+
+def per_user_metrics(ranks: np.ndarray, metrics: Iterable[str]) -> dict[str, np.ndarray]:
+    """Per-user metric values, {name: (U,) float64}, from 0-based full-ranking ranks (spec §1)."""
+    r = np.asarray(ranks)
+    if r.ndim != 1 or not np.issubdtype(r.dtype, np.integer):
+        raise CompareError(f"ranks: expected a 1-d integer array, got {r.dtype} of shape {r.shape}")
+    if r.size and r.min() < 0:
+        raise CompareError(f"ranks: expected ranks >= 0, got {int(r.min())}")
+    r = r.astype(np.float64)
+    out = {}
+    for name in metrics:
+        kind, k = parse_metric(name)
+        inside = r < k
+        value = {"ndcg": lambda: 1.0 / np.log2(r + 2.0), "mrr": lambda: 1.0 / (r + 1.0),
+                 "hit": lambda: np.ones_like(r)}[kind]()
+        out[f"{kind}@{k}"] = np.where(inside, value, 0.0)
+    return out
+
+
+def check_run(run: Run, tol: float = 1e-9) -> None:
+    """The per-user ranks must reproduce every test metric in results.json (and its row count)."""
+    test = run.results.get("test")
+    if not isinstance(test, dict):
+        raise CompareError(f"{run.path / RESULTS_FILE}: no 'test' metric dict to check "
+                           f"{PER_USER_FILE} against")
+    checked = [key for key in test if _is_metric(key)]
+    if not checked:
+        raise CompareError(f"{run.path / RESULTS_FILE}: 'test' holds no ndcg/mrr/hit@K metric to check "
+                           f"{PER_USER_FILE} against (keys: {sorted(test)})")
+    if "count" in test and int(test["count"]) != run.users.size:
+        raise CompareError(f"run {run.path}: {PER_USER_FILE} has {run.users.size} users but results.json "
+                           f"counts {test['count']} test rows; the two files do not belong together")
+    values = per_user_metrics(run.ranks, checked)
+    for key in checked:
+        mean, stored = float(values[_canon(key)].mean()), float(test[key])
+        if not abs(mean - stored) <= tol:
+            raise CompareError(f"run {run.path}: test {key} is {stored!r} in results.json but {mean!r} "
+                               f"from {PER_USER_FILE} (|diff| {abs(mean - stored):.3g} > {tol:g}); "
+                               f"the two files do not belong together")
+
+
+def _is_metric(key: str) -> bool:
+    try:
+        parse_metric(key)
+        return True
+    except CompareError:
+        return False
+
+
+def _canon(key: str) -> str:
+    kind, k = parse_metric(key)
+    return f"{kind}@{k}"
+
+
+def load_run(path: str | Path, check: bool = True, tol: float = 1e-9) -> Run:
+    """Read one run folder (or its results.json); `check` verifies the ranks against the metrics."""
+    path = Path(path)
+    folder = path.parent if path.name == RESULTS_FILE else path
+    res_file, npz_file = folder / RESULTS_FILE, folder / PER_USER_FILE
+    for f in (res_file, npz_file):
+        if not f.is_file():
+            raise CompareError(f"{f}: no such file (a run folder holds {RESULTS_FILE} and {PER_USER_FILE})")
+    try:
+        results = json.loads(res_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CompareError(f"{res_file}: not valid JSON: {exc}") from None
+    if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
+        raise CompareError(f"{res_file}: expected an object with a 'config' dict (the resolved config)")
+    try:
+        with np.load(npz_file) as z:
+            missing = [k for k in ("user", "rank") if k not in z.files]
+            if missing:
+                raise CompareError(f"{npz_file}: missing array(s) {missing} (has {z.files})")
+            users, ranks = z["user"], z["rank"]
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, CompareError):
+            raise
+        raise CompareError(f"{npz_file}: not a readable .npz file: {exc}") from None
+    for key, a in (("user", users), ("rank", ranks)):
+        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+            raise CompareError(f"{npz_file}: '{key}' must be a 1-d integer array, got {a.dtype} {a.shape}")
+    if users.shape != ranks.shape:
+        raise CompareError(f"{npz_file}: 'user' has {users.size} entries but 'rank' has {ranks.size}")
+    if users.size == 0:
+        raise CompareError(f"{npz_file}: no users")
+    if ranks.min() < 0:
+        raise CompareError(f"{npz_file}: negative rank {int(ranks.min())}")
+    order = np.argsort(users, kind="stable")
+    users, ranks = users[order].astype(np.int64), ranks[order].astype(np.int64)
+    dup = users[1:][users[1:] == users[:-1]]
+    if dup.size:
+        raise CompareError(f"{npz_file}: user ids are not unique ({dup.size} repeats, e.g. {int(dup[0])})")
+    run = Run(folder, results, users, ranks)
+    if check:
+        check_run(run, tol)
+    return run
+
+
+def expand_runs(patterns: Iterable[str | Path]) -> list[Path]:
+    """Run folders from folders, globs or results.json paths, in the order given, without repeats.
+
+    A folder without results.json stands for its direct subfolders that have one (a study folder).
+    """
+    out: list[Path] = []
+    patterns = [str(p) for p in patterns]
+    if not patterns:
+        raise CompareError("no runs given")
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise CompareError(f"{pattern}: matches nothing")
+        found = []
+        for m in map(Path, matches):
+            if m.name == RESULTS_FILE and m.is_file():
+                found.append(m.parent)
+            elif (m / RESULTS_FILE).is_file():
+                found.append(m)
+            elif m.is_dir():
+                found += sorted(d for d in m.iterdir() if (d / RESULTS_FILE).is_file())
+            elif not glob.has_magic(pattern):
+                raise CompareError(f"{m}: no such run folder")
+        if not found:
+            raise CompareError(f"{pattern}: no {RESULTS_FILE} there or in its direct subfolders")
+        out += [p for p in found if p not in out]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: runs that differ only by seed
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Setting:
+    name: str
+    runs: list[Run]
+    config: dict                                          # flat, without IGNORED_KEYS, plus data_id
+    diff: dict = field(default_factory=dict)              # keys differing from the first setting
+    labelled: bool = False
+
+    @property
+    def variant(self) -> str:
+        return self.runs[0].variant
+
+    @property
+    def seeds(self) -> list:
+        return [r.seed for r in self.runs]
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict:
+    """{'optim': {'seed': 1}} -> {'optim.seed': 1}."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _setting_config(run: Run, ignore: Iterable[str]) -> dict:
+    skip = set(IGNORED_KEYS) | set(ignore)
+    flat = {k: v for k, v in flatten(run.config).items() if k not in skip}
+    return flat | {k: v for k, v in run.data_id.items() if v is not None}
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_fmt_value(x) for x in v) + "]"
+    return str(v)
+
+
+_MISSING = "<unset>"
+
+
+def _diff(config: dict, base: dict) -> dict:
+    return {k: config.get(k, _MISSING) for k in sorted(set(config) | set(base))
+            if _key(config.get(k, _MISSING)) != _key(base.get(k, _MISSING))}
+
+
+def _key(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+def _diff_name(diff: dict, most: int = 3) -> str:
+    parts = [f"{k}={_fmt_value(v)}" for k, v in diff.items()]
+    return ",".join(parts[:most]) + (f",+{len(parts) - most} more" if len(parts) > most else "")
+
+
+def group_settings(runs: Sequence[Run], labels: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+                   ignore: Iterable[str] = ()) -> list[Setting]:
+    """Group runs into settings, in order of first appearance.
+
+    Runs matching a label's glob (on the folder path as given, its absolute path or its name) form
+    the setting of that label; the rest group by config, ignoring IGNORED_KEYS and `ignore`. An
+    automatic setting is named by its variant when that differs from the first setting's, else by
+    the config keys that differ from the first setting (the first setting by its variant).
+    """
+    if not runs:
+        raise CompareError("no runs selected")
+    labels = list(labels.items() if isinstance(labels, Mapping) else labels or [])
+    ignore = list(ignore)
+    groups: dict[str, Setting] = {}
+    used = set()
+    for run in runs:
+        forms = (str(run.path), str(run.path.resolve()), run.path.name)
+        label = next((n for n, g in labels if any(fnmatch.fnmatch(f, g) for f in forms)), None)
+        cfg = _setting_config(run, ignore)
+        gkey = f"label:{label}" if label is not None else "config:" + _key(cfg)
+        if gkey not in groups:
+            groups[gkey] = Setting(label or "", [], cfg, labelled=label is not None)
+        groups[gkey].runs.append(run)
+        used.add(label)
+    unused = [f"{n}={g}" for n, g in labels if n not in used]
+    if unused:
+        raise CompareError(f"--label {unused[0]} matches no run")
+    settings = list(groups.values())
+    first = settings[0]
+    for s in settings:
+        s.diff = _diff(s.config, first.config)
+        if s.labelled:
+            continue
+        if s is first or not s.diff:
+            s.name = s.variant
+        elif s.variant != first.variant:
+            s.name = s.variant
+        else:
+            s.name = _diff_name(s.diff)
+    names = [s.name for s in settings]
+    for i, s in enumerate(settings):
+        if names.count(s.name) > 1 and not s.labelled and s.diff:
+            s.name = f"{s.variant}:{_diff_name(s.diff)}"
+    seen: dict[str, int] = {}
+    for s in settings:                    # still equal (truncated names, clashing labels): number them
+        seen[s.name] = seen.get(s.name, 0) + 1
+        if seen[s.name] > 1:
+            s.name = f"{s.name}#{seen[s.name]}"
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class BootstrapResult:
+    diff: float                 # mean per-user difference b - a
+    ci_low: float
+    ci_high: float
+    p_le_0: float               # share of resamples with mean difference <= 0
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.ci_low > 0 or self.ci_high < 0
+
+
+def paired_bootstrap(a: Mapping[str, np.ndarray] | np.ndarray, b: Mapping[str, np.ndarray] | np.ndarray,
+                     n_boot: int = 10000, seed: int = 0, level: float = 0.95,
+                     ) -> dict[str, BootstrapResult] | BootstrapResult:
+    """Paired bootstrap over users of mean(b - a); a and b are aligned per-user values.
+
+    Given dicts (of metrics, or of any keys), every entry is evaluated on the same resamples. Users
+    are drawn with replacement from `np.random.default_rng(seed)`, as a (B, U) index matrix drawn in
+    chunks of at most CHUNK_VALUES entries, so memory stays bounded whatever U and B are. The draws
+    depend only on (seed, U, B): a comparison gives the same numbers whatever else is in the dict.
+    """
+    single = not isinstance(a, Mapping)
+    a_, b_ = ({"value": a}, {"value": b}) if single else (a, b)
+    if set(a_) != set(b_):
+        raise CompareError(f"paired_bootstrap: metrics differ: {sorted(a_)} vs {sorted(b_)}")
+    if n_boot < 1:
+        raise CompareError(f"bootstrap: expected B >= 1 resamples, got {n_boot}")
+    names = list(a_)
+    d = np.stack([np.asarray(b_[m], np.float64) - np.asarray(a_[m], np.float64) for m in names])  # (M, U)
+    n = d.shape[1]
+    if n == 0:
+        raise CompareError("paired_bootstrap: no users")
+    rng = np.random.default_rng(seed)
+    rows = max(1, min(n_boot, CHUNK_VALUES // n))       # depends on U and B only: same draws for any M
+    boot = np.empty((len(names), n_boot))
+    for start in range(0, n_boot, rows):
+        stop = min(start + rows, n_boot)
+        idx = rng.integers(0, n, size=(stop - start, n), dtype=np.int32 if n < 2**31 else np.int64)  # (c, U)
+        for i in range(len(names)):
+            boot[i, start:stop] = np.take(d[i], idx).sum(-1) / n                 # (c,)
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(boot, [tail, 1 - tail], axis=1)
+    out = {m: BootstrapResult(float(d[i].mean()), float(lo[i]), float(hi[i]), float((boot[i] <= 0).mean()))
+           for i, m in enumerate(names)}
+    return out["value"] if single else out
+
+
+def setting_values(setting: Setting, metrics: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray],
+                                                                       dict[str, list[float]]]:
+    """(users, per-user values averaged over the setting's seeds, per-run means) of one setting."""
+    users = setting.runs[0].users
+    per_run = {m: [] for m in metrics}
+    stacked = {m: [] for m in metrics}
+    for run in setting.runs:
+        if not np.array_equal(run.users, users):
+            raise CompareError(f"setting {setting.name}: run {run.path} has a different test user set from "
+                               f"run {setting.runs[0].path} ({_user_diff(run.users, users)}); its seeds "
+                               f"cannot be averaged per user")
+        values = per_user_metrics(run.ranks, metrics)
+        for m in metrics:
+            stacked[m].append(values[m])
+            per_run[m].append(float(values[m].mean()))
+    return users, {m: np.mean(stacked[m], axis=0) for m in metrics}, per_run
+
+
+def _user_diff(a: np.ndarray, b: np.ndarray) -> str:
+    only_a, only_b = np.setdiff1d(a, b).size, np.setdiff1d(b, a).size
+    return f"{only_a + only_b} users differ: {only_a} only in the first, {only_b} only in the second"
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparison
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class MetricSummary:
+    mean: float                 # mean over seeds of the run means
+    std: float                  # sample std over seeds (nan when n = 1)
+    n: int
+    per_seed: list[float]
+
+
+@dataclass
+class SettingSummary:
+    name: str
+    runs: list[str]
+    seeds: list
+    variant: str
+    n_users: int
+    config_diff: dict           # keys that differ from the first setting
+    metrics: dict[str, MetricSummary]
+
+
+@dataclass
+class MetricDifference:
+    baseline_mean: float
+    mean: float
+    rel_change: float           # (mean - baseline_mean) / baseline_mean, nan if the baseline is 0
+    diff: float                 # mean per-user difference (= mean - baseline_mean)
+    ci_low: float
+    ci_high: float
+    p_le_0: float
+    excludes_zero: bool
+
+
+@dataclass
+class PairedComparison:
+    setting: str
+    baseline: str
+    n_users: int
+    metrics: dict[str, MetricDifference]
+
+
+@dataclass
+class Comparison:
+    metrics: list[str]
+    baseline: str
+    settings: list[SettingSummary]
+    comparisons: list[PairedComparison]     # one per non-baseline setting, in settings order
+    n_boot: int
+    seed: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return _no_nan(dataclasses.asdict(self))
+
+    def comparison_for(self, setting: str) -> PairedComparison | None:
+        return next((c for c in self.comparisons if c.setting == setting), None)
+
+
+def _no_nan(x: Any) -> Any:
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_no_nan(v) for v in x]
+    return x
+
+
+def compare(runs: Sequence[Run | str | Path], metrics: Iterable[str] | None = None,
+            ks: Iterable[int] | None = None, labels: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+            baseline: str | None = None, n_boot: int = 10000, seed: int = 0,
+            ignore: Iterable[str] = (), check: bool = True) -> Comparison:
+    """Tables 1 and 2 for `runs` (Run objects, run folders or globs). The baseline is the setting of
+    the first run unless `baseline` names another."""
+    metrics = resolve_metrics(metrics, ks)
+    loaded: list[Run] = []
+    for r in runs:
+        for run in [r] if isinstance(r, Run) else [load_run(p, check) for p in expand_runs([r])]:
+            if all(run.path.resolve() != x.path.resolve() for x in loaded):
+                loaded.append(run)
+    settings = group_settings(loaded, labels, ignore)
+    names = [s.name for s in settings]
+    if baseline is not None and baseline not in names:
+        raise CompareError(f"--baseline {baseline!r}: no such setting (settings: {names})")
+    base = settings[names.index(baseline)] if baseline is not None else settings[0]
+
+    notes, summaries, values = [], [], {}
+    for s in settings:
+        seeds = s.seeds
+        if len(set(map(_key, seeds))) < len(seeds):
+            notes.append(f"setting {s.name}: repeated seeds {seeds} (re-runs are averaged like seeds)")
+        users, per_user, per_run = setting_values(s, metrics)
+        values[s.name] = (users, per_user)
+        summaries.append(SettingSummary(
+            s.name, [str(r.path) for r in s.runs], seeds, s.variant, int(users.size),
+            dict(s.diff),
+            {m: MetricSummary(float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan,
+                              len(v), v) for m, v in per_run.items()}))
+
+    base_users, base_values = values[base.name]
+    others = [(s, summary) for s, summary in zip(settings, summaries) if s is not base]
+    for s, _ in others:
+        other = {k: v for k, v in s.runs[0].data_id.items() if v is not None}
+        mine = {k: v for k, v in base.runs[0].data_id.items() if v is not None}
+        clash = [k for k in set(other) & set(mine) if other[k] != mine[k]]
+        if clash:
+            raise CompareError(f"setting {s.name} and baseline {base.name} are on different data ({clash[0]} "
+                               f"{other[clash[0]]!r} vs {mine[clash[0]]!r}); users cannot be paired")
+        users, per_user = values[s.name]
+        if not np.array_equal(users, base_users):
+            raise CompareError(f"setting {s.name} and baseline {base.name} do not have the same test users "
+                               f"({_user_diff(users, base_users)}); a paired comparison needs the same users")
+    # One pass over the resamples for every (setting, metric): the index matrix is drawn once.
+    boot = paired_bootstrap({(s.name, m): base_values[m] for s, _ in others for m in metrics},
+                            {(s.name, m): values[s.name][1][m] for s, _ in others for m in metrics},
+                            n_boot=n_boot, seed=seed) if others else {}
+    base_summary = summaries[names.index(base.name)]
+    comparisons = []
+    for s, summary in others:
+        diffs = {}
+        for m in metrics:
+            b0, b1 = base_summary.metrics[m].mean, summary.metrics[m].mean
+            r = boot[(s.name, m)]
+            diffs[m] = MetricDifference(b0, b1, (b1 - b0) / b0 if b0 else math.nan, r.diff, r.ci_low,
+                                        r.ci_high, r.p_le_0, r.excludes_zero)
+        comparisons.append(PairedComparison(s.name, base.name, int(base_users.size), diffs))
+    return Comparison(metrics, base.name, summaries, comparisons, n_boot, seed, notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+def _num(x: float, digits: int) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _pct(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:+.2f}%"
+
+
+def _aligned(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """Columns padded to width; the first `left` columns left-aligned, the rest right-aligned."""
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    lines = []
+    for row in [headers, *rows]:
+        cells = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _mean_std(s: MetricSummary, digits: int) -> str:
+    return _num(s.mean, digits) if s.n == 1 else f"{_num(s.mean, digits)} ± {_num(s.std, digits)}"
+
+
+def _seeds(seeds: list) -> str:
+    return ",".join(str(x) for x in seeds)
+
+
+def table1_rows(result: Comparison, digits: int = 4) -> tuple[list[str], list[list[str]]]:
+    headers = ["setting", "n", "seeds"] + [metric_label(m) for m in result.metrics]
+    rows = [[s.name, f"n={len(s.runs)}", _seeds(s.seeds)] + [_mean_std(s.metrics[m], digits) for m in result.metrics]
+            for s in result.settings]
+    return headers, rows
+
+
+def format_text(result: Comparison, digits: int = 4) -> str:
+    """Table 1 (mean ± std over seeds) and Table 2 (vs baseline, one line per setting and metric)."""
+    out = ["Table 1: test metrics per setting, mean ± sample std over seeds (n = runs)",
+           _aligned(*table1_rows(result, digits)), ""]
+    if not result.comparisons:
+        out.append(f"Table 2: only one setting ({result.baseline}): nothing to compare")
+        return "\n".join(out)
+    n_users = result.comparisons[0].n_users
+    out.append(f"Table 2: vs baseline {result.baseline}; paired bootstrap over {n_users} users, "
+               f"B={result.n_boot}, seed {result.seed}; * = 95% CI excludes 0")
+    headers = ["setting", "metric", "baseline", "setting", "rel.change", "diff", "95% CI", "", "P(diff<=0)"]
+    rows = []
+    for c in result.comparisons:
+        for m, d in c.metrics.items():
+            rows.append([c.setting, metric_label(m), _num(d.baseline_mean, digits), _num(d.mean, digits),
+                         _pct(d.rel_change), f"{d.diff:+.{digits}f}",
+                         f"[{d.ci_low:+.{digits}f}, {d.ci_high:+.{digits}f}]", "*" if d.excludes_zero else "",
+                         f"{d.p_le_0:.4f}"])
+    out.append(_aligned(headers, rows, left=2))
+    return "\n".join(out)
+
+
+def csv_rows(result: Comparison) -> list[dict]:
+    """One row per setting: Table 1 and Table 2 columns side by side (empty for the baseline)."""
+    rows = []
+    for s in result.settings:
+        c = result.comparison_for(s.name)
+        row = {"setting": s.name, "is_baseline": s.name == result.baseline, "n": len(s.runs),
+               "seeds": " ".join(map(str, s.seeds)), "variant": s.variant, "n_users": s.n_users,
+               "config_diff": "; ".join(f"{k}={_fmt_value(v)}" for k, v in s.config_diff.items()),
+               "runs": " ".join(s.runs)}
+        for m in result.metrics:
+            ms = s.metrics[m]
+            row |= {f"{m}_mean": ms.mean, f"{m}_std": "" if math.isnan(ms.std) else ms.std}
+            d = c.metrics[m] if c else None
+            row |= {f"{m}_rel_change": "" if d is None or math.isnan(d.rel_change) else d.rel_change,
+                    f"{m}_diff": "" if d is None else d.diff, f"{m}_ci_low": "" if d is None else d.ci_low,
+                    f"{m}_ci_high": "" if d is None else d.ci_high, f"{m}_p_le_0": "" if d is None else d.p_le_0,
+                    f"{m}_ci_excludes_0": "" if d is None else d.excludes_zero}
+        rows.append(row)
+    return rows
+
+
+def write_csv(result: Comparison, path: str | Path) -> None:
+    rows = csv_rows(result)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_markdown(result: Comparison, digits: int = 4) -> str:
+    """Two pipe tables, one row per setting each (the baseline's Table 2 row says 'baseline')."""
+    def table(headers, rows):
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+    h1, r1 = table1_rows(result, digits)
+    rows2 = []
+    for s in result.settings:
+        c = result.comparison_for(s.name)
+        cells = []
+        for m in result.metrics:
+            if c is None:
+                cells.append("baseline")
+                continue
+            d = c.metrics[m]
+            star = " *" if d.excludes_zero else ""
+            cells.append(f"{_pct(d.rel_change)} ({d.diff:+.{digits}f} [{d.ci_low:+.{digits}f}, "
+                         f"{d.ci_high:+.{digits}f}], p={d.p_le_0:.3f}){star}")
+        rows2.append([s.name] + cells)
+    n_users = result.settings[0].n_users
+    return "\n".join([
+        "**Table 1.** Test metrics per setting, mean ± sample std over seeds.", "", table(h1, r1), "",
+        f"**Table 2.** Relative change of the seed mean vs `{result.baseline}`, with the mean per-user "
+        f"difference and its paired-bootstrap 95% CI over {n_users} users (B={result.n_boot}, seed "
+        f"{result.seed}) and P(diff <= 0); * = CI excludes 0.", "",
+        table(["setting"] + [metric_label(m) for m in result.metrics], rows2), ""])
+
+
+def write_markdown(result: Comparison, path: str | Path, digits: int = 4) -> None:
+    Path(path).write_text(format_markdown(result, digits))
+
+
+def write_json(result: Comparison, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def _csv_list(text: str) -> list[str]:
+    return [t for t in (x.strip() for x in text.split(",")) if t]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hm4sr-compare", description="Compare finished runs: mean ± std over seeds per setting and "
+        "paired-bootstrap CIs of each setting against a baseline, from results.json + per_user_test.npz.")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run folder, glob, or a folder whose subfolders are runs")
+    p.add_argument("--metrics", type=_csv_list, default=list(DEFAULT_METRICS),
+                   help="comma list of ndcg, mrr, hit (each at every --ks) or NAME@K (default ndcg,mrr)")
+    p.add_argument("--ks", type=lambda t: [int(x) for x in _csv_list(t)], default=list(DEFAULT_KS),
+                   help="comma list of cut-offs (default 5,10)")
+    p.add_argument("--label", action="append", default=[], metavar="NAME=GLOB",
+                   help="runs whose folder matches GLOB form setting NAME; repeatable")
+    p.add_argument("--ignore", action="append", default=[], metavar="KEY",
+                   help=f"also ignore this config key when grouping (always ignored: {', '.join(IGNORED_KEYS)})")
+    p.add_argument("--baseline", help="setting to compare against (default: the first RUN's)")
+    p.add_argument("--bootstrap", type=int, default=10000, metavar="B", help="bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--digits", type=int, default=4, help="decimals in the tables (default 4)")
+    p.add_argument("--csv", metavar="FILE", help="also write one row per setting as CSV")
+    p.add_argument("--markdown", metavar="FILE", help="also write both tables as Markdown")
+    p.add_argument("--json", metavar="FILE", help="also write everything as JSON")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip checking the per-user ranks against the test metrics in results.json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        labels = []
+        for pair in args.label:
+            name, sep, pattern = pair.partition("=")
+            if not sep or not name or not pattern:
+                raise CompareError(f"--label {pair!r}: expected NAME=GLOB")
+            labels.append((name, pattern))
+        result = compare(args.runs, metrics=args.metrics, ks=args.ks, labels=labels, baseline=args.baseline,
+                         n_boot=args.bootstrap, seed=args.seed, ignore=args.ignore, check=not args.no_check)
+    except CompareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(format_text(result, args.digits))
+    for path, write in ((args.csv, write_csv), (args.markdown, write_markdown), (args.json, write_json)):
+        if path:
+            write(result, path)
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Run identity: a run folder belongs to one resolved configuration and one data set.
+
+A re-run with the same `train.run_name` resumes the stored run only if everything that shapes its
+results is the same: the resolved config (minus the keys in `NOT_IDENTITY`, which only say where
+and how long to run) and the prepared data's fingerprint. Anything else stops with one line that
+names the differing keys, so a changed loss weight can never be answered with the old run's
+metrics. The identity is written as `run_identity.json` in the run folder (local path or URI).
+
+    ident = run_identity(cfg, data_fingerprint)      # {"hash": ..., "config": {...}}
+    check_or_record(run_dir, ident, allow_change=cfg.train.allow_config_change)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+
+from hm4sr_dist.config import ConfigError, ExperimentConfig, to_dict
+
+IDENTITY_FILE = "run_identity.json"
+
+# Keys that do not change what a run computes: where it is stored, its name, how long it may run
+# (a longer cap continues a run), how often it logs or checkpoints, how it survives failures.
+NOT_IDENTITY = (
+    "name", "data.prepared_dir", "optim.epochs", "train.run_name", "train.storage_path",
+    "train.tensorboard_dir", "train.max_failures", "train.checkpoints_to_keep", "train.log_every_steps",
+    "train.checkpoint_every_steps", "train.fail_at_step", "train.cpus_per_worker",
+    "train.allow_config_change", "eval.batch_size", "eval.item_chunk_size",
+)
+
+
+class RunIdentityError(ConfigError):
+    """A run folder holds a run of a different configuration or data set."""
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out |= _flatten(value, path)
+        else:
+            out[path] = value
+    return out
+
+
+def run_identity(cfg: ExperimentConfig, data_fingerprint: str | None) -> dict:
+    """The keys that define a run's results, and their hash."""
+    flat = {k: v for k, v in _flatten(to_dict(cfg)).items() if k not in NOT_IDENTITY}
+    flat["data.fingerprint"] = data_fingerprint or ""
+    digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
+    return {"hash": digest[:16], "config": flat}
+
+
+def differences(stored: dict, current: dict) -> list[str]:
+    """`key: stored -> current` for every key that differs (keys missing on one side included)."""
+    keys = sorted(set(stored) | set(current))
+    missing = "<absent>"
+    return [f"{k}: {stored.get(k, missing)!r} -> {current.get(k, missing)!r}"
+            for k in keys if stored.get(k, missing) != current.get(k, missing)]
+
+
+def _filesystem(run_dir: str):
+    """(pyarrow filesystem, path inside it) for a local folder or a URI (s3://, gs://, file://)."""
+    import pyarrow.fs as pafs
+    if "://" in run_dir:
+        return pafs.FileSystem.from_uri(run_dir)
+    return pafs.LocalFileSystem(), run_dir
+
+
+def read_identity(run_dir: str) -> dict | None:
+    import pyarrow.fs as pafs
+    fs, path = _filesystem(run_dir)
+    file = posixpath.join(path, IDENTITY_FILE)
+    if fs.get_file_info(file).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(file) as stream:
+        return json.loads(stream.read().decode())
+
+
+def _has_run(run_dir: str) -> bool:
+    import pyarrow.fs as pafs
+    fs, path = _filesystem(run_dir)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.Directory:
+        return False
+    return any(i.base_name.startswith("checkpoint_")
+               for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+
+
+def write_identity(run_dir: str, identity: dict) -> None:
+    fs, path = _filesystem(run_dir)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(posixpath.join(path, IDENTITY_FILE)) as stream:
+        stream.write(json.dumps(identity, indent=2, sort_keys=True, default=str).encode())
+
+
+def check_or_record(run_dir: str, identity: dict, allow_change: bool = False) -> str:
+    """Record the identity of a new run, accept a matching one; raise on a clash.
+
+    Returns "new", "same" or "changed" (a clash accepted with `allow_change`)."""
+    stored = read_identity(run_dir)
+    if stored is None:
+        if _has_run(run_dir) and not allow_change:
+            raise RunIdentityError(
+                f"train.run_name: {run_dir} holds checkpoints but no {IDENTITY_FILE} (a run of an older "
+                f"version), so it cannot be resumed safely; start fresh with another train.run_name "
+                f"(or delete the folder), or resume it on purpose with train.allow_config_change=true")
+        write_identity(run_dir, identity)
+        return "new"
+    if stored["hash"] == identity["hash"]:
+        return "same"
+    diff = differences(stored["config"], identity["config"])
+    if not allow_change:
+        shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+        raise RunIdentityError(
+            f"train.run_name: {run_dir} holds a run with a different config ({shown}); start fresh "
+            f"with another train.run_name (or delete the folder), or continue it on purpose with "
+            f"train.allow_config_change=true")
+    write_identity(run_dir, identity | {"previous": stored})
+    return "changed"

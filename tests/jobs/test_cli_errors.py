@@ -1,0 +1,126 @@
+"""Errors before work: a bad command line ends a job with one `error: ...` line on stderr and exit
+code 2 -- before Ray starts and before any data is prepared.
+
+Each case runs the job script as a subprocess with RAY_TMPDIR (and TMPDIR) pointing at a fresh
+folder: a local `ray.init()` creates `$RAY_TMPDIR/ray/session_<date>_<pid>/` (seen on a run of
+`jobs/train_beauty.py` with Ray 2.60), so an empty folder afterwards means Ray never started.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+VARIANTS = "['hm4sr', '-IMoE', '-TMoE', '-CP', '-IDCL', '-PCL', '-Text', '-Image', 'sasrec']"
+
+
+@pytest.fixture
+def work():
+    """A fresh, short temp folder (Ray's socket paths must stay under 107 bytes, were it to start)."""
+    root = Path(tempfile.mkdtemp(prefix="cli"))
+    (root / "tmp").mkdir()
+    (root / "raw").mkdir()
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def run(work: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RAY_TMPDIR": str(work / "tmp"), "TMPDIR": str(work / "tmp"), "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def assert_user_error(work: Path, result: subprocess.CompletedProcess, line: str = "",
+                      start: str = "") -> None:
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    if line:
+        assert lines[0] == line
+    if start:
+        assert lines[0].startswith(start), lines[0]
+    tmp = work / "tmp"
+    assert not (tmp / "ray").exists() and not list(tmp.rglob("session_*")), "Ray was started"
+    assert not (work / "prepared").exists(), "data preparation started"
+
+
+def train(work: Path, *args: str, script: str = "train_beauty") -> subprocess.CompletedProcess:
+    return run(work, f"jobs/{script}.py", "--raw-dir", str(work / "raw"),
+               "--prepared-dir", str(work / "prepared"), *args)
+
+
+def sweep(work: Path, *args: str) -> subprocess.CompletedProcess:
+    return run(work, "jobs/tune_sweep.py", "--prepared-dir", str(work / "prepared"), *args)
+
+
+def test_bad_value(work):
+    assert_user_error(work, train(work, "optim.lr=abc"),
+                      "error: optim.lr (command line): expected a number > 0, got 'abc'")
+
+
+def test_unknown_key_with_its_suggestion(work):
+    assert_user_error(work, train(work, "optim.epochs=3", "optim.lrr=0.1"),
+                      "error: unknown key optim.lrr (command line); did you mean optim.lr?")
+
+
+def test_bad_variant(work):
+    assert_user_error(work, train(work, "--variant=-TMOE"),
+                      f"error: --variant: expected one of {VARIANTS}, got '-TMOE'; did you mean -TMoE?")
+
+
+def test_bad_prep_key_and_value(work):
+    assert_user_error(work, train(work, "--prep", "imge_dir=/data/images"),
+                      "error: unknown key imge_dir (--prep); did you mean image_dir?")
+    assert_user_error(work, train(work, "--prep", "min_shards=many"),
+                      "error: min_shards (--prep): expected an int, got 'many'")
+
+
+def test_bad_value_in_the_yaml_file_names_the_file(work):
+    config = work / "mine.yaml"
+    config.write_text("optim:\n  lr: abc\n")
+    assert_user_error(work, train(work, "--config", str(config)),
+                      f"error: optim.lr ({config}): expected a number > 0, got 'abc'")
+
+
+def test_infeasible_request_is_an_error_before_work(work):
+    # the variant switches the Temporal MoE off, which PCL needs: asked for explicitly, it is an error
+    assert_user_error(work, train(work, "--variant=-TMoE", "loss.pcl_weight=0.5"),
+                      start="error: loss.pcl_weight (command line): expected 0 when model.use_temporal_moe "
+                            "is false, got 0.5")
+    # sequence files carry IDs only: asking for text fails before the data is prepared
+    (work / "raw" / "Beauty_item.txt").write_text("")
+    assert_user_error(work, train(work, "model.modalities=[id,text]"),
+                      "error: model.modalities (command line): expected modalities the data set has "
+                      "features for (['id']), got ['id', 'text']")
+
+
+@pytest.mark.parametrize("script", ["train_toys", "train_home", "train_games", "train_movielens"])
+def test_every_job_script_checks_first(work, script):
+    assert_user_error(work, train(work, "model.hiden_size=3", script=script),
+                      "error: unknown key model.hiden_size (command line); did you mean model.hidden_size?")
+
+
+def test_bad_sweep_key_value_and_sweep_without_effect(work):
+    assert_user_error(work, sweep(work, "--param", "loss.idcl_weigth"),
+                      "error: unknown key loss.idcl_weigth (--param); did you mean loss.idcl_weight?")
+    assert_user_error(work, sweep(work, "--param", "l2", "--values", "0.5,-1"),
+                      "error: loss.idcl_weight (--values): expected a number >= 0, got -1")
+    assert_user_error(work, sweep(work, "--param", "beta", "model.use_temporal_moe=false"),
+                      "error: loss.pcl_ratio (--param): has no effect, as PCL is off "
+                      "(loss.pcl_weight = 0.0); every trial would train the same model")
+    assert_user_error(work, sweep(work, "--param", "k1", "optim.lr=abc"),
+                      "error: optim.lr (command line): expected a number > 0, got 'abc'")
+
+
+def test_quickstart_checks_its_overrides_before_writing_the_demo_data(work):
+    qs = work / "qs"
+    assert_user_error(work, run(work, "-m", "jobs.quickstart", "--workdir", str(qs), "optim.lr=abc"),
+                      "error: optim.lr (command line): expected a number > 0, got 'abc'")
+    assert not qs.exists()

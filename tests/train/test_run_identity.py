@@ -1,0 +1,70 @@
+"""Run identity: a run folder is resumed only by the same resolved config and data.
+
+Unit tests of the identity and the clash message, then real Ray Train runs: a changed loss weight
+trains a new run, an unchanged re-run resumes without training, and a reused name with another
+config stops before Ray starts.
+"""
+
+import pytest
+
+from hm4sr_dist.config import load_config
+from hm4sr_dist.train.identity import RunIdentityError, check_or_record, run_identity
+from hm4sr_dist.train.launcher import run_training
+
+SMALL = ["model.hidden_size=16", "model.inner_size=32", "model.modalities=[id]", "loss.cp_weight=0",
+         "loss.pcl_weight=0", "optim.batch_size=64", "train.num_workers=2", "train.log_every_steps=50"]
+
+
+def config(*extra):
+    return load_config("configs/hm4sr_paper.yaml", SMALL + list(extra))
+
+
+def test_identity_ignores_where_and_how_long_but_not_what():
+    base = run_identity(config(), "data-a")
+    assert run_identity(config("optim.epochs=7", "train.run_name=x", "train.storage_path=/elsewhere",
+                               "train.checkpoint_every_steps=5"), "data-a")["hash"] == base["hash"]
+    assert run_identity(config("loss.idcl_weight=0.5"), "data-a")["hash"] != base["hash"]
+    assert run_identity(config(), "data-b")["hash"] != base["hash"]
+
+
+def test_clash_names_the_differing_keys(tmp_path):
+    run_dir = str(tmp_path / "run")
+    assert check_or_record(run_dir, run_identity(config(), "d")) == "new"
+    assert check_or_record(run_dir, run_identity(config(), "d")) == "same"
+    changed = run_identity(config("loss.idcl_weight=0.0", "optim.lr=0.01"), "d")
+    with pytest.raises(RunIdentityError) as err:
+        check_or_record(run_dir, changed)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "loss.idcl_weight: 1.0 -> 0.0" in message and "optim.lr: 0.001 -> 0.01" in message
+    assert "train.run_name" in message and "train.allow_config_change=true" in message
+    assert check_or_record(run_dir, changed, allow_change=True) == "changed"
+    assert check_or_record(run_dir, changed) == "same"                 # the new config is recorded
+
+
+def test_a_folder_with_checkpoints_but_no_identity_is_not_resumed(tmp_path):
+    (tmp_path / "old" / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
+    with pytest.raises(RunIdentityError, match="no run_identity.json"):
+        check_or_record(str(tmp_path / "old"), run_identity(config(), "d"))
+
+
+@pytest.mark.slow
+def test_changed_config_trains_anew_and_unchanged_resumes(prepared_sequences, tmp_path, local_ray):
+    common = [f"data.prepared_dir={prepared_sequences}", f"train.storage_path={tmp_path}", "optim.epochs=2"]
+    first_cfg = config(*common)
+    first = run_training(first_cfg)
+    assert first_cfg.train.run_name.startswith("hm4sr-")               # default: name + identity hash
+    changed_cfg = config(*common, "loss.idcl_weight=0.0")
+    changed = run_training(changed_cfg)
+    assert changed_cfg.train.run_name != first_cfg.train.run_name
+    assert changed.metrics["resumed_at_steps"] == []                   # a new run that trained
+    assert changed.metrics["test/ndcg@10"] != first.metrics["test/ndcg@10"]
+    again_cfg = config(*common)
+    again = run_training(again_cfg)
+    assert again_cfg.train.run_name == first_cfg.train.run_name
+    assert again.metrics["resumed_at_steps"] == [first.metrics["global_step"]]   # no training
+    assert {k: v for k, v in again.metrics.items() if k.startswith("test/")} == \
+        {k: v for k, v in first.metrics.items() if k.startswith("test/")}
+    clash = config(*common, "loss.idcl_weight=0.0", f"train.run_name={first_cfg.train.run_name}")
+    with pytest.raises(RunIdentityError, match="loss.idcl_weight: 1.0 -> 0.0"):
+        run_training(clash)
