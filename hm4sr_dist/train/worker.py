@@ -13,6 +13,7 @@ dropout masks) the uninterrupted run would have seen.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -72,7 +73,18 @@ def evaluate(model, reader, cfg: ExperimentConfig, device, per_user: bool = Fals
     return metrics, stats.result() | moe_parameters(model), rows
 
 
+def _quiet_ray_report_log() -> None:
+    """Ray Train logs every report's whole metrics dict at INFO (hundreds of routing/MoE keys per
+    epoch); our own progress lines say what matters. Its logger is named after its file."""
+    try:
+        from ray.train.v2._internal.execution import context
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:                                   # another Ray layout: keep its logging
+        pass
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
+    _quiet_ray_report_log()
     cfg: ExperimentConfig = from_dict(ExperimentConfig, loop_config["config"]).validate()
     run_dir = Path(loop_config["run_dir"])
     ctx = ray.train.get_context()
