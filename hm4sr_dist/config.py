@@ -153,6 +153,18 @@ class LossConfig:
                                 min=0.0, min_exclusive=True)
     pcl_ratio: float = _f(0.3, "beta: share of real positions replaced by the time placeholder",
                           min=0.0, max=1.0)
+    main_loss: str = _f("full", "eq. 20 over the catalogue (docs/scaling.md): 'full' scores every item "
+                        "at once, (B, n_items+1); 'chunked' is exact in (B, item_chunk_size) blocks, "
+                        "recomputed in backward; 'sampled' is a logQ-corrected sampled softmax",
+                        choices=("full", "chunked", "sampled"))
+    item_chunk_size: int = _f(0, "items per block of main_loss=chunked (0 = one block: the full matmul)",
+                              min=0)
+    num_negatives: int = _f(1024, "items drawn per step as negatives of main_loss=sampled (shared by "
+                            "the batch, with replacement)", min=0)
+    negative_sampler: str = _f("uniform", "how main_loss=sampled draws negatives: 'uniform', or "
+                               "'popularity' (needs item counts in the catalogue)",
+                               choices=("uniform", "popularity"))
+    in_batch_negatives: bool = _f(True, "main_loss=sampled also contrasts the global batch's targets")
 
 
 @dataclass

@@ -13,7 +13,12 @@ from torch import Tensor
 
 
 def main_loss(scores: Tensor, target: Tensor) -> Tensor:
-    """Eq. 20: softmax cross-entropy over all items (scores (B, n_items + 1), padding column -inf)."""
+    """Eq. 20: softmax cross-entropy over all items (scores (B, n_items + 1), padding column -inf).
+
+    `loss.main_loss=full`. For catalogues where (B, n_items + 1) scores do not fit, the same loss in
+    item chunks (`loss.main_loss=chunked`) and a sampled softmax (`sampled`) are in
+    `hm4sr_dist.catalog_loss` (docs/scaling.md).
+    """
     return F.cross_entropy(scores, target)
 
 

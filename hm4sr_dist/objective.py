@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from hm4sr_dist.batch import Batch
+from hm4sr_dist.catalog_loss import build_main_loss
 from hm4sr_dist.config import LossConfig
 from hm4sr_dist.feasibility import unresolved
 from hm4sr_dist.losses import category_loss, info_nce, main_loss, weighted_total
@@ -60,11 +61,13 @@ class HM4SRObjective(nn.Module):
         model: the recommender.
         loss_cfg: weights and temperatures.
         categories: (n_items + 1, C) multi-hot table, needed when loss_cfg.cp_weight > 0.
-        exchange: shares rows across workers for the IDCL/PCL negatives and the CP normaliser.
+        exchange: shares rows across workers for the IDCL/PCL negatives, the CP normaliser and
+            the in-batch negatives of loss.main_loss=sampled.
+        item_counts: (n_items + 1,) interactions per item, for loss.negative_sampler=popularity.
     """
 
     def __init__(self, model: HM4SR, loss_cfg: LossConfig, categories: Tensor | None = None,
-                 exchange: BatchExchange | None = None):
+                 exchange: BatchExchange | None = None, item_counts: Tensor | None = None):
         super().__init__()
         self.model = model
         self.cfg = loss_cfg
@@ -75,18 +78,23 @@ class HM4SRObjective(nn.Module):
             self.register_buffer("categories", categories.to(torch.bool), persistent=False)
         if "id" not in model.modalities and loss_cfg.idcl_weight > 0:
             raise unresolved("loss.idcl_weight", "needs the 'id' modality (IDCL contrasts H^id, eq. 23)")
+        # eq. 20 over a large catalogue (loss.main_loss, docs/scaling.md); None = the full scores
+        self.catalog_loss = build_main_loss(loss_cfg, model.n_items, item_counts)
 
     def forward(self, batch: Batch) -> LossTerms:
         model, cfg, ex = self.model, self.cfg, self.exchange
-        out = model(batch, augment=cfg.pcl_weight > 0)
-        terms = LossTerms(total=out.seq_repr.new_zeros(()), main=main_loss(
-            model.scores(out.seq_repr, out.item_repr), batch.target), output=out)
+        out = model(batch, augment=cfg.pcl_weight > 0, categories=cfg.cp_weight > 0)
+        if self.catalog_loss is None:                                               # eq. 20
+            main = main_loss(model.scores(out.seq_repr, out.item_repr), batch.target)
+        else:
+            main = self.catalog_loss(out.seq_repr, out.item_repr, batch.target, ex.all_gather)
+        terms = LossTerms(total=out.seq_repr.new_zeros(()), main=main, output=out)
         b = batch.target.shape[0]
         if cfg.idcl_weight > 0 or cfg.pcl_weight > 0:
             # Rank-major gather: this rank's rows sit at [rank*b, (rank+1)*b) of the global batch.
             positives = ex.rank * b + torch.arange(b, device=batch.target.device)
             all_targets = ex.all_gather(batch.target)
-        if cfg.cp_weight > 0 and out.cp_logits is not None:
+        if cfg.cp_weight > 0:
             labels = self.categories[out.cp_items]
             # Normalise by the GLOBAL count so that averaging over ranks gives the global mean.
             local = torch.tensor(float(out.cp_logits.numel()), device=labels.device)
@@ -115,4 +123,5 @@ def build_objective(model_cfg, loss_cfg: LossConfig, catalog, exchange: BatchExc
     """The model and its objective for one data set, with the switches the loss weights imply."""
     model = HM4SR(model_cfg, catalog, category_head=loss_cfg.cp_weight > 0,
                   pcl_ratio=loss_cfg.pcl_ratio if loss_cfg.pcl_weight > 0 else None)
-    return HM4SRObjective(model, loss_cfg, catalog.categories, exchange)
+    return HM4SRObjective(model, loss_cfg, catalog.categories, exchange,
+                          item_counts=getattr(catalog, "item_counts", None))

@@ -188,6 +188,16 @@ def test_category_prediction_reads_real_positions_only(tiny_log, tiny_batch):
     assert obj(noisy).cp.item() == pytest.approx(ref["cp"], rel=1e-5)
 
 
+def test_objective_in_eval_mode_keeps_every_term(tiny_log, tiny_batch):
+    """Eq. 27 is the same objective in eval mode (e.g. a validation loss): CP is not dropped
+    silently, and the total still includes l1 L_CP."""
+    obj = _objective(tiny_log, idcl_weight=0.0, pcl_weight=0.0).eval()
+    terms = obj(tiny_batch)
+    assert terms.cp is not None
+    ref = reference_terms(obj, tiny_log.catalog, tiny_batch, terms.output)
+    assert terms.total.item() == pytest.approx(ref["main"] + 1.0 * ref["cp"], rel=1e-5)
+
+
 @pytest.mark.parametrize("weights, present", [
     ({"cp_weight": 0.0}, {"idcl", "pcl"}), ({"idcl_weight": 0.0}, {"cp", "pcl"}),
     ({"pcl_weight": 0.0}, {"cp", "idcl"}), ({}, {"cp", "idcl", "pcl"}),

@@ -138,8 +138,10 @@ class HM4SR(nn.Module):
         logits[:, 0] = float("-inf")
         return logits
 
-    def forward(self, batch: Batch, augment: bool = False, item_repr: Tensor | None = None) -> HM4SROutput:
-        """Encode `batch`. `augment` adds the PCL view (training); pass `item_repr` to reuse it."""
+    def forward(self, batch: Batch, augment: bool = False, item_repr: Tensor | None = None,
+                categories: bool = False) -> HM4SROutput:
+        """Encode `batch`. `augment` adds the PCL view, `categories` the CP logits (the objective asks
+        for both, in train and eval mode alike); pass `item_repr` to reuse it."""
         items = self.item_representations() if item_repr is None else item_repr
         b, length = batch.item_seq.shape
         m, d = len(self.modalities), self.d
@@ -163,7 +165,7 @@ class HM4SR(nn.Module):
                 i = self.modalities.index(mod)
                 augmented = torch.where(replace, self.placeholders[mod](time), seq[:, :, i])   # eq. 24
                 out.pcl_repr[mod] = self.encoders[mod](augmented, batch.seq_len)
-        if self.cp_head is not None and self.training:
+        if self.cp_head is not None and categories:
             out.cp_logits = self.cp_head(x[real])                                # eq. 21
             out.cp_items = batch.item_seq[real]
         return out

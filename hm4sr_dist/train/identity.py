@@ -53,12 +53,20 @@ def run_identity(cfg: ExperimentConfig, data_fingerprint: str | None) -> dict:
     return {"hash": digest[:16], "config": flat}
 
 
-def differences(stored: dict, current: dict) -> list[str]:
-    """`key: stored -> current` for every key that differs (keys missing on one side included)."""
+def default_identity_config() -> dict:
+    """The identity keys of a default config (what a key added by a newer version stands for)."""
+    return {k: v for k, v in _flatten(to_dict(ExperimentConfig())).items() if k not in NOT_IDENTITY}
+
+
+def differences(stored: dict, current: dict, defaults: dict | None = None) -> list[str]:
+    """`key: stored -> current` for every key that differs (keys missing on one side included).
+    With `defaults`, a key the stored run does not have (added by a newer version) counts as
+    stored at its default, so a run started before the key existed still resumes."""
     keys = sorted(set(stored) | set(current))
     missing = "<absent>"
-    return [f"{k}: {stored.get(k, missing)!r} -> {current.get(k, missing)!r}"
-            for k in keys if stored.get(k, missing) != current.get(k, missing)]
+    old = lambda k: stored.get(k, (defaults or {}).get(k, missing))      # noqa: E731
+    return [f"{k}: {old(k)!r} -> {current.get(k, missing)!r}"
+            for k in keys if old(k) != current.get(k, missing)]
 
 
 def _filesystem(run_dir: str):
@@ -111,7 +119,10 @@ def check_or_record(run_dir: str, identity: dict, allow_change: bool = False) ->
         return "new"
     if stored["hash"] == identity["hash"]:
         return "same"
-    diff = differences(stored["config"], identity["config"])
+    diff = differences(stored["config"], identity["config"], defaults=default_identity_config())
+    if not diff:            # only keys added since the run started, at their defaults: the same run
+        write_identity(run_dir, identity | {"previous": stored})
+        return "same"
     if not allow_change:
         shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
         raise RunIdentityError(

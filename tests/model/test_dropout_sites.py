@@ -134,7 +134,7 @@ def test_hidden_dropout_one_leaves_nothing_of_the_input_and_touches_nothing_befo
     cfg = tiny_model_cfg(hidden_dropout=1.0, attn_dropout=0.0, n_layers=N_LAYERS)
     model = make_model(cfg).train()
     batch, catalog = tiny_batch(), tiny_catalog()
-    out = model(batch, augment=True)
+    out = model(batch, augment=True, categories=True)
     ref = reference_forward(model, catalog, batch)
     params, real = _params(model), batch.padding_mask()
     for i, m in enumerate(model.modalities):

@@ -62,7 +62,7 @@ def test_forward_matches_equations_2_to_19_and_24_written_out(overrides):
     for m in content:
         assert_close(_ref64(out.pcl_repr[m]), ref["H_aug"][m], **tol)                          # eq. 24
     assert torch.equal(out.real, real)
-    assert out.cp_logits is None                                         # CP is a training loss
+    assert out.cp_logits is None                                         # only when asked for
 
 
 def test_one_position_table_is_added_to_every_modality():
@@ -83,10 +83,12 @@ def test_one_position_table_is_added_to_every_modality():
 
 
 def test_cp_logits_are_the_head_on_real_items():
-    """Eq. 21: in training, one CP logit row W_CP [x_id; x_txt; x_img] + b_CP per real input item."""
+    """Eq. 21: one CP logit row W_CP [x_id; x_txt; x_img] + b_CP per real input item, in train and
+    eval mode alike when the objective asks for them."""
     batch = tiny_batch()
     model = make_model(tiny_model_cfg(hidden_dropout=0.0, attn_dropout=0.0)).train()
-    out = model(batch)
+    out = model(batch, categories=True)
+    assert_close(model.eval()(batch, categories=True).cp_logits, out.cp_logits, rtol=0, atol=0)
     real = batch.padding_mask()
     assert torch.equal(out.cp_items, batch.item_seq[real])
     ref = reference_forward(model, tiny_catalog(), batch)["cp_logits"]
@@ -226,7 +228,7 @@ def test_extra_padding_columns_and_trimming_change_nothing():
     pad3 = lambda t: torch.nn.functional.pad(t, (0, 3))                      # noqa: E731
     padded = Batch(pad3(short.item_seq), pad3(short.time_seq),
                    short.seq_len, short.target)                       # 10 columns
-    outs = [model(b) for b in (trimmed, short, padded)]
+    outs = [model(b, categories=True) for b in (trimmed, short, padded)]
     for o in outs[1:]:
         assert_close(o.seq_repr, outs[0].seq_repr, rtol=0, atol=1e-6)
         assert_close(model.scores(o.seq_repr, o.item_repr), model.scores(outs[0].seq_repr, outs[0].item_repr),
@@ -385,7 +387,8 @@ def test_dropping_a_modality_is_the_full_model_with_that_modality_unread(variant
     assert_close(ablated.scores(a.seq_repr, a.item_repr)[:, 1:],
                  (full.scores(f.seq_repr, f.item_repr) - h_drop @ x_drop.T)[:, 1:], rtol=0, atol=1e-5)
     full.train(), ablated.train()
-    assert_close(ablated(batch).cp_logits, full(batch).cp_logits, rtol=0, atol=1e-6)
+    assert_close(ablated(batch, categories=True).cp_logits, full(batch, categories=True).cp_logits,
+                 rtol=0, atol=1e-6)
 
 
 def test_sasrec_is_the_id_stream_of_the_full_model_without_moes():

@@ -51,7 +51,7 @@ def test_id_padding_row_is_zero_and_gets_no_gradient():
     # A training step's gradient never reaches the padding row (padded slots and the -inf column
     # are the only readers of row 0), so the row stays zero under training.
     model.train()
-    out = model(batch, augment=True)
+    out = model(batch, augment=True, categories=True)
     scores = model.scores(out.seq_repr, out.item_repr)
     loss = F.cross_entropy(scores, batch.target) + out.cp_logits.square().mean() \
         + sum(h.square().mean() for h in out.pcl_repr.values())

@@ -68,3 +68,20 @@ def test_changed_config_trains_anew_and_unchanged_resumes(prepared_sequences, tm
     clash = config(*common, "loss.idcl_weight=0.0", f"train.run_name={first_cfg.train.run_name}")
     with pytest.raises(RunIdentityError, match="loss.idcl_weight: 1.0 -> 0.0"):
         run_training(clash)
+
+
+def test_a_key_added_later_at_its_default_does_not_break_resume(tmp_path):
+    """A run recorded before a config key existed resumes when the key has its default value."""
+    import json
+
+    run_dir = str(tmp_path / "run")
+    current = run_identity(config(), "d")
+    older = {"hash": "0" * 16, "config": {k: v for k, v in current["config"].items() if k != "loss.pcl_ratio"}}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run_identity.json").write_text(json.dumps(older))
+    assert check_or_record(run_dir, current) == "same"
+    changed = run_identity(config("loss.pcl_ratio=0.1"), "d")
+    older_again = dict(older, hash="1" * 16)
+    (tmp_path / "run" / "run_identity.json").write_text(json.dumps(older_again))
+    with pytest.raises(RunIdentityError, match="loss.pcl_ratio: 0.3 -> 0.1"):
+        check_or_record(run_dir, changed)
