@@ -18,12 +18,23 @@ from hm4sr_dist.evaluate import evaluate_sums
 from hm4sr_dist.metrics import finalize
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
 def fp32_model(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` itself when every floating parameter and buffer is fp32, else an fp32 copy."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    if all(t.dtype == torch.float32 for t in tensors if t.is_floating_point()):
+    """`model` itself when no parameter or buffer is in half precision, else a copy whose half
+    tensors are fp32 (float64 buffers, such as the time embedding's frequencies, stay float64)."""
+    if not any(t.dtype in HALF for t in list(model.parameters()) + list(model.buffers())):
         return model
-    return copy.deepcopy(model).float()
+    copied = copy.deepcopy(model)
+    for module in copied.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.dtype in HALF:
+                param.data = param.data.float()
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.dtype in HALF:
+                setattr(module, name, buf.float())
+    return copied
 
 
 def distributed_metrics(model, reader, ks, item_chunk_size: int = 0, device="cpu", per_user: bool = False,
