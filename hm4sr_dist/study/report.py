@@ -1,0 +1,316 @@
+"""A study's tables and figures, from its run folders (`<study dir>/runs/<setting>__seed<seed>/`).
+
+Tables (`study.csv`, `study.md`): one row per setting: finished/planned runs, mean ± std over seeds
+of the test metrics, relative change of the seed mean vs the baseline row and the paired-bootstrap
+95% CI of the mean per-user difference (`hm4sr_dist.compare.compare`), best epoch and wall time;
+failed or stopped trials are listed, never silently dropped.
+
+Figures (matplotlib, Agg, PNG): `curves_<setting>.png` (loss terms and validation NDCG@5 per epoch,
+one line per seed), `bars.png` (test metrics per setting with std error bars: Table 1 / Fig. 3 /
+Fig. 5), `fig4.png` (one panel per swept hyper-parameter), `routing_<setting>.png` (Temporal-MoE
+gate weight per expert and interval range, Interactive-MoE gate weight per expert and modality).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from hm4sr_dist.compare import CompareError, compare, load_run, metric_label
+from hm4sr_dist.study.plan import slug
+
+METRICS = ("ndcg@5", "ndcg@10", "mrr@10")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    v = [x for x in values if isinstance(x, (int, float)) and math.isfinite(x)]
+    if not v:
+        return math.nan, math.nan
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
+
+
+def _fmt(m: float, s: float, digits: int = 4) -> str:
+    if math.isnan(m):
+        return "n/a"
+    return f"{m:.{digits}f}" if math.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def load_study(study_dir: Path) -> tuple[dict, list[dict], dict]:
+    plan = json.loads((study_dir / "study_plan.json").read_text())
+    status = json.loads((study_dir / "trials.json").read_text())
+    runs = {}
+    for row in status:
+        if row["status"] == "finished":
+            runs[row["run"]] = load_run(study_dir / "runs" / row["run"])
+    return plan, status, runs
+
+
+def tabulate(study_dir: Path, n_boot: int = 2000) -> list[dict]:
+    """Write study.csv and study.md; return the rows."""
+    plan, status, runs = load_study(study_dir)
+    labels = [s["label"] for s in plan["settings"]]
+    done = [lab for lab in labels if any(r["setting"] == lab and r["status"] == "finished" for r in status)]
+    notes = list(plan["notes"])
+    comparison = None
+    if done:
+        baseline = plan["baseline"] if plan["baseline"] in done else done[0]
+        if baseline != plan["baseline"]:
+            notes.append(f"baseline {plan['baseline']} has no finished run: compared against {baseline}")
+        ordered = [runs[r["run"]] for lab in done for r in status if r["setting"] == lab and r["run"] in runs]
+        try:
+            globs = [(lab, f"{slug(lab)}__seed*") for lab in done]
+            comparison = compare(ordered, metrics=list(METRICS), labels=globs, baseline=baseline,
+                                 n_boot=n_boot)
+        except CompareError as exc:
+            notes.append(f"no paired comparison: {exc}")
+    rows = []
+    for lab in labels:
+        mine = [r for r in status if r["setting"] == lab]
+        fin = [r for r in mine if r["status"] == "finished"]
+        summary = next((s for s in comparison.settings if s.name == lab), None) if comparison else None
+        diff = comparison.comparison_for(lab) if comparison else None
+        row = {"setting": lab, "baseline": bool(comparison) and lab == comparison.baseline,
+               "runs": f"{len(fin)}/{len(mine)}", "seeds": " ".join(str(r["seed"]) for r in fin),
+               "failed": "; ".join(f"seed {r['seed']}: {r['status']}"
+                                   + (f" ({r['error']})" if r["error"] else "")
+                                   for r in mine if r["status"] != "finished")}
+        for m in METRICS:
+            ms = summary.metrics[m] if summary else None
+            d = diff.metrics[m] if diff else None
+            row[f"{m}_mean"] = ms.mean if ms else math.nan
+            row[f"{m}_std"] = ms.std if ms else math.nan
+            row[f"{m}_rel_change"] = d.rel_change if d else math.nan
+            row[f"{m}_diff"] = d.diff if d else math.nan
+            row[f"{m}_ci_low"] = d.ci_low if d else math.nan
+            row[f"{m}_ci_high"] = d.ci_high if d else math.nan
+        row["best_epoch_mean"], row["best_epoch_std"] = _mean_std([r["best_epoch"] for r in fin])
+        row["wall_seconds_mean"], row["wall_seconds_std"] = _mean_std([r["wall_seconds"] for r in fin])
+        row["train_seconds_mean"], _ = _mean_std([r["train_seconds"] for r in fin])
+        rows.append(row)
+    with open(study_dir / "study.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([{k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+                     for r in rows])
+    (study_dir / "study.md").write_text(markdown(plan, rows, comparison, notes))
+    return rows
+
+
+def markdown(plan: dict, rows: list[dict], comparison, notes: list[str]) -> str:
+    m0 = METRICS[0]
+    heads = (["setting", "runs"] + [f"{metric_label(m)} (mean ± std)" for m in METRICS] +
+             [f"Δ{metric_label(m0)} vs baseline", "diff [95% CI]", "best epoch", "wall s"])
+    lines = ["| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
+    for r in rows:
+        if r["baseline"]:
+            rel, ci = "baseline", ""
+        elif math.isnan(r[f"{m0}_diff"]):
+            rel, ci = "n/a", ""
+        else:
+            star = " *" if r[f"{m0}_ci_low"] > 0 or r[f"{m0}_ci_high"] < 0 else ""
+            rel = f"{100 * r[f'{m0}_rel_change']:+.2f}%" if math.isfinite(r[f"{m0}_rel_change"]) else "n/a"
+            ci = f"{r[f'{m0}_diff']:+.4f} [{r[f'{m0}_ci_low']:+.4f}, {r[f'{m0}_ci_high']:+.4f}]{star}"
+        cells = [r["setting"], r["runs"]] + [_fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in METRICS]
+        cells += [rel, ci, _fmt(r["best_epoch_mean"], r["best_epoch_std"], 1),
+                  _fmt(r["wall_seconds_mean"], math.nan, 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    n_users = comparison.settings[0].n_users if comparison else 0
+    out = [f"# Study {plan['name']} ({plan['study']})", "",
+           f"Test metrics over seeds per setting; Δ = relative change of the seed mean vs the baseline; "
+           f"diff = mean per-user difference in {metric_label(m0)} with its paired-bootstrap 95% CI over "
+           f"{n_users} test users (B={comparison.n_boot if comparison else 0}); * = CI excludes 0. "
+           "`runs` = finished / planned.", "", *lines, ""]
+    failed = [r for r in rows if r["failed"]]
+    if failed:
+        out += ["**Not finished:**", ""] + [f"- {r['setting']}: {r['failed']}" for r in failed] + [""]
+    if plan.get("aliases"):
+        out += ["**Same setting, run once:**", ""]
+        out += [f"- {a} = {b}" for a, b in plan["aliases"].items()] + [""]
+    if notes:
+        out += ["**Notes:**", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(study_dir: Path, plan: dict, runs: dict, status: list[dict]) -> list[Path]:
+    plt = _plt()
+    out = []
+    for s in plan["settings"]:
+        mine = [(r["seed"], runs[r["run"]]) for r in status
+                if r["setting"] == s["label"] and r["run"] in runs]
+        if not mine:
+            continue
+        fig, (ax_loss, ax_valid) = plt.subplots(1, 2, figsize=(11, 4))
+        for seed, run in mine:
+            hist = run.results.get("history") or []
+            epochs = [h["epoch"] + 1 for h in hist]
+            terms = sorted({k for h in hist for k in h if k.startswith("epoch/") and k.split("/", 1)[1] not in
+                            ("seconds", "sequences_per_s")})
+            for term in terms:
+                ax_loss.plot(epochs, [h.get(term, np.nan) for h in hist], marker="o",
+                             label=f"{term.split('/', 1)[1]} (seed {seed})")
+            ax_valid.plot(epochs, [h.get("valid/ndcg@5", np.nan) for h in hist], marker="o",
+                          label=f"seed {seed}")
+        ax_loss.set(title=f"{s['label']}: training loss terms", xlabel="epoch",
+                    ylabel="mean loss over the epoch")
+        ax_valid.set(title=f"{s['label']}: validation NDCG@5", xlabel="epoch", ylabel="NDCG@5")
+        from matplotlib.ticker import MaxNLocator
+        for ax in (ax_loss, ax_valid):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = study_dir / f"curves_{slug(s['label'])}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def plot_bars(study_dir: Path, plan: dict, rows: list[dict]) -> Path:
+    plt = _plt()
+    rows = [r for r in rows if not math.isnan(r[f"{METRICS[0]}_mean"])]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) * len(METRICS) / 2), 4.5))
+    x = np.arange(len(rows))
+    width = 0.8 / len(METRICS)
+    for i, m in enumerate(METRICS):
+        means = [r[f"{m}_mean"] for r in rows]
+        errs = [0 if math.isnan(r[f"{m}_std"]) else r[f"{m}_std"] for r in rows]
+        ax.bar(x + (i - (len(METRICS) - 1) / 2) * width, means, width, yerr=errs, capsize=3,
+               label=metric_label(m))
+    ax.set_xticks(x, [r["setting"] for r in rows], rotation=30, ha="right")
+    ax.set(title=f"{plan['name']}: test metrics per setting (mean ± std over seeds)", ylabel="test metric",
+           xlabel="setting")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = study_dir / "bars.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_sweeps(study_dir: Path, plan: dict, rows: list[dict]) -> Path | None:
+    """Fig. 4: one panel per swept key; the default point comes from the baseline (or its alias)."""
+    plt = _plt()
+    by_label = {r["setting"]: r for r in rows}
+    for alias, owner in plan.get("aliases", {}).items():
+        by_label.setdefault(alias, by_label.get(owner))
+    axes_keys = list(dict.fromkeys(s["axis"][0] for s in plan["settings"] if s["axis"]))
+    alias_axes = {}
+    for alias in plan.get("aliases", {}):
+        key, _, value = alias.partition("=")
+        alias_axes[alias] = (key, value)
+    if not axes_keys:
+        return None
+    m = METRICS[0]
+    fig, axes = plt.subplots(1, len(axes_keys), figsize=(max(6.5, 4.5 * len(axes_keys)), 4), squeeze=False)
+    for ax, key in zip(axes[0], axes_keys):
+        points = [(s["axis"][1], by_label.get(s["label"])) for s in plan["settings"]
+                  if s["axis"] and s["axis"][0] == key]
+        points += [(json.loads(v), by_label.get(a)) for a, (k, v) in alias_axes.items()
+                   if _short(key) == k]
+        points = sorted([(v, r) for v, r in points if r and not math.isnan(r[f"{m}_mean"])],
+                        key=lambda p: p[0])
+        if points:
+            xs = [p[0] for p in points]
+            ax.errorbar(xs, [p[1][f"{m}_mean"] for p in points],
+                        yerr=[0 if math.isnan(p[1][f"{m}_std"]) else p[1][f"{m}_std"] for p in points],
+                        marker="o", capsize=3, label=f"test {metric_label(m)}")
+        ax.set(title=f"{_short(key)} ({key})", xlabel=key, ylabel=f"test {metric_label(m)}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{plan['name']}: one-at-a-time sweeps, test {metric_label(m)} (mean ± std over seeds)")
+    fig.tight_layout()
+    path = study_dir / "fig4.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _short(key: str) -> str:
+    from hm4sr_dist.tune.space import PAPER_KEYS
+    return {v: k for k, v in PAPER_KEYS.items()}.get(key, key.rsplit(".", 1)[-1])
+
+
+def _routing_matrix(diag: list[dict], prefix: str, rows: list[str]) -> np.ndarray | None:
+    experts = sorted({int(k.rsplit("expert", 1)[1]) for d in diag for k in d
+                      if k.startswith(prefix) and "/expert" in k})
+    if not experts:
+        return None
+    mat = np.full((len(rows), len(experts)), np.nan)
+    for i, row in enumerate(rows):
+        for j, e in enumerate(experts):
+            vals = [d[f"{prefix}{row}/expert{e}"] for d in diag if f"{prefix}{row}/expert{e}" in d]
+            if vals:
+                mat[i, j] = float(np.mean(vals))
+    return mat
+
+
+def plot_routing(study_dir: Path, plan: dict, runs: dict, status: list[dict]) -> list[Path]:
+    from hm4sr_dist.diagnostics import INTERVAL_RANGES
+
+    plt = _plt()
+    out = []
+    ranges = [name for name, _ in INTERVAL_RANGES]
+    for s in plan["settings"]:
+        diag = [runs[r["run"]].results.get("diagnostics", {}) for r in status
+                if r["setting"] == s["label"] and r["run"] in runs]
+        temporal = _routing_matrix(diag, "routing/temporal_", ranges)
+        modalities = sorted({k.split("/")[1][len("interactive_"):] for d in diag for k in d
+                             if k.startswith("routing/interactive_")})
+        inter = _routing_matrix(diag, "routing/interactive_", modalities) if modalities else None
+        panels = [("Temporal MoE: gate weight per interval range", temporal, ranges),
+                  ("Interactive MoE: gate weight per modality", inter, modalities)]
+        panels = [p for p in panels if p[1] is not None]
+        if not panels:
+            continue
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+        for ax, (title, mat, row_labels) in zip(axes[0], panels):
+            im = ax.imshow(mat, aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-9, np.nanmax(mat)))
+            ax.set_xticks(range(mat.shape[1]), [f"expert {j}" for j in range(mat.shape[1])], rotation=30)
+            ax.set_yticks(range(len(row_labels)), row_labels)
+            ax.set(title=title, xlabel="expert", ylabel="interval before the item" if "Temporal" in title else
+                   "target modality")
+            for i in range(mat.shape[0]):
+                for j in range(mat.shape[1]):
+                    if not math.isnan(mat[i, j]):
+                        ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", color="k",
+                                fontsize=8, bbox={"facecolor": "white", "alpha": 0.6, "lw": 0, "pad": 1})
+            fig.colorbar(im, ax=ax, label="mean gate weight (test users, over seeds)")
+        fig.suptitle(f"{s['label']}: MoE routing (blank: no test position in that range)")
+        fig.tight_layout()
+        path = study_dir / f"routing_{slug(s['label'])}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def report(study_dir: Path, n_boot: int = 2000) -> dict:
+    """Tables and every figure; returns {"rows": ..., "figures": [...]}."""
+    study_dir = Path(study_dir)
+    rows = tabulate(study_dir, n_boot)
+    plan, status, runs = load_study(study_dir)
+    figures = plot_curves(study_dir, plan, runs, status)
+    if any(not math.isnan(r[f"{METRICS[0]}_mean"]) for r in rows):
+        figures.append(plot_bars(study_dir, plan, rows))
+    sweep = plot_sweeps(study_dir, plan, rows) if plan["study"] == "fig4" else None
+    if sweep:
+        figures.append(sweep)
+    figures += plot_routing(study_dir, plan, runs, status)
+    return {"rows": rows, "figures": [str(p) for p in figures]}

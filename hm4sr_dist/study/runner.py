@@ -1,0 +1,218 @@
+"""Run a planned study with Ray Tune: every trial is one Ray Train run (`hm4sr_dist.tune.trial`'s
+pattern: the trial function builds the launcher's TorchTrainer with `HM4SRTuneReportCallback` and
+fits it), then tables and figures (`hm4sr_dist.study.report`).
+
+Resuming, at three levels:
+- the Tune experiment (`<storage>/<study>-<trials digest>`) is restored with `Tuner.restore` when
+  `Tuner.can_restore` finds it, so a killed driver picks up the trials it had not finished;
+- a trial whose run folder `<study dir>/runs/<run>/results.json` holds its identity is finished:
+  the trial function reports the stored metrics and returns without building a trainer (this also
+  covers a trial finished just before a kill that Tune's saved state still shows as running);
+- a trial that does train uses a Ray Train run named by its identity (`<dataset>-<hash>`), which
+  resumes from its last checkpoint (or, finished in an earlier study, returns at once).
+
+Each finished trial writes a run folder for `hm4sr_dist.compare` (results.json with the resolved
+config, test metrics, best epoch, per-epoch history; per_user_test.npz) from its final checkpoint.
+On a cluster the study folder must be on storage every node sees (like train.storage_path).
+`trials.jsonl` in the study folder logs every training start and end (used by the tests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import ray.tune
+
+from hm4sr_dist.study.plan import StudyPlan
+from hm4sr_dist.train.launcher import ensure_ray, storage_root
+
+EXIT_AFTER_ENV = "HM4SR_STUDY_EXIT_AFTER"      # test hook: the driver exits (code 75) after N trials
+PER_USER_FILE = "per_user_test.npz"
+
+
+def _log(study_dir: Path, **event) -> None:
+    with open(study_dir / "trials.jsonl", "a") as f:
+        f.write(json.dumps({"time": time.time(), **event}) + "\n")
+
+
+def finished_run(run_dir: Path, key: str) -> dict | None:
+    """The run folder's results.json when it holds the finished trial `key`, else None."""
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ok = results.get("identity") == key and (run_dir / PER_USER_FILE).is_file()
+    return results if ok else None
+
+
+def _history(folder: Path) -> list[dict]:
+    """Per-epoch numbers from the checkpoint's TrainState (loss terms, validation metrics)."""
+    import torch
+
+    try:
+        state = torch.load(folder / "train_state.pt", weights_only=False)
+    except (OSError, RuntimeError):
+        return []
+    keep = ("epoch/", "valid/", "best")
+    return [{k: v for k, v in h.items()
+             if (k == "epoch" or k.startswith(keep)) and isinstance(v, (int, float))}
+            for h in state.get("history", [])]
+
+
+def write_run_folder(run_dir: Path, result, trial: dict, config: dict, plan_info: dict,
+                     wall_seconds: float) -> dict:
+    """results.json + per_user_test.npz of one finished trial, from the Train run's final checkpoint."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"trial {trial['run']}: the Train run left no checkpoint")
+    tmp = run_dir.with_name(run_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with result.checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        final = json.loads((folder / "final_metrics.json").read_text())
+        shutil.copy(folder / PER_USER_FILE, tmp / PER_USER_FILE)
+        history = _history(folder)
+    results = {
+        "dataset": plan_info["dataset"], "variant": trial["setting"], "setting": trial["setting"],
+        "seed": trial["seed"], "identity": trial["key"], "study": plan_info["study"],
+        "test": {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("test/")},
+        "best_valid": final.get("best_valid"), "best_epoch": final.get("best_epoch"),
+        "epochs_run": final.get("epochs_run"), "resumed_at_steps": final.get("resumed_at_steps"),
+        "wall_seconds": wall_seconds,
+        "train_seconds": sum(h.get("epoch/seconds", 0.0) for h in history),
+        "diagnostics": {k: v for k, v in final.items() if k.startswith(("moe/", "routing/"))},
+        "history": history,
+        "data_manifest": {"path": config["data"]["prepared_dir"], "fingerprint": plan_info["fingerprint"]},
+        "checkpoint": result.checkpoint.path,
+        "config": config,
+    }
+    (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    tmp.rename(run_dir)                       # a run folder is complete or absent
+    return results
+
+
+def _report_callback(valid_key: str):
+    """`HM4SRTuneReportCallback` whose final (test) report also carries `valid_key`, set to
+    `best_valid` (the validation score of the epoch whose weights were tested): Tune checks that
+    every result holds the scheduler's metric, and only the per-epoch reports have it (--asha)."""
+    from hm4sr_dist.tune.trial import HM4SRTuneReportCallback
+
+    class StudyReportCallback(HM4SRTuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            metrics = [m if valid_key in m or "best_valid" not in m else {**m, valid_key: m["best_valid"]}
+                       for m in metrics]
+            super().after_report(run_context, metrics, checkpoint)
+
+    return StudyReportCallback()
+
+
+def study_trial(config: dict, *, configs: dict, study_dir: str, plan_info: dict) -> None:
+    """The Tune trainable: one Ray Train run of the trial's resolved config (`configs[key]`)."""
+    from hm4sr_dist.config import ExperimentConfig, from_dict
+    from hm4sr_dist.train.launcher import build_trainer
+
+    trial, folder = config["trial"], Path(study_dir)
+    valid_key = f"valid/{configs[trial['key']]['eval']['valid_metric']}"
+    run_dir = folder / "runs" / trial["run"]
+    done = finished_run(run_dir, trial["key"])
+    if done is not None:                      # finished before (a restored or re-run study)
+        _log(folder, event="skip", key=trial["key"], run=trial["run"])
+        ray.tune.report({"best_valid": done.get("best_valid"), valid_key: done.get("best_valid"),
+                         "best_epoch": done.get("best_epoch"),
+                         **{f"test/{k}": v for k, v in done["test"].items()}, "finished": True,
+                         "from_run_folder": True})
+        return
+    _log(folder, event="start", key=trial["key"], run=trial["run"])
+    started = time.time()
+    cfg = from_dict(ExperimentConfig, configs[trial["key"]]).validate()
+    result = build_trainer(cfg, callbacks=[_report_callback(valid_key)]).fit()
+    write_run_folder(run_dir, result, trial, configs[trial["key"]], plan_info, time.time() - started)
+    _log(folder, event="end", key=trial["key"], run=trial["run"], seconds=time.time() - started)
+
+
+class _ExitAfter(ray.tune.Callback):
+    """Test hook: with HM4SR_STUDY_EXIT_AFTER=N in the driver's environment, end the driver process
+    abruptly (as a kill would) after N completed trials. Read at call time: a restored Tuner brings
+    back its callbacks, and the resumed driver must not inherit the first one's exit."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.seen += 1
+        n = int(os.environ.get(EXIT_AFTER_ENV) or 0)
+        if n and self.seen >= n:
+            print(f"{EXIT_AFTER_ENV}={n}: exiting the study driver", flush=True)
+            os._exit(75)
+
+
+def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, trial_cpus: float = 1.0,
+              max_failures: int = 1, asha: bool = False) -> list[dict]:
+    """Fit (or restore and finish) every trial of the plan; return one status row per trial."""
+    study_dir = study_dir.resolve()
+    (study_dir / "runs").mkdir(parents=True, exist_ok=True)
+    base = plan.trials[0].config
+    ensure_ray()
+    from hm4sr_dist.config import ExperimentConfig, from_dict
+    storage = storage_root(from_dict(ExperimentConfig, base))
+    plan_info = {"dataset": plan.dataset, "fingerprint": plan.fingerprint, "study": plan.study}
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(study_trial, configs={t.key: t.config for t in plan.trials},
+                                 study_dir=str(study_dir), plan_info=plan_info),
+        {"cpu": trial_cpus})
+    path = (f"{storage.rstrip('/')}/{plan.experiment}" if "://" in storage
+            else os.path.join(storage, plan.experiment))
+    callbacks = [_ExitAfter()]
+    if ray.tune.Tuner.can_restore(path):
+        print(f"study {plan.name}: resuming the Tune experiment {path}", flush=True)
+        tuner = ray.tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = None
+        if asha:
+            from ray.tune.schedulers import ASHAScheduler
+            epochs = max(t.config["optim"]["epochs"] for t in plan.trials)
+            # Per-epoch reports carry valid/<metric>; the final test report does not (ASHA skips it).
+            metric = f"valid/{plan.trials[0].config['eval']['valid_metric']}"
+            # max_t above the epoch reports + the final one and stop_last_trials=False: a trial that
+            # reaches its end is never stopped by Tune (a Tune stop kills the trial actor before its
+            # Train run has written the final checkpoint, see hm4sr_dist.tune.trial).
+            scheduler = ASHAScheduler(metric=metric, mode="max", time_attr="training_iteration",
+                                      max_t=epochs + 2, grace_period=1, reduction_factor=2,
+                                      stop_last_trials=False)
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space={"trial": ray.tune.grid_search(
+                [{"key": t.key, "setting": t.setting, "seed": t.seed, "run": t.run} for t in plan.trials])},
+            tune_config=ray.tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=scheduler,
+                                            trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
+            run_config=ray.tune.RunConfig(name=plan.experiment, storage_path=storage, verbose=1,
+                                          callbacks=callbacks,
+                                          failure_config=ray.tune.FailureConfig(max_failures=max_failures)),
+        )
+    grid = tuner.fit()
+    errors = {}
+    for r in grid:
+        spec = (r.config or {}).get("trial") or {}
+        if r.error is not None and spec:
+            errors[spec["key"]] = " ".join(repr(r.error).split())[:300]
+    rows = []
+    for t in plan.trials:
+        done = finished_run(study_dir / "runs" / t.run, t.key)
+        status = "finished" if done else ("failed" if t.key in errors else "stopped")
+        rows.append({"setting": t.setting, "seed": t.seed, "run": t.run, "key": t.key, "status": status,
+                     "error": errors.get(t.key), "best_epoch": (done or {}).get("best_epoch"),
+                     "wall_seconds": (done or {}).get("wall_seconds"),
+                     "train_seconds": (done or {}).get("train_seconds"),
+                     "best_valid": (done or {}).get("best_valid")})
+    (study_dir / "trials.json").write_text(json.dumps(rows, indent=2, default=_json_default))
+    return rows
+
+
+def _json_default(x):
+    return None if isinstance(x, float) and math.isnan(x) else str(x)

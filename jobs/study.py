@@ -1,0 +1,158 @@
+"""Run a study of the paper in one command: settings x seeds on one prepared data set, as Ray Tune
+trials that are Ray Train runs, then CSV/Markdown tables and PNG figures.
+
+    python jobs/study.py --prepared-dir outputs/prepared/beauty --study table1 --seeds 2020 2021
+    python jobs/study.py --prepared-dir DIR --study fig3 --seeds 2020 2021 2022      # ablations
+    python jobs/study.py --prepared-dir DIR --study fig4 --param k1 --param l2 --seeds 2020
+    python jobs/study.py --prepared-dir DIR --study fig5 --seeds 2020 2021 optim.epochs=50
+    python jobs/study.py --prepared-dir DIR --study custom --variant-list hm4sr -TMoE \\
+        --setting "loss.idcl_weight=0.5" --setting "nopcl:loss.pcl_weight=0" --seeds 1 2
+
+Studies: table1 (HM4SR vs SASRec), fig3 (-IMoE -TMoE -CP -IDCL -PCL -Text -Image, those the data
+supports), fig4 (one-at-a-time k1, k2, l2, l3, beta over the paper grids; --param picks panels),
+fig5 (the five time embeddings and the default), custom (--variant-list and --setting). Every
+`key.path=value` after the flags changes the base config of every trial.
+
+Before Ray starts, every trial's config is built and checked (an unknown key or bad value is one
+`error: ...` line, exit 2), what the data cannot support is left out with a note, settings that
+resolve to the same config run once, and a study of more than --max-trials (24) trials needs --yes.
+Re-running the same command resumes: the Tune experiment is restored and finished trials are not
+re-run. Output: <output>/ (default outputs/studies/<dataset>-<study>): study_plan.json, trials.json,
+runs/<setting>__seed<seed>/ (results.json + per_user_test.npz, for hm4sr-compare), study.csv,
+study.md, and the PNG figures. `--report-only` rebuilds the tables and figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+from hm4sr_dist.config import ConfigError, command_line_keys, load_tracked
+from hm4sr_dist.feasibility import DataOffer, resolve
+from hm4sr_dist.study.plan import DEFAULT_MAX_TRIALS, STUDIES, parse_setting, plan_study, write_plan
+from jobs.common import JobArgumentParser, exit_on_user_error
+
+say = functools.partial(print, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prepared-dir", required=True, help="prepared shards (folder with manifest.json)")
+    p.add_argument("--study", required=True, choices=STUDIES)
+    p.add_argument("--seeds", nargs="+", type=int, default=[2020], help="optim.seed of each repeat")
+    p.add_argument("--config", default="configs/hm4sr_paper.yaml", help="base config of every trial")
+    p.add_argument("--variant-list", nargs="+", default=None, metavar="VARIANT",
+                   help="variants (table1, fig3, custom), e.g. hm4sr sasrec; write -TMoE as is")
+    p.add_argument("--param", action="append", default=[],
+                   help="fig4: a panel (k1, k2, l2, l3, beta); repeatable")
+    p.add_argument("--setting", action="append", default=[], metavar="[LABEL:]KEY=VALUE ...",
+                   help="custom: one setting of key=value overrides; repeatable")
+    p.add_argument("--output", default="", help="study folder (default outputs/studies/<dataset>-<study>)")
+    p.add_argument("--max-trials", type=int, default=DEFAULT_MAX_TRIALS, help="more trials need --yes")
+    p.add_argument("--yes", action="store_true", help="run a study larger than --max-trials")
+    p.add_argument("--max-concurrent", type=int, default=1, help="trials at once (each starts its workers)")
+    p.add_argument("--trial-cpus", type=float, default=1.0, help="CPUs reserved by each trial's driver (> 0)")
+    p.add_argument("--max-failures", type=int, default=1,
+                   help="retries of a failed trial (Tune FailureConfig)")
+    p.add_argument("--asha", action="store_true",
+                   help="stop weak trials early (ASHA on valid NDCG@5 per epoch; see docs/studies.md)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="paired-bootstrap resamples")
+    p.add_argument("--dry-run", action="store_true", help="print the trials and exit")
+    p.add_argument("--report-only", action="store_true", help="rebuild tables and figures, train nothing")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides of the base config")
+    # argparse would read "-TMoE" after --variant-list as an option: take the list out first
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, variants, in_list = [], None, False
+    for a in argv:
+        if a == "--variant-list" or a.startswith("--variant-list="):
+            in_list, variants = True, (variants or []) + ([a.split("=", 1)[1]] if "=" in a else [])
+        elif in_list and not a.startswith("--") and "=" not in a:
+            variants.append(a)
+        else:
+            in_list = False
+            rest.append(a)
+    args = p.parse_args(rest)
+    if variants is not None and not variants:
+        p.error("--variant-list: expected at least one variant")
+    args.variant_list = variants
+    return args
+
+
+def plan(argv: list[str] | None) -> dict:
+    """Parse and check the command line and every trial's config; no Ray, no torch."""
+    args = parse_args(argv)
+    if args.max_concurrent < 1:
+        raise ConfigError(key="--max-concurrent", expected="an int >= 1", got=args.max_concurrent)
+    if not args.trial_cpus > 0:
+        raise ConfigError(key="--trial-cpus", expected="a number > 0", got=args.trial_cpus)
+    if args.max_failures < 0:
+        raise ConfigError(key="--max-failures", expected="an int >= 0", got=args.max_failures)
+    if args.param and args.study != "fig4":
+        raise ConfigError("only fig4 takes --param", key="--param")
+    if args.setting and args.study != "custom":
+        raise ConfigError("only the custom study takes --setting", key="--setting")
+    prepared = Path(args.prepared_dir)
+    if not (prepared / "manifest.json").is_file():
+        raise ConfigError(f"{prepared} holds no prepared data set (no manifest.json)", key="--prepared-dir")
+    from hm4sr_dist.data.manifest import read_manifest
+    manifest = read_manifest(prepared)
+    offer = DataOffer.from_manifest(manifest)
+    loaded, sources = load_tracked(args.config, args.overrides)
+    explicit = command_line_keys(sources)
+    base, notes = resolve(loaded, offer, explicit)
+    base.data.prepared_dir = str(prepared.resolve())
+    for key in ("storage_path", "tensorboard_dir"):     # absolute: trials run in their own folders
+        value = getattr(base.train, key)
+        if value and "://" not in value:
+            setattr(base.train, key, str(Path(value).resolve()))
+    dataset = manifest.get("name") or prepared.name
+    custom = [parse_setting(s) for s in args.setting]
+    study = plan_study(args.study, base, args.seeds, dataset=dataset,
+                       fingerprint=manifest.get("fingerprint") or "", offer=offer, explicit=explicit,
+                       variants=args.variant_list, params=args.param or None, custom=custom)
+    study.notes[:0] = notes
+    n = len(study.trials)
+    if n > args.max_trials and not (args.yes or args.dry_run or args.report_only):
+        raise ConfigError(f"the study has {n} trials ({len(study.settings)} settings x "
+                          f"{len(args.seeds)} seeds), more than {args.max_trials}; pass --yes to run it",
+                          key="--yes")
+    out = Path(args.output or Path("outputs") / "studies" / study.name)
+    return {"args": args, "study": study, "out": out}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = plan(argv)
+    args, study, out = p["args"], p["study"], p["out"]
+    for note in study.notes:
+        say(f"note: {note}")
+    say(f"study {study.name}: {len(study.settings)} settings x {len(args.seeds)} seeds = {len(study.trials)} "
+        f"trials, baseline {study.baseline}, at most {args.max_concurrent} at once")
+    if args.dry_run:
+        for t in study.trials:
+            say(f"  {t.setting:30s} seed {t.seed}  run {t.run}  identity {t.key}")
+        return {"study": study.name, "n_trials": len(study.trials)}
+    from hm4sr_dist.study.report import report
+    if not args.report_only:
+        from hm4sr_dist.study.runner import run_study
+        write_plan(study, out)
+        rows = run_study(study, out, max_concurrent=args.max_concurrent, trial_cpus=args.trial_cpus,
+                         max_failures=args.max_failures, asha=args.asha)
+        for r in rows:
+            if r["status"] != "finished":
+                say(f"  {r['setting']} seed {r['seed']}: {r['status']} {r['error'] or ''}")
+    elif not (out / "trials.json").is_file():
+        raise ConfigError(f"{out} holds no study results to report on", key="--report-only")
+    made = report(out, n_boot=args.bootstrap)
+    say((out / "study.md").read_text())
+    say(f"wrote {out / 'study.csv'}, {out / 'study.md'} and {len(made['figures'])} figures in {out}")
+    return {"study": study.name, "out": str(out), **made}
+
+
+def cli() -> None:
+    exit_on_user_error(lambda: main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    cli()

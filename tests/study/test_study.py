@@ -1,0 +1,161 @@
+"""Studies in one command: the plan (no Ray: settings, de-duplication by run identity, errors) and a
+tiny real study of 2 settings x 2 seeds whose driver is killed after its first finished trial and
+resumed without re-running it, then writes the tables and figures."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hm4sr_dist.config import ConfigError, command_line_keys, load_tracked
+from hm4sr_dist.feasibility import DataOffer, resolve
+from hm4sr_dist.study.plan import parse_setting, plan_study
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["model.hidden_size=8", "model.inner_size=16", "model.max_seq_len=12", "model.n_layers=1",
+        "model.modalities=[id]", "loss.cp_weight=0", "loss.pcl_weight=0", "optim.batch_size=64",
+        "optim.epochs=2", "train.num_workers=1", "eval.batch_size=256"]
+
+
+def _plan(study, overrides=(), **kw):
+    cfg, sources = load_tracked(str(ROOT / "configs/hm4sr_paper.yaml"), list(TINY) + list(overrides))
+    explicit = command_line_keys(sources)
+    offer = DataOffer(frozenset({"id"}), categories=False)
+    base, _ = resolve(cfg, offer, explicit)
+    return plan_study(study, base, kw.pop("seeds", [1, 2]), dataset="toy", fingerprint="fp", offer=offer,
+                      explicit=explicit, **kw)
+
+
+def test_fig4_default_point_runs_once_and_inert_panels_are_left_out():
+    plan = _plan("fig4")
+    keys = [t.key for t in plan.trials]
+    assert len(keys) == len(set(keys))                        # every resolved config trains once
+    assert plan.aliases["k1=4"] == "default" and plan.aliases["l2=1.0"] == "default"
+    assert any(n.startswith("loss.pcl_ratio left out") for n in plan.notes)   # PCL is off on ID-only data
+    assert plan.baseline == "default" and plan.trials[0].setting == "default"
+
+
+def test_fig3_drops_ablations_the_data_cannot_support_with_a_note():
+    plan = _plan("fig3", seeds=[1])
+    labels = [s.label for s in plan.settings]
+    assert labels[0] == "hm4sr" and "-TMoE" in labels and "-IMoE" in labels
+    for dropped in ("-Text", "-Image", "-PCL", "-CP"):        # already off on ID-only data
+        assert dropped not in labels and any(n.startswith(dropped) for n in plan.notes)
+
+
+def test_user_errors_name_the_key():
+    with pytest.raises(ConfigError, match="loss.idcl_weigth"):
+        parse_setting("loss.idcl_weigth=0.5")
+    with pytest.raises(ConfigError, match="--variant"):
+        _plan("table1", variants=["hm4sr", "-TMOE"])
+    r = subprocess.run([sys.executable, "jobs/study.py", "--prepared-dir", str(ROOT), "--study", "table1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "manifest.json" in r.stderr
+
+
+@pytest.mark.slow
+def test_study_is_killed_resumed_and_tabulated(prepared_sequences, local_ray, tmp_path):
+    from PIL import Image
+
+    from jobs.study import main
+
+    out = tmp_path / "study"
+    argv = ["--prepared-dir", str(prepared_sequences), "--study", "table1", "--seeds", "1", "2",
+            "--output", str(out), "--trial-cpus", "0.5", "--bootstrap", "200", *TINY,
+            f"train.storage_path={tmp_path / 'ray'}"]
+    started = time.time()
+    # 1. the driver, connected to the session's Ray, exits abruptly after its first finished trial
+    env = dict(os.environ, HM4SR_STUDY_EXIT_AFTER="1",
+               RAY_ADDRESS=local_ray.get_runtime_context().gcs_address)
+    killed = subprocess.run([sys.executable, "jobs/study.py", *argv], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == 75, killed.stdout[-2000:] + killed.stderr[-3000:]
+    events = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    first = [e for e in events if e["event"] == "end"]
+    assert len(first) == 1 and (out / "runs" / first[0]["run"] / "results.json").is_file()
+    assert not (out / "study.md").exists()
+
+    # 2. the same command again: the Tune experiment is restored, the finished trial is not re-run
+    result = main(argv)
+    events = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    starts = [e["run"] for e in events if e["event"] == "start"]
+    assert starts.count(first[0]["run"]) == 1
+    assert sorted(e["run"] for e in events if e["event"] == "end") == sorted(
+        ["hm4sr__seed1", "hm4sr__seed2", "sasrec__seed1", "sasrec__seed2"])
+    status = json.loads((out / "trials.json").read_text())
+    assert [r["status"] for r in status] == ["finished"] * 4
+
+    # 3. tables: one row per setting, HM4SR the baseline, SASRec with a paired CI
+    rows = list(csv.DictReader(open(out / "study.csv")))
+    assert [r["setting"] for r in rows] == ["hm4sr", "sasrec"]
+    assert rows[0]["runs"] == rows[1]["runs"] == "2/2" and rows[0]["baseline"] == "True"
+    low, diff, high = (float(rows[1][f"ndcg@5_{k}"]) for k in ("ci_low", "diff", "ci_high"))
+    assert low <= diff <= high
+    md = (out / "study.md").read_text()
+    assert sum(line.startswith("| hm4sr ") or line.startswith("| sasrec ") for line in md.splitlines()) == 2
+    # 4. figures: curves per setting, bars, routing heatmap for HM4SR (SASRec has no MoE)
+    names = {Path(f).name for f in result["figures"]}
+    assert {"curves_hm4sr.png", "curves_sasrec.png", "bars.png", "routing_hm4sr.png"} <= names
+    for f in result["figures"]:
+        with Image.open(f) as im:
+            assert im.size[0] >= 400 and im.size[1] >= 300
+    print(f"study test: {time.time() - started:.0f} s")
+
+
+def _fake_run(folder: Path, setting: str, seed: int, config: dict, ranks, key: str) -> None:
+    """A run folder as the study runner writes it (results.json + per_user_test.npz)."""
+    import numpy as np
+
+    from hm4sr_dist.compare import per_user_metrics
+
+    folder.mkdir(parents=True)
+    ranks = np.asarray(ranks)
+    np.savez(folder / "per_user_test.npz", user=np.arange(ranks.size), rank=ranks)
+    test = {m: float(v.mean()) for m, v in per_user_metrics(ranks, ["ndcg@5", "ndcg@10", "mrr@10"]).items()}
+    history = [{"epoch": e, "epoch/total": 5.0 - e, "epoch/main": 3.0 - e / 2, "valid/ndcg@5": 0.1 * (e + 1)}
+               for e in range(3)]
+    diag = {f"routing/temporal_{r}/expert{i}": 0.5 for r in ("same_time", "under_1h") for i in range(2)}
+    (folder / "results.json").write_text(json.dumps({
+        "dataset": "toy", "variant": setting, "identity": key, "test": test | {"count": int(ranks.size)},
+        "best_epoch": 2, "wall_seconds": 10.0, "train_seconds": 6.0, "history": history, "diagnostics": diag,
+        "data_manifest": {"fingerprint": "fp"}, "config": config}))
+
+
+def test_report_tables_and_figures_from_run_folders(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from hm4sr_dist.study.plan import write_plan
+    from hm4sr_dist.study.report import report
+
+    plan = _plan("fig4", params=["k1"], seeds=[1, 2])
+    write_plan(plan, tmp_path)
+    rng = np.random.default_rng(0)
+    status = []
+    for i, t in enumerate(plan.trials):
+        if t.setting == "k1=12" and t.seed == 2:          # a failed trial: reported, not dropped
+            status.append({"setting": t.setting, "seed": t.seed, "run": t.run, "key": t.key,
+                           "status": "failed", "error": "RuntimeError('boom')", "best_epoch": None,
+                           "wall_seconds": None, "train_seconds": None, "best_valid": None})
+            continue
+        _fake_run(tmp_path / "runs" / t.run, t.setting, t.seed, t.config, rng.integers(0, 30, 50), t.key)
+        status.append({"setting": t.setting, "seed": t.seed, "run": t.run, "key": t.key, "status": "finished",
+                       "error": None, "best_epoch": 2, "wall_seconds": 10.0, "train_seconds": 6.0,
+                       "best_valid": 0.3})
+    (tmp_path / "trials.json").write_text(json.dumps(status))
+    made = report(tmp_path, n_boot=100)
+    labels = [s.label for s in plan.settings]
+    assert [r["setting"] for r in made["rows"]] == labels == ["default", "k1=2", "k1=6", "k1=8", "k1=12"]
+    assert made["rows"][-1]["runs"] == "1/2" and "boom" in made["rows"][-1]["failed"]
+    md = (tmp_path / "study.md").read_text()
+    assert "k1=4 = default" in md and "seed 2: failed" in md
+    names = {Path(f).name for f in made["figures"]}
+    assert {"fig4.png", "bars.png", "curves_default.png", "routing_default.png"} <= names
+    for f in made["figures"]:
+        with Image.open(f) as im:
+            assert im.size[0] >= 400 and im.size[1] >= 300
