@@ -152,6 +152,20 @@ class _ExitAfter(ray.tune.Callback):
             os._exit(75)
 
 
+def _check_cpus(plan: StudyPlan, trial_cpus: float) -> None:
+    """A trial's driver and its Train workers must fit the cluster together, else the worker group
+    waits for CPUs that never free up (on a 2-CPU machine: 1 + 2 workers x 1 CPU)."""
+    from hm4sr_dist.config import ConfigError
+    have = ray.cluster_resources().get("CPU", 0)
+    need = max(trial_cpus + t.config["train"]["num_workers"] * t.config["train"]["cpus_per_worker"]
+               for t in plan.trials)
+    if need > have and not ray.cluster_resources().get("GPU", 0):
+        raise ConfigError(key="--trial-cpus", expected=f"a trial's driver plus its workers to fit the "
+                          f"cluster's {have:g} CPUs", got=f"{trial_cpus:g} + workers = {need:g} CPUs",
+                          why="use --trial-cpus 0.5 with train.num_workers=1, or a Ray started with "
+                              "more CPUs (ray start --head --num-cpus N; RAY_ADDRESS=auto)")
+
+
 def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, trial_cpus: float = 1.0,
               max_failures: int = 1, asha: bool = False) -> list[dict]:
     """Fit (or restore and finish) every trial of the plan; return one status row per trial."""
@@ -159,6 +173,7 @@ def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, tria
     (study_dir / "runs").mkdir(parents=True, exist_ok=True)
     base = plan.trials[0].config
     ensure_ray()
+    _check_cpus(plan, trial_cpus)
     from hm4sr_dist.config import ExperimentConfig, from_dict
     storage = storage_root(from_dict(ExperimentConfig, base))
     plan_info = {"dataset": plan.dataset, "fingerprint": plan.fingerprint, "study": plan.study}
