@@ -173,12 +173,17 @@ def plot_curves(study_dir: Path, plan: dict, runs: dict, status: list[dict]) -> 
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
-        fig.tight_layout()
         path = study_dir / f"curves_{slug(s['label'])}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        _save(fig, path)
         out.append(path)
     return out
+
+
+def _save(fig, path: Path) -> None:
+    """Lay out, write the PNG and free the figure (pyplot keeps every open figure alive)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
 
 
 def plot_bars(study_dir: Path, plan: dict, rows: list[dict]) -> Path:
@@ -197,10 +202,8 @@ def plot_bars(study_dir: Path, plan: dict, rows: list[dict]) -> Path:
            xlabel="setting")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
     path = study_dir / "bars.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -235,10 +238,8 @@ def plot_sweeps(study_dir: Path, plan: dict, rows: list[dict]) -> Path | None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{plan['name']}: one-at-a-time sweeps, test {metric_label(m)} (mean ± std over seeds)")
-    fig.tight_layout()
     path = study_dir / "fig4.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -293,10 +294,8 @@ def plot_routing(study_dir: Path, plan: dict, runs: dict, status: list[dict]) ->
                                 fontsize=8, bbox={"facecolor": "white", "alpha": 0.6, "lw": 0, "pad": 1})
             fig.colorbar(im, ax=ax, label="mean gate weight (test users, over seeds)")
         fig.suptitle(f"{s['label']}: MoE routing (blank: no test position in that range)")
-        fig.tight_layout()
         path = study_dir / f"routing_{slug(s['label'])}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        _save(fig, path)
         out.append(path)
     return out
 
