@@ -39,6 +39,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from hm4sr_dist.config import flatten
+
 RESULTS_FILE = "results.json"
 PER_USER_FILE = "per_user_test.npz"
 # Config keys that name or place a run but do not change what it learns (plus the seed).
@@ -261,17 +263,6 @@ class Setting:
     def seeds(self) -> list:
         return [r.seed for r in self.runs]
 
-
-def flatten(d: Mapping, prefix: str = "") -> dict:
-    """{'optim': {'seed': 1}} -> {'optim.seed': 1}."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _setting_config(run: Run, ignore: Iterable[str]) -> dict:

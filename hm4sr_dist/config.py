@@ -515,6 +515,15 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{'optim': {'seed': 1}} -> {'optim.seed': 1} (an empty section stays a value)."""
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        out |= flatten(value, path) if isinstance(value, dict) and value else {path: value}
+    return out
+
+
 def parse_override(text: str, source: str = COMMAND_LINE) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (['a','b','c'], value), the value parsed as YAML (so 0.5, true, [id])."""
     key, sep, raw = text.partition("=")

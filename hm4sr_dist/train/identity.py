@@ -16,7 +16,7 @@ import hashlib
 import json
 import posixpath
 
-from hm4sr_dist.config import ConfigError, ExperimentConfig, to_dict
+from hm4sr_dist.config import ConfigError, ExperimentConfig, flatten, to_dict
 
 IDENTITY_FILE = "run_identity.json"
 
@@ -34,20 +34,9 @@ class RunIdentityError(ConfigError):
     """A run folder holds a run of a different configuration or data set."""
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict):
-            out |= _flatten(value, path)
-        else:
-            out[path] = value
-    return out
-
-
 def run_identity(cfg: ExperimentConfig, data_fingerprint: str | None) -> dict:
     """The keys that define a run's results, and their hash."""
-    flat = {k: v for k, v in _flatten(to_dict(cfg)).items() if k not in NOT_IDENTITY}
+    flat = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in NOT_IDENTITY}
     flat["data.fingerprint"] = data_fingerprint or ""
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
     return {"hash": digest[:16], "config": flat}
@@ -55,7 +44,7 @@ def run_identity(cfg: ExperimentConfig, data_fingerprint: str | None) -> dict:
 
 def default_identity_config() -> dict:
     """The identity keys of a default config (what a key added by a newer version stands for)."""
-    return {k: v for k, v in _flatten(to_dict(ExperimentConfig())).items() if k not in NOT_IDENTITY}
+    return {k: v for k, v in flatten(to_dict(ExperimentConfig())).items() if k not in NOT_IDENTITY}
 
 
 def differences(stored: dict, current: dict, defaults: dict | None = None) -> list[str]:

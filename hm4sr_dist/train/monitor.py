@@ -19,6 +19,8 @@ import time
 import torch
 import yaml
 
+from hm4sr_dist.config import flatten
+
 NOT_CURVES = ("count", "epoch", "global_step", "best_epoch", "epochs_run", "step_in_epoch")  # printed only
 
 
@@ -85,7 +87,7 @@ class Monitor:
         self._scalars({k: v for k, v in final.items() if k.startswith("test/")}, global_step)
         if self.writer is not None:
             hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                       for k, v in _flatten(self.config).items()}
+                       for k, v in flatten(self.config).items()}
             metrics = {f"hparam/{k}": v for k, v in _plotted(final).items()
                        if k.startswith("test/") or k in ("best_valid", "best_epoch")}
             self.writer.add_hparams(hparams, metrics, run_name="hparams", global_step=global_step)
@@ -95,13 +97,6 @@ class Monitor:
         if self.writer is not None:
             self.writer.close()
 
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}.{key}" if prefix else key
-        out |= _flatten(value, path) if isinstance(value, dict) else {path: value}
-    return out
 
 
 def grad_norm(parameters) -> float:
