@@ -151,6 +151,11 @@ class LossConfig:
     idcl_temperature: float = _f(0.2, "tau of eq. 23", min=0.0, min_exclusive=True)
     pcl_temperature: float = _f(1.0, "temperature of eq. 25 (the paper's has none, i.e. 1.0)",
                                 min=0.0, min_exclusive=True)
+    cp_reduction: str = _f("per_item", "how eq. 22's BCE is reduced: 'per_item' sums it over the categories "
+                           "(eq. 22) and averages over the real input items (spec); 'per_element' "
+                           "averages over items and categories (versions before 2026-11-24), which "
+                           "divides lambda_1's effect by the number of categories",
+                           choices=("per_item", "per_element"))
     pcl_ratio: float = _f(0.3, "beta: share of real positions replaced by the time placeholder",
                           min=0.0, max=1.0)
     main_loss: str = _f("full", "eq. 20 over the catalogue (docs/scaling.md): 'full' scores every item "

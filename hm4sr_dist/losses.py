@@ -22,17 +22,29 @@ def main_loss(scores: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(scores, target)
 
 
-def category_loss(logits: Tensor, labels: Tensor, denominator: Tensor | float | None = None) -> Tensor:
+def category_loss(logits: Tensor, labels: Tensor, denominator: Tensor | float | None = None,
+                  reduction: str = "per_item") -> Tensor:
     """Eq. 21-22: binary cross-entropy of per-item category logits against multi-hot labels.
 
     logits, labels: (n_real_items, C), one row per non-padding input position (padding never
-    reaches here). Reduced as a mean over those items and the C categories (spec §3; see
-    docs/model.md): the summed BCE divided by `denominator`, default n_real_items * C.
+    reaches here). The summed BCE over every (item, category) pair, divided by `denominator`; by
+    default the number of items (`reduction="per_item"`: eq. 22's sum over categories, averaged
+    over the items as spec §3 says) or of (item, category) pairs (`"per_element"`). Under data
+    parallelism the caller passes the global count (see `HM4SRObjective`).
     """
     total = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="sum")
     if denominator is None:
-        denominator = max(logits.numel(), 1)
+        denominator = max(category_count(logits, reduction), 1)
     return total / denominator
+
+
+def category_count(logits: Tensor, reduction: str) -> int:
+    """What category_loss averages over: items (`per_item`) or (item, category) pairs."""
+    if reduction == "per_item":
+        return logits.shape[0]
+    if reduction == "per_element":
+        return logits.numel()
+    raise ValueError(f"loss.cp_reduction: expected 'per_item' or 'per_element', got {reduction!r}")
 
 
 def info_nce(queries: Tensor, keys: Tensor, positives: Tensor, query_ids: Tensor, key_ids: Tensor,

@@ -16,7 +16,7 @@ from hm4sr_dist.batch import Batch
 from hm4sr_dist.catalog_loss import build_main_loss
 from hm4sr_dist.config import LossConfig
 from hm4sr_dist.feasibility import unresolved
-from hm4sr_dist.losses import category_loss, info_nce, main_loss, weighted_total
+from hm4sr_dist.losses import category_count, category_loss, info_nce, main_loss, weighted_total
 from hm4sr_dist.model.hm4sr import HM4SR, HM4SROutput
 
 
@@ -97,7 +97,7 @@ class HM4SRObjective(nn.Module):
         if cfg.cp_weight > 0:
             labels = self.categories[out.cp_items]
             # Normalise by the GLOBAL count so that averaging over ranks gives the global mean.
-            local = torch.tensor(float(out.cp_logits.numel()), device=labels.device)
+            local = torch.tensor(float(category_count(out.cp_logits, cfg.cp_reduction)), device=labels.device)
             terms.cp = category_loss(out.cp_logits, labels, ex.all_sum(local) / ex.world_size)
         if cfg.idcl_weight > 0:
             d, i = model.d, model.modalities.index("id")

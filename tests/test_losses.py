@@ -23,13 +23,17 @@ def test_main_loss_is_softmax_cross_entropy_over_real_items():
     torch.testing.assert_close(main_loss(scores, target), expected)
 
 
-def test_category_loss_is_mean_binary_cross_entropy():
-    """Eq. 22: binary cross-entropy summed over entries, divided by n_items * C or a given count."""
+def test_category_loss_sums_over_categories_and_averages_over_items():
+    """Eq. 22: binary cross-entropy summed over the categories of each item, averaged over the items
+    (`per_item`, the default); `per_element` divides by items x categories; or a given count."""
     logits, labels = torch.randn(5, 3), torch.rand(5, 3) > 0.5
     p = torch.sigmoid(logits)
     per_entry = -(labels * torch.log(p) + (~labels) * torch.log(1 - p))          # eq. 22
-    torch.testing.assert_close(category_loss(logits, labels), per_entry.sum() / 15)
+    torch.testing.assert_close(category_loss(logits, labels), per_entry.sum(dim=1).mean())
+    torch.testing.assert_close(category_loss(logits, labels, reduction="per_element"), per_entry.mean())
     torch.testing.assert_close(category_loss(logits, labels, denominator=6.0), per_entry.sum() / 6)
+    with pytest.raises(ValueError, match="loss.cp_reduction"):
+        category_loss(logits, labels, reduction="sum")
 
 
 def reference_info_nce(q, k, pos, qid, kid, tau):
@@ -82,10 +86,10 @@ def reference_main(h, x, target):
     return total / len(target)
 
 
-def reference_cp(x_cat, w_cp, b_cp, batch, categories):
+def reference_cp(x_cat, w_cp, b_cp, batch, categories, reduction="per_item"):
     """Eq. 21-22 by hand: for every real input item v, logits W_CP [x_id; x_txt; x_img](v) + b_CP
     and L_CP(v) = -sum_c y_c log p_c + (1 - y_c) log(1 - p_c); reduced as docs/model.md states: the
-    mean over every (real input item, category) pair of the batch."""
+    mean of L_CP(v) over the batch's real input items (`per_element`: also divided by |C|)."""
     total, n_real = 0.0, 0
     for row in range(len(batch.seq_len)):
         for pos in range(int(batch.seq_len[row])):
@@ -95,7 +99,7 @@ def reference_cp(x_cat, w_cp, b_cp, batch, categories):
                 p, y = 1.0 / (1.0 + math.exp(-float(logits[c]))), float(categories[v, c])
                 total -= y * math.log(p) + (1.0 - y) * math.log(1.0 - p)                 # eq. 22
             n_real += 1
-    return total / (n_real * categories.shape[1])
+    return total / (n_real * (categories.shape[1] if reduction == "per_element" else 1))
 
 
 def reference_terms(objective, catalog, batch, out):
@@ -116,7 +120,7 @@ def reference_terms(objective, catalog, batch, out):
     if "cp_head.weight" in params:
         x_cat = torch.cat([x[m] for m in model.modalities], dim=-1)
         ref["cp"] = reference_cp(x_cat, params["cp_head.weight"], params["cp_head.bias"], batch,
-                                 catalog.categories)
+                                 catalog.categories, cfg.cp_reduction)
     if cfg.idcl_weight > 0:                                                            # eq. 23
         ref["idcl"] = reference_info_nce(h["id"], x["id"][target], rows, target, target, cfg.idcl_temperature)
     if cfg.pcl_weight > 0:                                                             # eq. 25-26
@@ -182,6 +186,10 @@ def test_category_prediction_reads_real_positions_only(tiny_log, tiny_batch):
     ref = reference_terms(obj, tiny_log.catalog, tiny_batch, terms.output)
     assert terms.cp.item() == pytest.approx(ref["cp"], rel=1e-5)
     assert terms.total.item() == pytest.approx(ref["main"] + 1.0 * ref["cp"], rel=1e-5)
+    per_element = _objective(tiny_log, idcl_weight=0.0, pcl_weight=0.0, cp_reduction="per_element")
+    ref_element = reference_terms(per_element, tiny_log.catalog, tiny_batch, per_element(tiny_batch).output)
+    assert per_element(tiny_batch).cp.item() == pytest.approx(ref_element["cp"], rel=1e-5)
+    assert ref["cp"] == pytest.approx(ref_element["cp"] * tiny_log.catalog.categories.shape[1], rel=1e-9)
     noisy = tiny_batch.trimmed()
     noisy.item_seq = noisy.item_seq.masked_fill(~noisy.padding_mask(), 3)
     assert (noisy.item_seq != tiny_batch.trimmed().item_seq).any()

@@ -30,32 +30,52 @@ NOT_IDENTITY = (
 )
 
 
+# Keys added after runs already existed, with the value that reproduces what those runs computed.
+# At that value a key is left out of the identity, and a stored run without it counts as having it,
+# so adding a key never changes an existing run's hash (nor a study's trial keys).
+LEGACY_VALUES = {
+    "loss.cp_reduction": "per_element",
+}
+
+# Keys that cannot change a run's results under its resolved config: left out of the identity.
+INERT_WHEN = {
+    "loss.cp_reduction": lambda flat: flat.get("loss.cp_weight", 0) == 0,
+}
+
+
 class RunIdentityError(ConfigError):
     """A run folder holds a run of a different configuration or data set."""
 
 
 def run_identity(cfg: ExperimentConfig, data_fingerprint: str | None) -> dict:
     """The keys that define a run's results, and their hash."""
-    flat = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in NOT_IDENTITY}
+    flat = _identity_keys(flatten(to_dict(cfg)))
     flat["data.fingerprint"] = data_fingerprint or ""
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
     return {"hash": digest[:16], "config": flat}
 
 
+def _identity_keys(flat: dict) -> dict:
+    return {k: v for k, v in flat.items()
+            if k not in NOT_IDENTITY and LEGACY_VALUES.get(k, object()) != v
+            and not (k in INERT_WHEN and INERT_WHEN[k](flat))}
+
+
 def default_identity_config() -> dict:
-    """The identity keys of a default config (what a key added by a newer version stands for)."""
-    return {k: v for k, v in flatten(to_dict(ExperimentConfig())).items() if k not in NOT_IDENTITY}
+    """What a key missing from a stored run stands for: its legacy value (the behaviour before the
+    key existed) where one is listed, else its default."""
+    return {**flatten(to_dict(ExperimentConfig())), **LEGACY_VALUES}
 
 
 def differences(stored: dict, current: dict, defaults: dict | None = None) -> list[str]:
     """`key: stored -> current` for every key that differs (keys missing on one side included).
-    With `defaults`, a key the stored run does not have (added by a newer version) counts as
-    stored at its default, so a run started before the key existed still resumes."""
+    With `defaults`, a key one side does not have (added by a newer version, or left out at its
+    legacy value) counts as at its value there, so a run started before the key existed resumes."""
     keys = sorted(set(stored) | set(current))
     missing = "<absent>"
     old = lambda k: stored.get(k, (defaults or {}).get(k, missing))      # noqa: E731
-    return [f"{k}: {old(k)!r} -> {current.get(k, missing)!r}"
-            for k in keys if old(k) != current.get(k, missing)]
+    new = lambda k: current.get(k, (defaults or {}).get(k, missing))     # noqa: E731
+    return [f"{k}: {old(k)!r} -> {new(k)!r}" for k in keys if old(k) != new(k)]
 
 
 def _filesystem(run_dir: str):

@@ -85,3 +85,23 @@ def test_a_key_added_later_at_its_default_does_not_break_resume(tmp_path):
     (tmp_path / "run" / "run_identity.json").write_text(json.dumps(older_again))
     with pytest.raises(RunIdentityError, match="loss.pcl_ratio: 0.3 -> 0.1"):
         check_or_record(run_dir, changed)
+
+
+def test_a_key_whose_default_changed_behaviour_keeps_old_runs_apart(tmp_path):
+    """loss.cp_reduction was added with a default (per_item) that computes something else than
+    the runs before it (per_element): those runs keep their hash, and resuming one under the new
+    default is a clash, not a silent change. Where CP is off the key is inert and left out."""
+    import json
+
+    with_cp = ["model.modalities=[id,text]", "loss.cp_weight=1.0"]
+    old_behaviour = run_identity(config(*with_cp, "loss.cp_reduction=per_element"), "d")
+    assert "loss.cp_reduction" not in old_behaviour["config"]           # the hash of a pre-key run
+    new_default = run_identity(config(*with_cp), "d")
+    assert new_default["config"]["loss.cp_reduction"] == "per_item"
+    assert new_default["hash"] != old_behaviour["hash"]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run_identity.json").write_text(json.dumps(old_behaviour))
+    with pytest.raises(RunIdentityError, match="loss.cp_reduction: 'per_element' -> 'per_item'"):
+        check_or_record(str(tmp_path / "run"), new_default)
+    no_cp = [run_identity(config(f"loss.cp_reduction={r}"), "d")["hash"] for r in ("per_item", "per_element")]
+    assert no_cp[0] == no_cp[1]                                          # cp_weight=0 in SMALL
