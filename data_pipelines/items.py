@@ -1,4 +1,5 @@
-"""Item tables aligned to dense IDs (row 0 = padding): metadata, categories, text and image features."""
+"""Item tables aligned to dense IDs (row 0 = padding): metadata, categories, text and image features
+(float16 .npy, memory-mapped by training; the manifest records each table's `dtype`)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def text_features(items: pd.DataFrame, cfg: PrepConfig, stats: dict) -> tuple[np
                          {"model": model, "pooling": cfg.text_pooling, "max_tokens": cfg.text_max_tokens},
                          len(items) + 1, cfg.text_batch_size, cfg.num_actors, cfg.progress)
     info = {"model": cfg.text_model, "loaded_from": model, "source": note, "pooling": cfg.text_pooling,
-            "missing": stats["items_without_text"]}
+            "missing": stats["items_without_text"], "dtype": out["dtype"]}
     return out["table"], info
 
 
@@ -99,7 +100,7 @@ def image_features(items: pd.DataFrame, cfg: PrepConfig, stats: dict) -> tuple[n
     info = {"model": cfg.image_model, "pretrained": cfg.image_pretrained,
             "checkpoint": cfg.image_checkpoint or None, "missing": missing,
             "random_init": not cfg.image_pretrained and not cfg.image_checkpoint,
-            "download": {k: v for k, v in download.items()} or None}
+            "download": {k: v for k, v in download.items()} or None, "dtype": out["dtype"]}
     return out["table"], info
 
 
@@ -108,5 +109,6 @@ def has_images(items: pd.DataFrame | None) -> bool:
 
 
 def save_table(out_dir: Path, name: str, table: np.ndarray) -> str:
-    np.save(out_dir / name, table, allow_pickle=False)
+    """`table` as `<out_dir>/<name>` (.npy, its own dtype, C order: training memory-maps it)."""
+    np.save(out_dir / name, np.ascontiguousarray(table), allow_pickle=False)
     return name

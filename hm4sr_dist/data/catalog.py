@@ -1,17 +1,55 @@
-"""`load_catalog`: the item tables of a prepared folder as the model's `ItemCatalog`."""
+"""`load_catalog`: the item tables of a prepared folder as the model's `ItemCatalog`.
+
+Feature tables (`text_features.npy`, `image_features.npy`; float16 since preparation writes them
+so, float32 in folders prepared before) are memory-mapped read-only, never read into memory: all
+workers of a node share one page-cache copy and the model upcasts them block by block
+(`hm4sr_dist.model.items`). Mapping needs a local file (a node-local disk or a shared mount);
+for a folder on object storage, stage the `.npy` files on the node first (not done here).
+"""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from hm4sr_dist.data.manifest import ManifestError, read_manifest
+from hm4sr_dist.data.manifest import ManifestError, local_folder, read_manifest
 from hm4sr_dist.model.catalog import ItemCatalog
 from hm4sr_dist.model.time import max_bucket_for
 
 DEFAULT_MU = 100.0  # eq. 12; the preparation's default and the paper's value
+FEATURE_DTYPES = ("float16", "float32")
+
+
+def map_feature_table(path: str | Path, rows: int, width: int | None = None,
+                      dtype: str | None = None) -> torch.Tensor:
+    """(rows, width) float16/float32 tensor viewing the .npy file `path` through a read-only mmap.
+
+    Raises ManifestError naming the file when it is not a 2-D float16/float32 C-order array of
+    `rows` rows (and `width` columns / `dtype`, when given). Writing into the tensor would fault:
+    the table is frozen.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: listed in the manifest but missing")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ManifestError(f"{path}: not a readable .npy table ({exc})") from exc
+    expected = f"({rows}, {width if width is not None else 'w'})"
+    if arr.ndim != 2 or arr.shape[0] != rows or (width is not None and arr.shape[1] != width):
+        raise ManifestError(f"{path}: shape {arr.shape}, expected {expected} (n_items + 1 rows)")
+    if arr.dtype.name not in FEATURE_DTYPES or not arr.dtype.isnative:
+        raise ManifestError(f"{path}: dtype {arr.dtype.str}, expected native float16 or float32")
+    if dtype is not None and arr.dtype.name != dtype:
+        raise ManifestError(f"{path}: dtype {arr.dtype.name}, the manifest says {dtype}")
+    if not arr.flags.c_contiguous:
+        raise ManifestError(f"{path}: Fortran-ordered table; rewrite it in C order")
+    with warnings.catch_warnings():   # read-only on purpose: torch warns about non-writable arrays
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(arr)
 
 
 def _table(prepared_dir: Path, name: str, rows: int) -> torch.Tensor:
@@ -25,28 +63,38 @@ def _table(prepared_dir: Path, name: str, rows: int) -> torch.Tensor:
 
 
 def load_catalog(prepared_dir: str | Path, mu: float | None = None) -> ItemCatalog:
-    """Item tables + time axis of a prepared folder.
+    """Item tables + time axis of a prepared folder (a local path).
 
-    Row 0 of every table is the padding item (zeros). `categories` is a float32 0/1 multi-hot.
+    Row 0 of every table is the padding item (zeros). Text/image features are memory-mapped as
+    stored (float16, or float32 for older folders; `catalog.feature_files` names the files).
+    `categories` is a float32 0/1 multi-hot, in memory.
     `max_interval_bucket` = floor(mu * log2(a_max + 1)) for the largest interval a_max between
     consecutive items of any user's training part (mu defaults to the value the data was prepared
     with, 100 unless changed); `time_origin` = the first timestamp; `n_days` = days spanned + 1.
     A modality the data lacks (e.g. images of MovieLens) is None.
     """
-    prepared_dir = Path(prepared_dir)
+    prepared_dir = local_folder(prepared_dir)  # a URI's manifest + tables staged on this node
     manifest = read_manifest(prepared_dir)
     n_items = int(manifest["counts"]["items"])
     rows = n_items + 1
     features = manifest.get("features", {})
-    text = _table(prepared_dir, features["text"]["file"], rows).float() if "text" in features else None
-    image = _table(prepared_dir, features["image"]["file"], rows).float() if "image" in features else None
+    tables, files = {}, {}
+    for m in ("text", "image"):
+        entry = features.get(m)
+        if entry is None:
+            tables[m] = None
+            continue
+        path = prepared_dir / entry["file"]
+        tables[m] = map_feature_table(path, rows, entry.get("width"), entry.get("dtype"))
+        files[m] = str(path)
     cats = manifest.get("categories")
     categories = _table(prepared_dir, cats["file"], rows).float() if cats else None
     interval = manifest["interval"]
     mu = float(mu if mu is not None else interval.get("mu", DEFAULT_MU))
     time = manifest["time"]
     return ItemCatalog(
-        n_items=n_items, text_features=text, image_features=image, categories=categories,
+        n_items=n_items, text_features=tables["text"], image_features=tables["image"],
+        categories=categories, feature_files=files,
         max_interval_bucket=max_bucket_for(int(interval["max_train_interval_seconds"]), mu),
         time_origin=int(time["min"]), n_days=int(time["n_days"]),
     ).validate()

@@ -2,6 +2,13 @@
 
 `x_id` comes from a learned ID table; `x_txt = W_txt f_txt + b_txt` and `x_img = W_img f_img + b_img`
 project frozen, precomputed encoder features (BERT / ViT [CLS], eq. 2-3) to the hidden size d.
+
+The frozen tables grow with the catalogue (10^7 items x 768 = 15 GB in float16) and are usually
+memory-mapped files (`hm4sr_dist.data.load_catalog`). They are therefore held in a `FrozenFeatures`,
+deliberately *not* a buffer: a buffer is copied by `.to()`, cast by `.half()`/DeepSpeed's mixed
+precision, deep-copied by `copy.deepcopy` and could be broadcast or checkpointed. The projection
+reads the table block by block, upcasting each block (fp16 -> fp32) on the weight's device, and
+recomputes the blocks in backward instead of saving them (`_FrozenProjection`).
 """
 
 from __future__ import annotations
@@ -12,13 +19,112 @@ from torch import Tensor, nn
 from hm4sr_dist.config import ModelConfig
 from hm4sr_dist.model.catalog import ItemCatalog
 
+BLOCK_ROWS = 16384   # rows upcast at a time: 16384 x 768 x 4 B = 48 MiB of fp32 at most
+
+
+class FrozenFeatures:
+    """A frozen (n_items + 1, w) feature table kept outside the module's parameters and buffers.
+
+    `table` stays where it is (CPU memory or a read-only memory-mapped file, float16/32); blocks
+    are upcast on demand. `source` is the file behind a mapped table (None when in memory).
+    Copying the owning module (`copy.deepcopy`, e.g. the fp32 evaluation copy) shares the table;
+    pickling a mapped table sends its path and the receiver maps the same file again.
+    """
+
+    def __init__(self, table: Tensor, source: str | None = None, block_rows: int = BLOCK_ROWS):
+        if table.dim() != 2 or not torch.is_floating_point(table):
+            raise ValueError(f"frozen features must be a 2-D float table, got {table.dtype} "
+                             f"{tuple(table.shape)}" + (f" ({source})" if source else ""))
+        self.table = table.detach()
+        self.source = source
+        self.block_rows = int(block_rows)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.table.shape
+
+    def blocks(self):
+        """(start, stop) row ranges of at most `block_rows` rows."""
+        n = self.table.shape[0]
+        step = max(1, self.block_rows)
+        return ((s, min(s + step, n)) for s in range(0, n, step))
+
+    def block(self, start: int, stop: int, device, dtype: torch.dtype) -> Tensor:
+        """Rows start..stop-1 as a (stop - start, w) tensor of `dtype` on `device`: a copy, or a
+        view of the table when it already has that dtype and device (callers only read it)."""
+        part = self.table[start:stop]
+        if part.device != torch.device(device):
+            part = part.to(device)         # copy the narrow dtype, upcast where it is used
+        return part.to(dtype)
+
+    def __deepcopy__(self, memo) -> "FrozenFeatures":
+        return self                        # frozen: a copied module reads the same table
+
+    def __reduce__(self):
+        if self.source is not None:
+            return (_remap, (self.source, tuple(self.table.shape), str(self.table.dtype), self.block_rows))
+        return (FrozenFeatures, (self.table, None, self.block_rows))
+
+
+def _remap(source: str, shape: tuple, dtype: str, block_rows: int) -> FrozenFeatures:
+    from hm4sr_dist.data.catalog import map_feature_table   # data layer; imported only when unpickling
+
+    table = map_feature_table(source, rows=shape[0], width=shape[1])
+    if str(table.dtype) != dtype:
+        raise ValueError(f"{source}: the file changed since it was mapped ({table.dtype}, was {dtype})")
+    return FrozenFeatures(table, source, block_rows)
+
+
+class _FrozenProjection(torch.autograd.Function):
+    """x = f W^T + b over a frozen table f, block by block; no (n, w) upcast copy is ever whole.
+
+    Computed in fp32 (fp64 for fp64 weights) whatever the table's and weights' dtype, returned in
+    the weights' dtype. Backward recomputes each block: dW = sum_blocks g_block^T f_block, db = sum g.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, bias: Tensor, frozen: FrozenFeatures) -> Tensor:
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        w, b = weight.to(acc), bias.to(acc)
+        out = weight.new_empty(frozen.shape[0], weight.shape[0])
+        for start, stop in frozen.blocks():
+            out[start:stop] = torch.addmm(b, frozen.block(start, stop, weight.device, acc), w.T)
+        ctx.frozen = frozen
+        ctx.dtypes = (weight.dtype, bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        frozen, (w_dtype, b_dtype) = ctx.frozen, ctx.dtypes
+        acc = torch.promote_types(w_dtype, torch.float32)
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_w = grad_out.new_zeros(grad_out.shape[1], frozen.shape[1], dtype=acc)
+            for start, stop in frozen.blocks():
+                grad_w.addmm_(grad_out[start:stop].to(acc).T, frozen.block(start, stop, grad_out.device, acc))
+            grad_w = grad_w.to(w_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_b = grad_out.to(acc).sum(0).to(b_dtype)
+        return grad_w, grad_b, None
+
+
+def project_frozen(frozen: FrozenFeatures, linear: nn.Linear) -> Tensor:
+    """`linear(frozen.table)` for every row, without materialising an upcast copy of the table."""
+    return _FrozenProjection.apply(linear.weight, linear.bias, frozen)
+
 
 class ItemEmbedding(nn.Module):
     """Per-modality item vectors for the whole catalogue.
 
     `forward()` returns a (n_items + 1, M * d) table, modalities concatenated in `cfg.modalities`
     order: the concatenation is what eq. 19 scores against (one matmul sums the per-modality
-    scores) and what CP (eq. 21) and the Interactive MoE (eq. 7) take per item.
+    scores) and what CP (eq. 21) and the Interactive MoE (eq. 7) take per item. With one modality
+    nothing is concatenated: for the ID-only (SASRec) setting the result is the ID table's weight
+    itself, so no second (n_items + 1, d) table and gradient exist.
+
+    `features[m]` holds modality m's frozen table (`FrozenFeatures`): not a parameter, not a
+    buffer, so it is not in `state_dict()`, not moved by `.to()`, not cast to half precision and
+    not seen by DeepSpeed.
     """
 
     def __init__(self, cfg: ModelConfig, catalog: ItemCatalog):
@@ -26,6 +132,7 @@ class ItemEmbedding(nn.Module):
         self.modalities = list(cfg.modalities)
         d = cfg.hidden_size
         self.projections = nn.ModuleDict()
+        self.features: dict[str, FrozenFeatures] = {}
         for m in self.modalities:
             if m == "id":
                 self.id_table = nn.Embedding(catalog.n_items + 1, d, padding_idx=0)
@@ -34,8 +141,7 @@ class ItemEmbedding(nn.Module):
             if table is None:
                 raise ValueError(f"model.modalities includes {m!r} but the data set has no {m} "
                                  f"features; drop it from model.modalities")
-            # Frozen (eq. 2-3) and item-sized: a buffer every worker holds, kept out of checkpoints.
-            self.register_buffer(f"{m}_features", table.detach().float(), persistent=False)
+            self.features[m] = FrozenFeatures(table, catalog.feature_files.get(m))
             self.projections[m] = nn.Linear(table.shape[1], d)
 
     def forward(self) -> Tensor:
@@ -45,5 +151,7 @@ class ItemEmbedding(nn.Module):
             if m == "id":
                 parts.append(self.id_table.weight)
             else:
-                parts.append(self.projections[m](getattr(self, f"{m}_features")))
+                parts.append(project_frozen(self.features[m], self.projections[m]))   # eq. 2-3
+        if len(parts) == 1:
+            return parts[0]            # torch.cat would copy even a single table (and its gradient)
         return torch.cat(parts, dim=-1)

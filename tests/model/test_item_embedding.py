@@ -61,19 +61,19 @@ def test_id_padding_row_is_zero_and_gets_no_gradient():
     assert torch.count_nonzero(grad[0]) == 0
 
 
-def test_frozen_features_are_buffers_not_parameters():
+def test_frozen_features_are_neither_parameters_nor_buffers():
+    # Held outside the module's tensors (docs: .to(), half casts, deepcopy and DeepSpeed would copy
+    # a buffer); tests/model/test_feature_tables.py covers the memory-mapped case.
     catalog = tiny_catalog()
     cat64 = ItemCatalog(n_items=catalog.n_items, text_features=catalog.text_features.double(),
                         image_features=catalog.image_features.double())
     emb = ItemEmbedding(tiny_model_cfg(), cat64)
-    buffers = dict(emb.named_buffers())
+    assert dict(emb.named_buffers()) == {}
     params = dict(emb.named_parameters())
     for mod in ("text", "image"):
-        name = f"{mod}_features"
-        assert name in buffers and name not in params
-        assert not buffers[name].requires_grad
-        assert buffers[name].dtype == torch.float32                    # cast once, at build time
-        assert_close(buffers[name], cat64.feature_table(mod).float(), rtol=0, atol=0)
+        held = emb.features[mod].table
+        assert not held.requires_grad
+        assert held.data_ptr() == cat64.feature_table(mod).data_ptr()     # the caller's table, no copy
     assert not any("features" in k for k in emb.state_dict())          # kept out of checkpoints
     assert set(params) == {"id_table.weight", "projections.text.weight", "projections.text.bias",
                            "projections.image.weight", "projections.image.bias"}
