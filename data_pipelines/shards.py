@@ -10,12 +10,17 @@ Why our own datasink rather than `Dataset.write_webdataset`: Ray's writer stamps
 a float mtime, which makes tarfile add a PAX header per member (1 KiB more per user: Beauty's
 shards were 46.5 MB instead of ~23 MB) and makes the bytes, hence the sha256, differ between
 identical runs. Ours writes plain USTAR members with mtime 0: same rows, same bytes.
+
+`shard_dir` may be a local path, a `file://` URI or any `pyarrow.fs.FileSystem.from_uri` URI
+(`s3://`, `gs://`; or a path inside an explicit `filesystem=`): Ray Data's tasks write the tars
+there directly, and the driver lists, re-reads, renames and checksums them through the same
+pyarrow filesystem. `publish_prepared` copies a finished local folder (tables, shards, manifest
+last) to such a URI, so a cluster trains from object storage.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +31,8 @@ from ray.data.datasource.file_datasink import BlockBasedFileDatasink
 from tqdm import tqdm
 
 from data_pipelines.preprocess import Prepared
-from hm4sr_dist.data.manifest import sha256_file
+from hm4sr_dist.data.manifest import (MANIFEST_NAME, SHARD_DIR, DataLocation, ManifestError,
+                                      read_manifest, sha256_file, verify_shards)
 from hm4sr_dist.data.records import encode_user, iter_shard_tarfile, split_count, user_key
 
 TAR_BLOCK = 512
@@ -89,39 +95,88 @@ class DeterministicTarDatasink(BlockBasedFileDatasink):
                     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(prep: Prepared, shard_dir: Path, target_bytes: int, min_shards: int,
-                 progress: bool = True) -> list[dict]:
+def _delete_dir(where: DataLocation) -> None:
+    try:
+        where.fs.delete_dir(where.path())
+    except (FileNotFoundError, OSError):
+        pass                                   # absent (or already gone): nothing to clean
+
+
+def write_shards(prep: Prepared, shard_dir: str | Path, target_bytes: int, min_shards: int,
+                 progress: bool = True, *, filesystem=None) -> list[dict]:
+    """Write `prep`'s users to `shard_dir/shard-NNNNN.tar` (a local path, a URI, or a path in
+    `filesystem`) and return the manifest's shard entries (measured by reading the shards back)."""
+    import pyarrow.fs as pafs
     import ray
+
+    out = DataLocation(shard_dir, filesystem)
     names = ShardNames()
     n_shards = shard_count(prep.lengths(), target_bytes, min_shards)
     rows = pd.DataFrame({"uid": np.arange(prep.n_users), "lo": prep.offsets[:-1], "hi": prep.offsets[1:]})
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards hold contiguous, ordered user ranges
-    staging = shard_dir.parent / (shard_dir.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = DataLocation(out.path().rstrip("/") + ".staging", out.fs)
+    staging.uri = out.name().rstrip("/") + ".staging"
+    _delete_dir(staging)
+    local = staging.local_path()
+    # a local folder goes to Ray as a plain path (as before); anything else with its filesystem
+    sink = (DeterministicTarDatasink(str(local), filename_provider=names) if local is not None else
+            DeterministicTarDatasink(staging.path(), filesystem=staging.fs, filename_provider=names))
     (ray.data.from_pandas(rows)
         .map_batches(encode_batch, fn_kwargs={"items": prep.items, "times": prep.times},
                      batch_size=4096, batch_format="numpy")
         .repartition(n_shards)
-        .write_datasink(DeterministicTarDatasink(str(staging), filename_provider=names)))
-    parts = sorted(staging.glob("*.tar"))
-    shard_dir.mkdir(parents=True, exist_ok=True)
+        .write_datasink(sink))
+    try:
+        listing = staging.fs.get_file_info(pafs.FileSelector(staging.path(), recursive=False))
+    except OSError as exc:
+        raise ManifestError(f"{staging.name()}: cannot list the written shards ({exc})") from exc
+    parts = sorted(i.base_name for i in listing
+                   if i.type == pafs.FileType.File and i.base_name.endswith(".tar"))
+    out.fs.create_dir(out.path(), recursive=True)
     scanned = []
     for part in tqdm(parts, desc="checking shards", unit=" shard", disable=not progress):
-        scanned.append((scan_shard(part), part))
+        scanned.append((scan_shard(staging.child(part)), part))
     scanned.sort(key=lambda s: s[0]["first_key"])  # user order, whatever order tasks finished in
     entries = []
     for index, (info, part) in enumerate(scanned):
         name = f"shard-{index:05d}.tar"
-        final = shard_dir / name
-        part.replace(final)
-        entries.append({"file": name, "sha256": sha256_file(final), "bytes": final.stat().st_size,
+        out.fs.move(staging.path(part), out.path(name))
+        entries.append({"file": name, "sha256": sha256_file(out.child(name)), "bytes": out.size(name),
                         **{k: v for k, v in info.items() if k != "first_key"}})
-    shutil.rmtree(staging, ignore_errors=True)
+    _delete_dir(staging)
     return entries
 
 
-def scan_shard(path: Path) -> dict:
+def publish_prepared(prepared_dir: str | Path, dest: str, *, filesystem=None,
+                     verify: str = "size") -> dict:
+    """Copy a finished prepared folder (local or any URI) to `dest` (a path or a URI, or a path
+    in `filesystem`): item tables and shards first, `manifest.json` last, so a manifest at `dest`
+    means a complete copy (as `prepare` guarantees locally). The copy is then checked against the
+    manifest (`verify`: "size" or "sha256"). Returns the manifest."""
+    import pyarrow.fs as pafs
+
+    src = DataLocation(prepared_dir)
+    manifest = read_manifest(src)
+    verify_shards(src, manifest, check=verify)          # never publish a broken folder
+    dst = DataLocation(dest, filesystem)
+    dst.fs.create_dir(dst.path(SHARD_DIR), recursive=True)
+    if dst.exists(MANIFEST_NAME):
+        dst.fs.delete_file(dst.path(MANIFEST_NAME))     # incomplete until the new one lands
+    files = [(SHARD_DIR, e["file"]) for e in manifest["shards"]]
+    for info in src.fs.get_file_info(pafs.FileSelector(src.path(), recursive=False)):
+        if info.type == pafs.FileType.File and info.base_name != MANIFEST_NAME:
+            files.append((info.base_name,))
+    for parts in files:
+        with src.open_stream(*parts) as fin, dst.fs.open_output_stream(dst.path(*parts)) as fout:
+            while block := fin.read(1 << 22):
+                fout.write(block)
+    verify_shards(dst, manifest, check=verify)
+    dst.write_bytes(src.read_bytes(MANIFEST_NAME), MANIFEST_NAME)
+    return manifest
+
+
+def scan_shard(path: str | Path | DataLocation) -> dict:
     """Counts of one shard, read back with the training reader's own code."""
     info = {"users": 0, "actions": 0, "train": 0, "valid": 0, "test": 0, "first_key": None}
     for key, items, _times in iter_shard_tarfile(path):

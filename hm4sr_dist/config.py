@@ -205,6 +205,8 @@ class DataConfig:
                        choices=("pad", "drop"))
     bucket_pool_batches: int = _f(64, "length bucketing of training batches: pool of this many batches "
                                   "sorted by length (0 or 1 = off)", min=0)
+    prefetch_batches: int = _f(4, "batches each worker's reader prepares ahead in a background thread "
+                               "(same batches, exact resume; 0 = read on the training thread)", min=0)
 
 
 @dataclass

@@ -37,19 +37,41 @@ iterating on Beauty (B = 512: 29-34k samples/s skipped vs 26-33k iterated) and 0
 tests' toy set (B = 7, where collating weighs more): resuming at the end of a Beauty epoch re-reads
 it for ~4 s of CPU per rank. A new iteration or `set_epoch` starts the epoch at its first batch
 (so load the state after `set_epoch`, not before).
+
+Prefetching (`prefetch_batches`, default 4; 0 = everything on the caller's thread): reading,
+decoding, prefix expansion, bucketing and collation run in one background thread per iteration
+that stays up to `prefetch_batches` batches ahead behind a bounded queue (the training step spends
+most of its time in torch kernels, which release the GIL, so one thread overlaps the two; see
+docs for the measurements). The producer computes the same (batch index, batch) stream as the
+synchronous path; the position in `state_dict()` advances only when the CONSUMER receives a
+batch, so a state taken with batches queued resumes at the first batch the consumer has not
+seen. An exception in the producer is re-raised by the consumer's next `next()` (the same
+exception, with a note saying where it came from). The thread is stopped and joined when the
+iteration ends, when a new iteration, `set_epoch`, `load_state_dict` or `close()` is called, and
+when an abandoned iterator is closed (`run_epoch` closes it) or garbage-collected.
+
+The folder may be a local path, a `file://` URI, any `pyarrow.fs.FileSystem.from_uri` URI
+(`s3://...`, `gs://...`) or a path inside an explicit pyarrow `filesystem`
+(`manifest.DataLocation`).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import queue
+import threading
+import weakref
+from itertools import islice
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 
 from hm4sr_dist.batch import Batch
-from hm4sr_dist.data.manifest import read_manifest, shard_path, verify_shards, ManifestError
+from hm4sr_dist.data.manifest import (SHARD_DIR, DataLocation, ManifestError, read_manifest,
+                                      verify_shards)
 from hm4sr_dist.data.records import BACKENDS, SPLITS, Sample, ShardError, split_ends, user_samples
 
 BUCKET_TAG = 2**31 + 1  # rng stream of length bucketing; pass streams use n_pass < 2**30
@@ -75,6 +97,103 @@ def assign_shards(counts: list[int], world_size: int, order: list[int]) -> list[
         out[r].append(i)
         loads[r] += counts[i]
     return out
+
+
+_ITEM, _END, _ERROR = "item", "end", "error"
+_NO_FETCHER = lambda: None  # noqa: E731 - a dead weak reference
+
+
+class _Stopped(Exception):
+    """Raised inside a producer's sample stream once its consumer has stopped."""
+
+
+def _put(q: queue.Queue, stop: threading.Event, entry: tuple) -> bool:
+    """Put unless stopped (polling, so a full queue never blocks a stop); False = stopped."""
+    while not stop.is_set():
+        try:
+            q.put(entry, timeout=0.05)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def _produce(make: Callable[[threading.Event], Iterator], q: queue.Queue,
+             stop: threading.Event) -> None:
+    """Thread body. Holds no reference to the consumer's iterator, so dropping that iterator
+    lets it be garbage-collected (which stops this thread)."""
+    items = None
+    try:
+        items = make(stop)
+        for item in items:
+            if not _put(q, stop, (_ITEM, item)):
+                return
+        _put(q, stop, (_END, None))
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+        _put(q, stop, (_ERROR, exc))
+    finally:
+        if items is not None and hasattr(items, "close"):
+            items.close()
+
+
+class Prefetcher:
+    """Iterator over `make(stop)`, computed in a daemon thread up to `depth` items ahead.
+
+    `make` receives a `threading.Event` that is set when the consumer stops early (long loops
+    poll it). The producer's exception is raised by the consumer's next `next()`. `close()` (also
+    called on exhaustion, on an error and by `__del__`) stops and joins the thread."""
+
+    JOIN_TIMEOUT_S = 30.0
+
+    def __init__(self, make: Callable[[threading.Event], Iterator], depth: int,
+                 name: str = "hm4sr-prefetch"):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=_produce, args=(make, self._queue, self._stop),
+                                        name=name, daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        while True:
+            try:
+                kind, value = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    self._done = True  # cannot happen (the producer always reports); never hang
+                    raise RuntimeError("the reader's prefetch thread ended without a result") from None
+        if kind == _ITEM:
+            return value
+        self.close()
+        if kind == _END:
+            raise StopIteration
+        value.add_note(f"(raised in the reader's prefetch thread {self._thread.name!r})")
+        raise value
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        self._done = True
+        self._stop.set()
+        try:
+            while True:                   # free the queued batches now
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        if self._thread is not threading.current_thread():
+            self._thread.join(self.JOIN_TIMEOUT_S)
+
+    def __del__(self) -> None:
+        if getattr(self, "_thread", None) is not None:
+            self.close()
 
 
 def collate(samples: list[Sample], max_len: int) -> Batch:
@@ -109,7 +228,7 @@ class ShardReader:
                  rank: int = 0, world_size: int = 1, shuffle: bool | None = None, seed: int = 0,
                  epoch: int = 0, shuffle_buffer: int = 20000, equalize: str = "pad",
                  max_len: int | None = None, backend: str = "tarfile", verify: str = "size",
-                 bucket_pool_batches: int = 64):
+                 bucket_pool_batches: int = 64, prefetch_batches: int = 4, filesystem=None):
         if split not in SPLITS:
             raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
         if not 0 <= rank < world_size:
@@ -120,10 +239,13 @@ class ShardReader:
             raise ValueError(f"equalize: expected 'pad' or 'drop', got {equalize!r}")
         if bucket_pool_batches < 0:
             raise ValueError(f"bucket_pool_batches: expected >= 0, got {bucket_pool_batches}")
+        if prefetch_batches < 0:
+            raise ValueError(f"prefetch_batches: expected >= 0, got {prefetch_batches}")
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {sorted(BACKENDS)}, got {backend!r}")
-        self.dir = Path(prepared_dir)
-        self.manifest = read_manifest(self.dir)
+        self.location = DataLocation(prepared_dir, filesystem)
+        self.dir = self.location.name()  # as given: a path or a URI (messages)
+        self.manifest = read_manifest(self.location)
         self.split, self.batch_size = split, batch_size
         self.rank, self.world_size = rank, world_size
         self.shuffle = (split == "train") if shuffle is None else shuffle
@@ -132,6 +254,9 @@ class ShardReader:
         self.equalize, self.backend = equalize, backend
         self.max_len = int(max_len or self.manifest["max_len"])
         self.bucket_pool_batches = bucket_pool_batches
+        self.prefetch_batches = prefetch_batches
+        self._fetcher: Callable[[], Prefetcher | None] = _NO_FETCHER  # weak: the live iteration's
+        self._ahead: tuple[tuple, Prefetcher] | None = None  # the next epoch, started early
         self.shards = self.manifest["shards"]
         self.counts = [int(s[split]) for s in self.shards]
         self._position = 0              # batches of this epoch yielded by the current iteration
@@ -139,14 +264,34 @@ class ShardReader:
         if split == "train" and len(self.shards) < world_size:
             raise ManifestError(f"{self.dir}: {len(self.shards)} shards for {world_size} ranks; "
                                 "re-prepare with --min-shards >= world size")
-        verify_shards(self.dir, self.manifest, check=verify,
+        verify_shards(self.location, self.manifest, check=verify,
                       files=[self.shards[i]["file"] for i in self.my_shards()])
 
     # -- assignment ------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """The next iteration yields `epoch` from its first batch (a loaded position is dropped:
-        call `load_state_dict` after `set_epoch`, or instead of it)."""
+        call `load_state_dict` after `set_epoch`, or instead of it). A prefetching iteration still
+        running is stopped (the next epoch read ahead is kept when it is `epoch`)."""
+        self._close_live()
+        if self._ahead is not None and self._ahead[0][0] != epoch:
+            self._close_ahead()
         self.epoch, self._resume, self._position = epoch, None, 0
+
+    def close(self) -> None:
+        """Stop the prefetch threads (the current iteration's and the next epoch's read ahead);
+        idempotent. Dropping the reader does the same."""
+        self._close_live()
+        self._close_ahead()
+
+    def _close_live(self) -> None:
+        fetcher = self._fetcher()
+        if fetcher is not None:
+            fetcher.close()
+
+    def _close_ahead(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead[1].close()
 
     def _assignment(self) -> list[list[int]]:
         order = list(range(len(self.shards)))
@@ -177,9 +322,10 @@ class ShardReader:
         read = BACKENDS[self.backend]
         for i in shard_ids:
             entry = self.shards[i]
-            path = shard_path(self.dir, entry)
+            where = self.location.child(SHARD_DIR, entry["file"])
+            path = where.name()
             users = samples = 0
-            for key, items, times in read(path):
+            for key, items, times in read(where):
                 users += 1
                 samples += len(split_ends(len(items), self.split))
                 yield (key, items, times) if keys else (items, times)
@@ -210,49 +356,155 @@ class ShardReader:
         yield from buffer
 
     def __iter__(self) -> Iterator[Batch] | Iterator[EvalBatch]:
+        self._close_live()  # a new iteration supersedes a prefetching one
         mine = self.my_shards()
-        steps, b = len(self), self.batch_size
+        steps, b, epoch = len(self), self.batch_size, self.epoch
         if self.split != "train":
-            return self._eval_batches(mine, steps, b)
+            if not self.prefetch_batches:
+                return self._eval_batches(mine, steps, b)
+            shadow = self._shadow()
+            return self._consume(self._fetch(lambda stop: shadow._eval_batches(mine, steps, b)), None)
         if self.num_samples == 0:
             raise ManifestError(f"{self.dir}: rank {self.rank} got no training samples")
         start = self._resume or 0  # a loaded position, else the epoch's first batch
         self._resume, self._position = None, start
-        return self._train_batches(mine, steps, b, start)
+        if not self.prefetch_batches:
+            return self._train_batches(mine, steps, b, start, epoch)
+        key = (epoch, start, steps, tuple(mine))
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == key:
+            fetcher = ahead[1]                        # read ahead while the last epoch ended
+        else:
+            if ahead is not None:
+                ahead[1].close()
+            fetcher = self._train_fetcher(mine, steps, b, start, epoch)
+        return self._consume(fetcher, lambda item: self._deliver(item, epoch, steps))
 
-    def _train_batches(self, mine: list[int], steps: int, b: int, start: int) -> Iterator[Batch]:
-        """Batches `start`..steps-1 of the epoch: the earlier ones are regenerated and skipped
-        uncollated (the stream is a pure function of the state's fields)."""
+    def _shadow(self) -> "ShardReader":
+        """A copy for a producer thread to read with: the thread holds no reference to this
+        reader, so a dropped reader is freed at once and its prefetchers stop (`__del__`)."""
+        shadow = copy.copy(self)
+        shadow._fetcher, shadow._ahead = _NO_FETCHER, None
+        return shadow
+
+    def _fetch(self, make: Callable[[threading.Event], Iterator]) -> Prefetcher:
+        return Prefetcher(make, self.prefetch_batches, name=f"hm4sr-prefetch-{self.split}-r{self.rank}")
+
+    def _train_fetcher(self, mine: list[int], steps: int, b: int, start: int, epoch: int) -> Prefetcher:
+        shadow = self._shadow()
+        return self._fetch(lambda stop: shadow._indexed_train_batches(mine, steps, b, start, epoch, stop))
+
+    def _consume(self, fetcher: Prefetcher, deliver: Callable | None) -> Iterator:
+        """The items of `fetcher` (already running, so the first batch is being prepared before
+        the caller asks), passed through `deliver` on the caller's thread."""
+        self._fetcher = weakref.ref(fetcher)
+
+        def consume() -> Iterator:
+            try:
+                for item in fetcher:
+                    yield item if deliver is None else deliver(item)
+            finally:          # the consumer finished, broke out, failed or dropped the iterator
+                fetcher.close()
+        return consume()
+
+    def _deliver(self, item: tuple[int, Batch], epoch: int | None = None,
+                 steps: int | None = None) -> Batch:
+        k, batch = item
+        self._position = k + 1  # counted as yielded once the consumer holds it
+        if steps is not None and k + 1 == steps:
+            self._read_ahead(epoch + 1)
+        return batch
+
+    def _read_ahead(self, epoch: int) -> None:
+        """The consumer holds an epoch's last batch: start reading `epoch` (from its first batch)
+        now, so its first bucketing pool is read during the last step and the evaluation instead
+        of stalling the next epoch's first step. Used by the next iteration if it is that epoch
+        from its start (`set_epoch(epoch)`); dropped otherwise."""
+        self._close_ahead()
+        current = self.epoch
+        try:
+            self.epoch = epoch                 # the assignment and step count of that epoch
+            mine, steps, samples = self.my_shards(), len(self), self.num_samples
+        finally:
+            self.epoch = current
+        if samples == 0 or steps == 0:
+            return
+        self._ahead = ((epoch, 0, steps, tuple(mine)),
+                       self._train_fetcher(mine, steps, self.batch_size, 0, epoch))
+
+    def __del__(self) -> None:
+        ahead = getattr(self, "_ahead", None)
+        if ahead is not None:
+            ahead[1].close()
+
+    def _train_batches(self, mine: list[int], steps: int, b: int, start: int,
+                       epoch: int) -> Iterator[Batch]:
+        """Batches `start`..steps-1 of the epoch on the caller's thread (no prefetch)."""
+        for item in self._indexed_train_batches(mine, steps, b, start, epoch):
+            yield self._deliver(item)
+
+    def _indexed_train_batches(self, mine: list[int], steps: int, b: int, start: int, epoch: int,
+                               stop: threading.Event | None = None) -> Iterator[tuple[int, Batch]]:
+        """(k, batch k) for k = `start`..steps-1: the earlier batches are regenerated and skipped
+        uncollated (the stream is a pure function of the state's fields). Touches no mutable
+        reader state, so it can run in the prefetch thread; stops early once `stop` is set."""
         if start >= steps:
             return
-        for k, rows in enumerate(self._train_rows(mine, steps, b)):
-            if k >= start:
-                batch = collate(rows, self.max_len)
-                self._position = k + 1  # counted as yielded once the consumer holds it
-                yield batch
+        # prefetching and bucketing: a pool is only cut into batches once all of it is read, so a
+        # second thread reads samples up to a pool (plus the queue) ahead: the next pool is read
+        # while this one's batches are trained on, instead of stalling the step at every pool
+        pool_batches = self._pool_batches()
+        read_ahead = pool_batches + self.prefetch_batches if stop is not None and pool_batches else 0
+        try:
+            for k, rows in enumerate(self._train_rows(mine, steps, b, epoch, read_ahead, stop)):
+                if stop is not None and stop.is_set():
+                    return
+                if k >= start:
+                    yield k, collate(rows, self.max_len)
+        except _Stopped:
+            return
 
-    def _train_rows(self, mine: list[int], steps: int, b: int) -> Iterator[list[Sample]]:
-        """The samples of each of the epoch's `steps` batches, in order."""
+    def _train_rows(self, mine: list[int], steps: int, b: int, epoch: int, read_ahead: int = 0,
+                    stop: threading.Event | None = None) -> Iterator[list[Sample]]:
+        """The samples of each of `epoch`'s `steps` batches, in order. `read_ahead` > 0: the
+        sample stream is read by a `Prefetcher` up to that many batches of samples ahead."""
         def endless() -> Iterator[Sample]:
             for n_pass in range(1 << 30):  # "pad": a fresh shuffled pass when samples run out
-                rng = (np.random.default_rng([self.seed, self.epoch, self.rank, n_pass])
+                rng = (np.random.default_rng([self.seed, epoch, self.rank, n_pass])
                        if self.shuffle else None)
                 yield from self._samples(mine, rng)
-        stream = endless()
-        pool_batches = self._pool_batches()
-        if pool_batches == 0:
-            for _ in range(steps):
-                yield [next(stream) for _ in range(b)]
-            return
-        # a stream of its own (n_pass < 2**30 never reaches BUCKET_TAG): the samples drawn above
-        # are the same with and without bucketing
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, BUCKET_TAG])
-        done = 0
-        while done < steps:
-            n = min(pool_batches, steps - done)
-            pool = [next(stream) for _ in range(n * b)]
-            yield from self._bucket(pool, n, b, rng)
-            done += n
+        stream, ahead = endless(), None
+        if read_ahead:
+            def chunks(stop: threading.Event, source=stream, total=steps * b) -> Iterator[list[Sample]]:
+                source = islice(source, total)  # exactly the samples the epoch draws
+                while chunk := list(islice(source, b)):
+                    yield chunk
+            ahead = Prefetcher(chunks, read_ahead, name=f"hm4sr-prefetch-read-r{self.rank}")
+
+            def samples(ahead=ahead) -> Iterator[Sample]:
+                for chunk in ahead:
+                    if stop is not None and stop.is_set():
+                        raise _Stopped  # leave a half-read pool at once, not after reading it
+                    yield from chunk
+            stream = samples()
+        try:
+            pool_batches = self._pool_batches()
+            if pool_batches == 0:
+                for _ in range(steps):
+                    yield [next(stream) for _ in range(b)]
+                return
+            # a stream of its own (n_pass < 2**30 never reaches BUCKET_TAG): the samples drawn
+            # above are the same with and without bucketing
+            rng = np.random.default_rng([self.seed, epoch, self.rank, BUCKET_TAG])
+            done = 0
+            while done < steps:
+                n = min(pool_batches, steps - done)
+                pool = [next(stream) for _ in range(n * b)]
+                yield from self._bucket(pool, n, b, rng)
+                done += n
+        finally:
+            if ahead is not None:
+                ahead.close()
 
     def _pool_batches(self) -> int:
         """Batches per length-bucketing pool; 0 = bucketing off."""
@@ -336,4 +588,5 @@ class ShardReader:
             self.epoch = previous
             raise ValueError(f"reader state: batches_yielded {position} is outside epoch "
                              f"{state['epoch']}'s {steps} steps")
+        self._close_live()  # a prefetching iteration of the old position is superseded
         self._resume = self._position = position

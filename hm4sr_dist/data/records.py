@@ -77,29 +77,42 @@ def user_samples(items: np.ndarray, times: np.ndarray, split: str) -> Iterator[S
     return ((items, times, end) for end in split_ends(len(items), split))
 
 
-def iter_shard_tarfile(path: str | Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """Yield (key, items, times) from one shard with the tarfile module, in file order."""
-    path = Path(path)
+def _shard(path) -> tuple["DataLocation", Path | None]:
+    """(location, local path or None) of a shard given as a path, a URI or a `DataLocation`."""
+    from hm4sr_dist.data.manifest import DataLocation
+
+    where = DataLocation(path)
+    return where, where.local_path()
+
+
+def iter_shard_tarfile(path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """Yield (key, items, times) from one shard with the tarfile module, in file order.
+
+    `path`: a local path, a URI (`file://`, `s3://`, ...) or a `manifest.DataLocation` of the
+    file; messages name it as given."""
+    where, local = _shard(path)
+    path = where.name()
     try:
-        with tarfile.open(path, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                if ext != MEMBER:
-                    raise ShardError(f"shard {path}: unexpected member {member.name!r}")
-                fh = tar.extractfile(member)
-                payload = fh.read() if fh is not None else b""
-                if len(payload) != member.size:
-                    raise ShardError(f"shard {path}: member {member.name} is truncated")
-                items, times = decode_user(payload, f"shard {path}, sample {key}")
-                yield key, items, times
-            end = tar.offset
-        # tarfile stops quietly when a file ends at a member boundary: a complete archive ends
-        # with two zero blocks, so their absence means the shard was cut short.
-        with open(path, "rb") as fh:
-            fh.seek(end)
-            if fh.read(1024) != bytes(1024):
+        # local disk: the builtin file (the measured path); elsewhere a pyarrow random-access file
+        with (open(local, "rb") if local is not None else where.open_file()) as raw:
+            with tarfile.open(fileobj=raw, mode="r|") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, ext = member.name.partition(".")
+                    if ext != MEMBER:
+                        raise ShardError(f"shard {path}: unexpected member {member.name!r}")
+                    fh = tar.extractfile(member)
+                    payload = fh.read() if fh is not None else b""
+                    if len(payload) != member.size:
+                        raise ShardError(f"shard {path}: member {member.name} is truncated")
+                    items, times = decode_user(payload, f"shard {path}, sample {key}")
+                    yield key, items, times
+                end = tar.offset
+            # tarfile stops quietly when a file ends at a member boundary: a complete archive ends
+            # with two zero blocks, so their absence means the shard was cut short.
+            raw.seek(end)
+            if raw.read(1024) != bytes(1024):
                 raise ShardError(f"shard {path}: truncated (no end-of-archive marker after "
                                  f"byte {end})")
     except ShardError:
@@ -108,17 +121,25 @@ def iter_shard_tarfile(path: str | Path) -> Iterator[tuple[str, np.ndarray, np.n
         raise ShardError(f"shard {path}: unreadable or truncated tar ({exc})") from None
 
 
-def iter_shard_webdataset(path: str | Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+def iter_shard_webdataset(path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """The same as `iter_shard_tarfile` through the webdataset library (measured in the benchmark).
 
     Shards are assigned to ranks by `ShardReader` itself, so webdataset's node/worker splitters are
     the identity here (its default `single_node_only` refuses multi-rank runs, webdataset#440).
+    A shard off the local disk is opened through pyarrow and handed to webdataset as a stream.
     """
     import webdataset as wds
 
-    ds = wds.WebDataset([str(path)], shardshuffle=False, nodesplitter=lambda s: s,
-                        workersplitter=lambda s: s, empty_check=False)
+    where, local = _shard(path)
+    path, stream = where.name(), None
     try:
+        if local is not None:
+            ds = wds.WebDataset([str(local)], shardshuffle=False, nodesplitter=lambda s: s,
+                                workersplitter=lambda s: s, empty_check=False)
+        else:
+            stream = where.open_stream()
+            ds = wds.tariterators.group_by_keys(
+                wds.tariterators.tar_file_expander([{"stream": stream, "url": path}]))
         for sample in ds:
             key = sample["__key__"]
             if MEMBER not in sample:
@@ -129,6 +150,9 @@ def iter_shard_webdataset(path: str | Path) -> Iterator[tuple[str, np.ndarray, n
         raise
     except Exception as exc:  # noqa: BLE001 - webdataset re-raises tar errors with varied types
         raise ShardError(f"shard {path}: unreadable or truncated tar ({exc})") from None
+    finally:
+        if stream is not None:
+            stream.close()
 
 
 BACKENDS = {"tarfile": iter_shard_tarfile, "webdataset": iter_shard_webdataset}

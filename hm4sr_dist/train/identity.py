@@ -27,6 +27,7 @@ NOT_IDENTITY = (
     "train.tensorboard_dir", "train.max_failures", "train.checkpoints_to_keep", "train.log_every_steps",
     "train.checkpoint_every_steps", "train.fail_at_step", "train.cpus_per_worker",
     "train.allow_config_change", "eval.batch_size", "eval.item_chunk_size",
+    "data.prefetch_batches",        # the same batches in the same order, read ahead or not
 )
 
 

@@ -5,6 +5,11 @@ optimiser step was taken); `optimizer_step` makes one for a plain torch optimise
 `hm4sr_dist.parallel.engine.engine_step` for a DeepSpeed engine. `run_epoch` drives either over
 an epoch's batches, keeping the running sums in an `EpochProgress` that a mid-epoch checkpoint
 stores, and calls `on_step` after every batch (logging, checkpoints, fault injection live there).
+
+`run_epoch` also times how long it is blocked in `next()` on the batch iterator (reading, or
+waiting for the reader's prefetch thread): `EpochProgress.data_wait_seconds`, reported as
+`data_wait_fraction` = that time / the epoch's step time (`seconds`: fetch + step, checkpoints and
+logging excluded), the share of training time the input pipeline stalls the step.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ class EpochProgress:
 
     batches: int = 0
     sequences: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0              # fetching + stepping (on_step time excluded)
     sums: dict = field(default_factory=dict)
+    data_wait_seconds: float = 0.0    # of `seconds`, blocked in next() on the batch iterator
 
     def add(self, terms: LossTerms, sequences: int) -> None:
         for name, value in terms.scalars().items():
@@ -42,7 +48,13 @@ class EpochProgress:
         self.sequences += sequences
 
     def means(self) -> dict[str, float]:
-        return {name: value / max(self.batches, 1) for name, value in self.sums.items()}
+        """Mean loss terms over the epoch's batches, and `data_wait_fraction` (a ratio, not a
+        mean: it rides here so every epoch report carries it as `epoch/data_wait_fraction`)."""
+        means = {name: value / max(self.batches, 1) for name, value in self.sums.items()}
+        return means | {"data_wait_fraction": self.data_wait_fraction()}
+
+    def data_wait_fraction(self) -> float:
+        return self.data_wait_seconds / self.seconds if self.seconds > 0 else 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -68,21 +80,34 @@ def run_epoch(step: StepFn, batches: Iterable[Batch], progress: EpochProgress | 
               on_step: Callable[[StepResult, Batch, EpochProgress], None] | None = None,
               sequences_per_batch: int | None = None) -> EpochProgress:
     """Run `step` over `batches` (each trimmed to its longest sequence; `on_step` sees the trimmed
-    batch), continuing `progress`.
+    batch), continuing `progress`. The batch iterator is closed on the way out, so a reader's
+    prefetch thread stops even when a step raises.
 
     `sequences_per_batch` counts the global batch (all ranks) instead of the local one."""
     progress = progress or EpochProgress()
-    last = time.perf_counter()
-    for batch in batches:
-        batch = batch.trimmed()
-        result = step(batch)
-        now = time.perf_counter()
-        progress.seconds += now - last
-        last = now
-        progress.add(result.terms, sequences_per_batch or len(batch))
-        if on_step is not None:
-            on_step(result, batch, progress)
-            last = time.perf_counter()              # checkpoint and logging time is not step time
+    batch_iter = iter(batches)
+    try:
+        last = time.perf_counter()
+        while True:
+            try:
+                batch = next(batch_iter)
+            except StopIteration:
+                break
+            fetched = time.perf_counter()
+            progress.data_wait_seconds += fetched - last
+            batch = batch.trimmed()
+            result = step(batch)
+            now = time.perf_counter()
+            progress.seconds += now - last
+            last = now
+            progress.add(result.terms, sequences_per_batch or len(batch))
+            if on_step is not None:
+                on_step(result, batch, progress)
+                last = time.perf_counter()          # checkpoint and logging time is not step time
+    finally:
+        close = getattr(batch_iter, "close", None)
+        if close is not None:
+            close()
     return progress
 
 
