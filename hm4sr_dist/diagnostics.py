@@ -13,12 +13,15 @@ From forward passes (`MoEStats.add`, summable across batches and ranks):
 From parameters (`moe_parameters`):
 - `moe/alpha_<m>`: alpha_m of eq. 8; `moe/temporal/expert_spread`: std over the k2 experts of W_i,
   averaged over dimensions; `moe/temporal/expert_deviation`: mean |W_i - 1|.
+The heatmap of the `routing/*` numbers (`routing_figure`) is drawn once, here, for both TensorBoard
+(per epoch, hm4sr_dist/train/monitor.py) and a study's `routing_<setting>.png`.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -128,3 +131,75 @@ def batch_diagnostics(model, out, time_seq: Tensor) -> dict[str, float]:
     weight = model.temporal_moe.expert_weight if model.temporal_moe is not None else None
     stats.add(out, time_seq, weight)
     return stats.result() | moe_parameters(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# The routing heatmap (matplotlib, Agg; no pyplot, so no global figure registry in a worker)
+# ---------------------------------------------------------------------------------------------
+
+ROUTING_PANEL_INCHES, ROUTING_DPI = (6, 4), 100     # one panel = 600 x 400 pixels
+
+
+def _routing_matrix(diag: list[dict], prefix: str, rows: list[str]) -> np.ndarray | None:
+    """Mean over the dicts of `<prefix><row>/expert<e>`: (rows, experts), NaN where no dict has it."""
+    experts = sorted({int(k.rsplit("expert", 1)[1]) for d in diag for k in d
+                      if k.startswith(prefix) and "/expert" in k})
+    if not experts:
+        return None
+    mat = np.full((len(rows), len(experts)), np.nan)
+    for i, row in enumerate(rows):
+        for j, e in enumerate(experts):
+            vals = [d[f"{prefix}{row}/expert{e}"] for d in diag if f"{prefix}{row}/expert{e}" in d]
+            if vals:
+                mat[i, j] = float(np.mean(vals))
+    return mat
+
+
+def routing_panels(diag: list[dict]) -> list[tuple[str, str, np.ndarray, list[str]]]:
+    """(title, y label, matrix, row labels) of each MoE present in the `routing/*` keys of `diag`
+    (several dicts, e.g. seeds, are averaged)."""
+    ranges = [name for name, _ in INTERVAL_RANGES]
+    modalities = sorted({k.split("/")[1][len("interactive_"):] for d in diag for k in d
+                         if k.startswith("routing/interactive_")})
+    panels = [("Temporal MoE: gate weight per interval range", "interval before the item",
+               _routing_matrix(diag, "routing/temporal_", ranges), ranges),
+              ("Interactive MoE: gate weight per modality", "target modality",
+               _routing_matrix(diag, "routing/interactive_", modalities) if modalities else None, modalities)]
+    return [p for p in panels if p[2] is not None]
+
+
+def routing_figure(diag: dict | list[dict], title: str, colorbar_label: str = "mean gate weight"):
+    """A matplotlib Figure (Agg canvas) with one heatmap per MoE (expert x interval range, expert x
+    modality), each cell annotated; `ROUTING_PANEL_INCHES` x `ROUTING_DPI` pixels per panel. None
+    when `diag` holds no routing numbers (SASRec, -TMoE with -IMoE)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = routing_panels([diag] if isinstance(diag, dict) else list(diag))
+    if not panels:
+        return None
+    w, h = ROUTING_PANEL_INCHES
+    fig = Figure(figsize=(w * len(panels), h), dpi=ROUTING_DPI)
+    FigureCanvasAgg(fig)                              # attach the Agg canvas: draw/savefig need one
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (panel_title, ylabel, mat, row_labels) in zip(axes, panels):
+        top = max(1e-9, float(np.nanmax(mat)))
+        im = ax.imshow(mat, aspect="auto", cmap="viridis", vmin=0, vmax=top)
+        ax.set_xticks(range(mat.shape[1]), [f"expert {j}" for j in range(mat.shape[1])], rotation=30)
+        ax.set_yticks(range(len(row_labels)), row_labels)
+        ax.set(title=panel_title, xlabel="expert", ylabel=ylabel)
+        for i in range(mat.shape[0]):
+            for j in range(mat.shape[1]):
+                if not math.isnan(mat[i, j]):
+                    ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", color="k", fontsize=8,
+                            bbox={"facecolor": "white", "alpha": 0.6, "lw": 0, "pad": 1})
+        fig.colorbar(im, ax=ax, label=colorbar_label)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def figure_rgb(fig) -> np.ndarray:
+    """The figure drawn by Agg as an (H, W, 3) uint8 array (what TensorBoard's add_image takes)."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()

@@ -17,7 +17,9 @@ Before Ray starts, every trial's config is built and checked (an unknown key or 
 `error: ...` line, exit 2), what the data cannot support is left out with a note, settings that
 resolve to the same config run once, and a study of more than --max-trials (24) trials needs --yes.
 Re-running the same command resumes: the Tune experiment is restored and finished trials are not
-re-run. Output: <output>/ (default outputs/studies/<dataset>-<study>): study_plan.json, trials.json,
+re-run. With --asha, a weak trial is stopped between epochs and ends its Train run cleanly
+(runs/<run>/stopped.json; listed as stopped by ASHA, left out of the tables' means).
+Output: <output>/ (default outputs/studies/<dataset>-<study>): study_plan.json, trials.json,
 runs/<setting>__seed<seed>/ (results.json + per_user_test.npz, for hm4sr-compare), study.csv,
 study.md, and the PNG figures. `--report-only` rebuilds the tables and figures.
 """
@@ -57,7 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-failures", type=int, default=1,
                    help="retries of a failed trial (Tune FailureConfig)")
     p.add_argument("--asha", action="store_true",
-                   help="stop weak trials early (ASHA on valid NDCG@5 per epoch; see docs/studies.md)")
+                   help="stop weak trials early: ASHA on valid NDCG@5 per epoch; a stopped trial ends "
+                        "its Train run cleanly after the epoch under way (docs/studies.md)")
+    p.add_argument("--asha-grace", type=int, default=1, help="--asha: epochs before a trial can be stopped")
+    p.add_argument("--asha-reduction", type=float, default=2.0,
+                   help="--asha: reduction factor (> 1; higher stops more trials at each rung)")
     p.add_argument("--bootstrap", type=int, default=2000, help="paired-bootstrap resamples")
     p.add_argument("--dry-run", action="store_true", help="print the trials and exit")
     p.add_argument("--report-only", action="store_true", help="rebuild tables and figures, train nothing")
@@ -89,6 +95,10 @@ def plan(argv: list[str] | None) -> dict:
         raise ConfigError(key="--trial-cpus", expected="a number > 0", got=args.trial_cpus)
     if args.max_failures < 0:
         raise ConfigError(key="--max-failures", expected="an int >= 0", got=args.max_failures)
+    if args.asha_grace < 1:
+        raise ConfigError(key="--asha-grace", expected="an int >= 1", got=args.asha_grace)
+    if not args.asha_reduction > 1:
+        raise ConfigError(key="--asha-reduction", expected="a number > 1", got=args.asha_reduction)
     if args.param and args.study != "fig4":
         raise ConfigError("only fig4 takes --param", key="--param")
     if args.setting and args.study != "custom":
@@ -133,15 +143,16 @@ def main(argv: list[str] | None = None) -> dict:
         for t in study.trials:
             say(f"  {t.setting:30s} seed {t.seed}  run {t.run}  identity {t.key}")
         return {"study": study.name, "n_trials": len(study.trials)}
-    from hm4sr_dist.study.report import report
+    from hm4sr_dist.study.report import not_finished, report
     if not args.report_only:
         from hm4sr_dist.study.runner import run_study
         write_plan(study, out)
         rows = run_study(study, out, max_concurrent=args.max_concurrent, trial_cpus=args.trial_cpus,
-                         max_failures=args.max_failures, asha=args.asha)
+                         max_failures=args.max_failures, asha=args.asha, asha_grace=args.asha_grace,
+                         asha_reduction=args.asha_reduction)
         for r in rows:
             if r["status"] != "finished":
-                say(f"  {r['setting']} seed {r['seed']}: {r['status']} {r['error'] or ''}")
+                say(f"  {r['setting']}: {not_finished(r)}")
     elif not (out / "trials.json").is_file():
         raise ConfigError(f"{out} holds no study results to report on", key="--report-only")
     made = report(out, n_boot=args.bootstrap)

@@ -3,7 +3,8 @@
 Tables (`study.csv`, `study.md`): one row per setting: finished/planned runs, mean ± std over seeds
 of the test metrics, relative change of the seed mean vs the baseline row and the paired-bootstrap
 95% CI of the mean per-user difference (`hm4sr_dist.compare.compare`), best epoch and wall time;
-failed or stopped trials are listed, never silently dropped.
+failed, stopped (by ASHA: `seed 2: stopped by ASHA after 2/6 epochs`) or unfinished trials are
+listed under the table, never silently dropped, and never enter its means.
 
 Figures (matplotlib, Agg, PNG): `curves_<setting>.png` (loss terms and validation NDCG@5 per epoch,
 one line per seed), `bars.png` (test metrics per setting with std error bars: Table 1 / Fig. 3 /
@@ -49,6 +50,15 @@ def load_study(study_dir: Path) -> tuple[dict, list[dict], dict]:
     return plan, status, runs
 
 
+def not_finished(row: dict) -> str:
+    """`seed 2: stopped by ASHA after 2/6 epochs`, `seed 1: failed (RuntimeError(...))`."""
+    if row["status"] == "stopped":
+        by = str(row.get("stopped_by") or "a stop request")
+        by = by.upper() if by == "asha" else by
+        return f"seed {row['seed']}: stopped by {by} after {row.get('epochs_run')}/{row.get('epochs')} epochs"
+    return f"seed {row['seed']}: {row['status']}" + (f" ({row['error']})" if row.get("error") else "")
+
+
 def tabulate(study_dir: Path, n_boot: int = 2000) -> list[dict]:
     """Write study.csv and study.md; return the rows."""
     plan, status, runs = load_study(study_dir)
@@ -75,9 +85,7 @@ def tabulate(study_dir: Path, n_boot: int = 2000) -> list[dict]:
         diff = comparison.comparison_for(lab) if comparison else None
         row = {"setting": lab, "baseline": bool(comparison) and lab == comparison.baseline,
                "runs": f"{len(fin)}/{len(mine)}", "seeds": " ".join(str(r["seed"]) for r in fin),
-               "failed": "; ".join(f"seed {r['seed']}: {r['status']}"
-                                   + (f" ({r['error']})" if r["error"] else "")
-                                   for r in mine if r["status"] != "finished")}
+               "failed": "; ".join(not_finished(r) for r in mine if r["status"] != "finished")}
         for m in METRICS:
             ms = summary.metrics[m] if summary else None
             d = diff.metrics[m] if diff else None
@@ -159,7 +167,7 @@ def plot_curves(study_dir: Path, plan: dict, runs: dict, status: list[dict]) -> 
             hist = run.results.get("history") or []
             epochs = [h["epoch"] + 1 for h in hist]
             terms = sorted({k for h in hist for k in h if k.startswith("epoch/") and k.split("/", 1)[1] not in
-                            ("seconds", "sequences_per_s")})
+                            ("seconds", "sequences_per_s", "data_wait_fraction")})
             for term in terms:
                 ax_loss.plot(epochs, [h.get(term, np.nan) for h in hist], marker="o",
                              label=f"{term.split('/', 1)[1]} (seed {seed})")
@@ -248,52 +256,19 @@ def _short(key: str) -> str:
     return {v: k for k, v in PAPER_KEYS.items()}.get(key, key.rsplit(".", 1)[-1])
 
 
-def _routing_matrix(diag: list[dict], prefix: str, rows: list[str]) -> np.ndarray | None:
-    experts = sorted({int(k.rsplit("expert", 1)[1]) for d in diag for k in d
-                      if k.startswith(prefix) and "/expert" in k})
-    if not experts:
-        return None
-    mat = np.full((len(rows), len(experts)), np.nan)
-    for i, row in enumerate(rows):
-        for j, e in enumerate(experts):
-            vals = [d[f"{prefix}{row}/expert{e}"] for d in diag if f"{prefix}{row}/expert{e}" in d]
-            if vals:
-                mat[i, j] = float(np.mean(vals))
-    return mat
-
-
 def plot_routing(study_dir: Path, plan: dict, runs: dict, status: list[dict]) -> list[Path]:
-    from hm4sr_dist.diagnostics import INTERVAL_RANGES
+    """One heatmap per setting, averaged over its seeds (`diagnostics.routing_figure`, the figure
+    TensorBoard shows per epoch)."""
+    from hm4sr_dist.diagnostics import routing_figure
 
-    plt = _plt()
     out = []
-    ranges = [name for name, _ in INTERVAL_RANGES]
     for s in plan["settings"]:
         diag = [runs[r["run"]].results.get("diagnostics", {}) for r in status
                 if r["setting"] == s["label"] and r["run"] in runs]
-        temporal = _routing_matrix(diag, "routing/temporal_", ranges)
-        modalities = sorted({k.split("/")[1][len("interactive_"):] for d in diag for k in d
-                             if k.startswith("routing/interactive_")})
-        inter = _routing_matrix(diag, "routing/interactive_", modalities) if modalities else None
-        panels = [("Temporal MoE: gate weight per interval range", temporal, ranges),
-                  ("Interactive MoE: gate weight per modality", inter, modalities)]
-        panels = [p for p in panels if p[1] is not None]
-        if not panels:
+        fig = routing_figure(diag, f"{s['label']}: MoE routing (blank: no test position in that range)",
+                             colorbar_label="mean gate weight (test users, over seeds)")
+        if fig is None:
             continue
-        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-        for ax, (title, mat, row_labels) in zip(axes[0], panels):
-            im = ax.imshow(mat, aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-9, np.nanmax(mat)))
-            ax.set_xticks(range(mat.shape[1]), [f"expert {j}" for j in range(mat.shape[1])], rotation=30)
-            ax.set_yticks(range(len(row_labels)), row_labels)
-            ax.set(title=title, xlabel="expert", ylabel="interval before the item" if "Temporal" in title else
-                   "target modality")
-            for i in range(mat.shape[0]):
-                for j in range(mat.shape[1]):
-                    if not math.isnan(mat[i, j]):
-                        ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", color="k",
-                                fontsize=8, bbox={"facecolor": "white", "alpha": 0.6, "lw": 0, "pad": 1})
-            fig.colorbar(im, ax=ax, label="mean gate weight (test users, over seeds)")
-        fig.suptitle(f"{s['label']}: MoE routing (blank: no test position in that range)")
         path = study_dir / f"routing_{slug(s['label'])}.png"
         _save(fig, path)
         out.append(path)

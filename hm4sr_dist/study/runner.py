@@ -13,12 +13,16 @@ Resuming, at three levels:
 
 Each finished trial writes a run folder for `hm4sr_dist.compare` (results.json with the resolved
 config, test metrics, best epoch, per-epoch history; per_user_test.npz) from its final checkpoint.
+A trial that ASHA stops (`--asha`, `hm4sr_dist.tune.asha.GracefulASHA`) is asked to stop between
+epochs, ends its Train run like a finished one and leaves `runs/<run>/stopped.json` instead (the
+same summary without per-user ranks, so neither the tables nor hm4sr-compare take it as a result).
 On a cluster the study folder must be on storage every node sees (like train.storage_path).
-`trials.jsonl` in the study folder logs every training start and end (used by the tests).
+`trials.jsonl` in the study folder logs every training start, end, stop and skip (used by the tests).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -30,9 +34,12 @@ import ray.tune
 
 from hm4sr_dist.study.plan import StudyPlan
 from hm4sr_dist.train.launcher import ensure_ray, storage_root
+from hm4sr_dist.tune.resources import check_trials_fit
+from hm4sr_dist.tune.stop import clear_stop, stop_file
 
 EXIT_AFTER_ENV = "HM4SR_STUDY_EXIT_AFTER"      # test hook: the driver exits (code 75) after N trials
 PER_USER_FILE = "per_user_test.npz"
+STOPPED_FILE = "stopped.json"                  # a trial stopped early: its summary, not a result
 
 
 def _log(study_dir: Path, **event) -> None:
@@ -48,6 +55,15 @@ def finished_run(run_dir: Path, key: str) -> dict | None:
         return None
     ok = results.get("identity") == key and (run_dir / PER_USER_FILE).is_file()
     return results if ok else None
+
+
+def stopped_run(run_dir: Path, key: str) -> dict | None:
+    """The run folder's stopped.json when it holds the trial `key` stopped early, else None."""
+    try:
+        summary = json.loads((run_dir / STOPPED_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("identity") == key else None
 
 
 def _history(folder: Path) -> list[dict]:
@@ -66,7 +82,8 @@ def _history(folder: Path) -> list[dict]:
 
 def write_run_folder(run_dir: Path, result, trial: dict, config: dict, plan_info: dict,
                      wall_seconds: float) -> dict:
-    """results.json + per_user_test.npz of one finished trial, from the Train run's final checkpoint."""
+    """results.json + per_user_test.npz of one finished trial, from the Train run's final checkpoint;
+    for a trial stopped early, stopped.json alone (with `stopped_by`, `epochs_run`, `epochs`)."""
     if result.checkpoint is None:
         raise RuntimeError(f"trial {trial['run']}: the Train run left no checkpoint")
     tmp = run_dir.with_name(run_dir.name + ".tmp")
@@ -75,7 +92,9 @@ def write_run_folder(run_dir: Path, result, trial: dict, config: dict, plan_info
     with result.checkpoint.as_directory() as folder:
         folder = Path(folder)
         final = json.loads((folder / "final_metrics.json").read_text())
-        shutil.copy(folder / PER_USER_FILE, tmp / PER_USER_FILE)
+        stopped = bool(final.get("stopped_early"))
+        if not stopped:
+            shutil.copy(folder / PER_USER_FILE, tmp / PER_USER_FILE)
         history = _history(folder)
     results = {
         "dataset": plan_info["dataset"], "variant": trial["setting"], "setting": trial["setting"],
@@ -91,7 +110,11 @@ def write_run_folder(run_dir: Path, result, trial: dict, config: dict, plan_info
         "checkpoint": result.checkpoint.path,
         "config": config,
     }
-    (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    if stopped:    # its test metrics are of an under-trained run: kept for reading, out of the tables
+        results |= {"status": "stopped", "stopped_by": final.get("stopped_by"),
+                    "epochs": config["optim"]["epochs"]}
+    summary = json.dumps(results, indent=2, default=str)
+    (tmp / (STOPPED_FILE if stopped else "results.json")).write_text(summary)
     shutil.rmtree(run_dir, ignore_errors=True)
     tmp.rename(run_dir)                       # a run folder is complete or absent
     return results
@@ -131,9 +154,13 @@ def study_trial(config: dict, *, configs: dict, study_dir: str, plan_info: dict)
     _log(folder, event="start", key=trial["key"], run=trial["run"])
     started = time.time()
     cfg = from_dict(ExperimentConfig, configs[trial["key"]]).validate()
-    result = build_trainer(cfg, callbacks=[_report_callback(valid_key)]).fit()
-    write_run_folder(run_dir, result, trial, configs[trial["key"]], plan_info, time.time() - started)
-    _log(folder, event="end", key=trial["key"], run=trial["run"], seconds=time.time() - started)
+    trainer = build_trainer(cfg, callbacks=[_report_callback(valid_key)])
+    clear_stop(stop_file(storage_root(cfg), cfg.train.run_name))   # a request meant an earlier trial
+    result = trainer.fit()
+    summary = write_run_folder(run_dir, result, trial, configs[trial["key"]], plan_info,
+                               time.time() - started)
+    _log(folder, event="stopped" if summary.get("status") == "stopped" else "end", key=trial["key"],
+         run=trial["run"], seconds=time.time() - started, epochs_run=summary.get("epochs_run"))
 
 
 class _ExitAfter(ray.tune.Callback):
@@ -152,28 +179,22 @@ class _ExitAfter(ray.tune.Callback):
             os._exit(75)
 
 
-def _check_cpus(plan: StudyPlan, trial_cpus: float) -> None:
-    """A trial's driver and its Train workers must fit the cluster together, else the worker group
-    waits for CPUs that never free up (on a 2-CPU machine: 1 + 2 workers x 1 CPU)."""
-    from hm4sr_dist.config import ConfigError
-    have = ray.cluster_resources().get("CPU", 0)
-    need = max(trial_cpus + t.config["train"]["num_workers"] * t.config["train"]["cpus_per_worker"]
-               for t in plan.trials)
-    if need > have and not ray.cluster_resources().get("GPU", 0):
-        raise ConfigError(key="--trial-cpus", expected=f"a trial's driver plus its workers to fit the "
-                          f"cluster's {have:g} CPUs", got=f"{trial_cpus:g} + workers = {need:g} CPUs",
-                          why="use --trial-cpus 0.5 with train.num_workers=1, or a Ray started with "
-                              "more CPUs (ray start --head --num-cpus N; RAY_ADDRESS=auto)")
+def _stop_file_of(files: dict, trial_config: dict) -> str | None:
+    """GracefulASHA's marker path of a Tune trial (module level: Tune pickles its scheduler)."""
+    return files.get(((trial_config or {}).get("trial") or {}).get("key"))
 
 
 def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, trial_cpus: float = 1.0,
-              max_failures: int = 1, asha: bool = False) -> list[dict]:
-    """Fit (or restore and finish) every trial of the plan; return one status row per trial."""
+              max_failures: int = 1, asha: bool = False, asha_grace: int = 1,
+              asha_reduction: float = 2.0) -> list[dict]:
+    """Fit (or restore and finish) every trial of the plan; return one status row per trial:
+    finished, stopped (by ASHA, between epochs), failed (with the error) or unfinished."""
     study_dir = study_dir.resolve()
     (study_dir / "runs").mkdir(parents=True, exist_ok=True)
     base = plan.trials[0].config
     ensure_ray()
-    _check_cpus(plan, trial_cpus)
+    check_trials_fit([(t.config["train"]["num_workers"], t.config["train"]["cpus_per_worker"])
+                      for t in plan.trials], trial_cpus)
     from hm4sr_dist.config import ExperimentConfig, from_dict
     storage = storage_root(from_dict(ExperimentConfig, base))
     plan_info = {"dataset": plan.dataset, "fingerprint": plan.fingerprint, "study": plan.study}
@@ -190,16 +211,19 @@ def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, tria
     else:
         scheduler = None
         if asha:
-            from ray.tune.schedulers import ASHAScheduler
+            from hm4sr_dist.tune.asha import GracefulASHA
             epochs = max(t.config["optim"]["epochs"] for t in plan.trials)
-            # Per-epoch reports carry valid/<metric>; the final test report does not (ASHA skips it).
+            # Every epoch reports valid/<metric> (training_iteration = epochs done); the final test
+            # report carries it too (= best_valid, see _report_callback).
             metric = f"valid/{plan.trials[0].config['eval']['valid_metric']}"
-            # max_t above the epoch reports + the final one and stop_last_trials=False: a trial that
-            # reaches its end is never stopped by Tune (a Tune stop kills the trial actor before its
-            # Train run has written the final checkpoint, see hm4sr_dist.tune.trial).
-            scheduler = ASHAScheduler(metric=metric, mode="max", time_attr="training_iteration",
-                                      max_t=epochs + 2, grace_period=1, reduction_factor=2,
-                                      stop_last_trials=False)
+            # ASHA's STOP becomes a stop request the workers honour between epochs (the run ends with
+            # its final checkpoint); max_t above the epoch reports + the final one and
+            # stop_last_trials=False: a trial that reaches its last epoch is never stopped.
+            files = {t.key: stop_file(storage, t.config["train"]["run_name"]) for t in plan.trials}
+            scheduler = GracefulASHA(functools.partial(_stop_file_of, files), metric=metric, mode="max",
+                                     time_attr="training_iteration", max_t=max(epochs + 2, asha_grace),
+                                     grace_period=asha_grace, reduction_factor=asha_reduction,
+                                     stop_last_trials=False)
         tuner = ray.tune.Tuner(
             trainable,
             param_space={"trial": ray.tune.grid_search(
@@ -219,12 +243,15 @@ def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, tria
     rows = []
     for t in plan.trials:
         done = finished_run(study_dir / "runs" / t.run, t.key)
-        status = "finished" if done else ("failed" if t.key in errors else "stopped")
+        stopped = None if done else stopped_run(study_dir / "runs" / t.run, t.key)
+        status = ("finished" if done else "failed" if t.key in errors else
+                  "stopped" if stopped else "unfinished")
+        info = done or stopped or {}
         rows.append({"setting": t.setting, "seed": t.seed, "run": t.run, "key": t.key, "status": status,
-                     "error": errors.get(t.key), "best_epoch": (done or {}).get("best_epoch"),
-                     "wall_seconds": (done or {}).get("wall_seconds"),
-                     "train_seconds": (done or {}).get("train_seconds"),
-                     "best_valid": (done or {}).get("best_valid")})
+                     "error": errors.get(t.key), "best_epoch": info.get("best_epoch"),
+                     "wall_seconds": info.get("wall_seconds"), "train_seconds": info.get("train_seconds"),
+                     "best_valid": info.get("best_valid"), "epochs_run": info.get("epochs_run"),
+                     "epochs": t.config["optim"]["epochs"], "stopped_by": (stopped or {}).get("stopped_by")})
     (study_dir / "trials.json").write_text(json.dumps(rows, indent=2, default=_json_default))
     return rows
 

@@ -4,7 +4,9 @@ TensorBoard has one x-axis, the global optimiser step, for every tag:
 - per logged step: `loss/*`, `train/lr`, `train/grad_norm`, `throughput/sequences_per_s`, and the MoE
   view of that batch (`routing/*`, `moe/*`, see hm4sr_dist/diagnostics.py);
 - per epoch, at the step the epoch ended: `valid/*` metrics, `epoch/*` (mean loss terms of the
-  epoch, seconds, sequences/s);
+  epoch, seconds, sequences/s), and the image `routing/heatmap`: the validation routing of each
+  MoE (Temporal MoE per interval range, Interactive MoE per modality) drawn by
+  `diagnostics.routing_figure`, the figure of a study's `routing_<setting>.png`;
 - at the end: `test/*` of the best weights, and the run's hparams (config -> final metrics) for the
   HParams tab.
 Counts (`valid/count`) and the epoch index are printed, never drawn as curves. A resumed run opens
@@ -21,6 +23,7 @@ import yaml
 
 from hm4sr_dist.config import flatten
 
+ROUTING_IMAGE = "routing/heatmap"
 NOT_CURVES = ("count", "epoch", "global_step", "best_epoch", "epochs_run", "step_in_epoch")  # printed only
 
 
@@ -75,10 +78,19 @@ class Monitor:
             return
         self._scalars(metrics, global_step)
         if self.writer is not None:
+            self._routing_image(epoch, global_step, metrics)
             self.writer.flush()
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                           if isinstance(v, float) and not k.startswith(("routing/", "moe/")))
         say(f"epoch {epoch} done (global step {global_step}): {shown}")
+
+    def _routing_image(self, epoch: int, global_step: int, metrics: dict) -> None:
+        from hm4sr_dist.diagnostics import figure_rgb, routing_figure
+
+        fig = routing_figure(metrics, f"epoch {epoch}: MoE routing on the validation users "
+                                      "(blank: no position in that range)")
+        if fig is not None:                            # SASRec and MoE-less ablations have none
+            self.writer.add_image(ROUTING_IMAGE, figure_rgb(fig), global_step, dataformats="HWC")
 
     def final(self, global_step: int, final: dict[str, float]) -> None:
         """Test metrics at the last step, and hparams (flattened config -> final metrics)."""

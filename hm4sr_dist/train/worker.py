@@ -35,6 +35,7 @@ from hm4sr_dist.parallel.evaluation import distributed_metrics
 from hm4sr_dist.train.loop import EpochProgress, run_epoch
 from hm4sr_dist.train.monitor import Monitor, say
 from hm4sr_dist.train.state import TrainState, load_worker_files, save_worker_files, seed_everything
+from hm4sr_dist.tune.stop import stop_request, worker_stop_file
 
 DS_TAG = "engine"
 PER_USER_FILE = "per_user_test.npz"
@@ -73,6 +74,14 @@ def evaluate(model, reader, cfg: ExperimentConfig, device, per_user: bool = Fals
     return metrics, stats.result() | moe_parameters(model), rows
 
 
+def _stop_requested(path: str, device) -> dict | None:
+    """A Tune stop request (hm4sr_dist.tune.stop), agreed by all ranks: any rank that sees the
+    marker stops them all, so nobody waits in a collective for a rank that left."""
+    flag = torch.tensor([0.0 if stop_request(path) is None else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return (stop_request(path) or {}) if flag.item() else None
+
+
 def _quiet_ray_report_log() -> None:
     """Ray Train logs every report's whole metrics dict at INFO (hundreds of routing/MoE keys per
     epoch); our own progress lines say what matters. Its logger is named after its file."""
@@ -104,7 +113,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     reader = lambda split, b: ShardReader(cfg.data.prepared_dir, split, b, rank=rank, world_size=world,  # noqa: E731
                                           seed=cfg.optim.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                                           equalize=cfg.data.equalize, max_len=cfg.model.max_seq_len,
-                                          bucket_pool_batches=cfg.data.bucket_pool_batches)
+                                          bucket_pool_batches=cfg.data.bucket_pool_batches,
+                                          prefetch_batches=cfg.data.prefetch_batches)
     train_reader = reader("train", micro)
     valid_reader, test_reader = reader("valid", cfg.eval.batch_size), reader("test", cfg.eval.batch_size)
 
@@ -141,6 +151,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     monitor = Monitor(rank, logdir, to_dict(cfg), len(train_reader), resumed_at_step=state.global_step)
     step = engine_step(engine)
     every = cfg.train.checkpoint_every_steps
+    stop_at, stopped = worker_stop_file(cfg.train.storage_path, cfg.train.run_name, run_dir), None
 
     def save_checkpoint(metrics: dict, reader_position: dict | None) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -195,6 +206,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 say(f"early stop: no {cfg.eval.valid_metric} gain for {cfg.eval.patience} epochs")
             break
+        if epoch + 1 < cfg.optim.epochs and (stopped := _stop_requested(stop_at, device)) is not None:
+            if rank == 0:
+                say(f"stopped after epoch {epoch} by {stopped.get('by', 'a stop request')}")
+            break
 
     # The final checkpoint: the engine state as training left it (so a re-run with more epochs goes
     # on from the last weights, not the best), plus the plain fp32 best weights (ZeRO shards are no
@@ -208,6 +223,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         final = {f"test/{k}": v for k, v in test.items()} | diagnostics | {
             "best_epoch": state.best_epoch, "best_valid": state.best_metric, "epochs_run": state.epoch,
             "global_step": state.global_step, "resumed_at_steps": list(state.resumed_at), "finished": True}
+        if stopped is not None:                       # ended early on a Tune stop request
+            final |= {"stopped_early": True, "stopped_by": str(stopped.get("by", "tune"))}
         monitor.final(state.global_step, final)
         monitor.close()
         save_worker_files(Path(folder), rank, state, best_model)

@@ -6,7 +6,9 @@ Resources: a trial's TorchTrainer starts its own `train.num_workers` workers (on
 GPU cluster), so at most cluster GPUs // num_workers trials can train at once; `max_concurrent`
 caps the number of running trials (with 2 CPUs: 1 trial, 1 worker). The trial function itself only
 drives the Train controller (an actor of 0 CPUs); it reserves `trial_cpus` (Tune's default, 1 CPU;
-Tune refuses 0, a fraction such as 0.1 leaves more to the workers).
+Tune refuses 0, a fraction such as 0.1 leaves more to the workers). A plan whose trial driver plus
+workers exceed the cluster's CPUs would hang at worker-group startup: `run_sweep` refuses it first,
+naming the fix (`hm4sr_dist.tune.resources.check_trials_fit`, shared with the study runner).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import ray.tune
 from hm4sr_dist.config import ExperimentConfig, from_dict, to_dict
 from hm4sr_dist.feasibility import DataOffer
 from hm4sr_dist.train.launcher import ensure_ray, storage_root
+from hm4sr_dist.tune.resources import check_trials_fit
 from hm4sr_dist.tune.space import trial_run_name
 from hm4sr_dist.tune.trial import OVERRIDES, hm4sr_trial, trial_overrides
 
@@ -54,6 +57,7 @@ def run_sweep(base: ExperimentConfig, sweep: str, *, trials: Sequence[Mapping] |
     started = time.time()
     base = from_base(base)
     ensure_ray()
+    check_trials_fit(worker_shapes(base, trials, grid), trial_cpus)
     storage = storage_root(base)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(hm4sr_trial, base=to_dict(base), sweep=sweep, offer=offer,
@@ -82,6 +86,18 @@ def run_sweep(base: ExperimentConfig, sweep: str, *, trials: Sequence[Mapping] |
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep_results.json").write_text(json.dumps(table, indent=2, default=str))
     return table
+
+
+def worker_shapes(base: ExperimentConfig, trials: Sequence[Mapping] | None = None,
+                  grid: Mapping[str, Sequence] | None = None) -> list[tuple[int, float]]:
+    """(train.num_workers, train.cpus_per_worker) of every trial (for `check_trials_fit`): the
+    base's, unless a trial overrides them; a full grid's largest is the product of each key's max."""
+    nw, cpw = "train.num_workers", "train.cpus_per_worker"
+    default = (base.train.num_workers, base.train.cpus_per_worker)
+    if trials is not None:
+        return [(t.get(nw, default[0]), t.get(cpw, default[1])) for t in trials] or [default]
+    grid = grid or {}
+    return [(max(grid.get(nw, [default[0]])), max(grid.get(cpw, [default[1]])))]
 
 
 def from_base(cfg: ExperimentConfig) -> ExperimentConfig:

@@ -2,19 +2,25 @@
 as an uninterrupted run (also from a mid-epoch step checkpoint); checkpoints carry plain weights
 and per-user test ranks; TensorBoard events use one x-axis and survive a restart without overlap.
 
-Each run is tiny (60 users, ID + time, IDCL on); the code path is the production one.
+Each run is tiny (60 users, ID + time, IDCL on); the code path is the production one. Recovery from
+an epoch-end checkpoint is the stopped-and-resumed test's path; a worker lost between checkpoints is
+the mid-epoch test here and the node loss of tests/parallel/test_multinode.py.
 """
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 
 from hm4sr_dist.config import load_config
+from hm4sr_dist.diagnostics import ROUTING_DPI, ROUTING_PANEL_INCHES
 from hm4sr_dist.train.launcher import run_training
+from hm4sr_dist.train.monitor import ROUTING_IMAGE
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +83,15 @@ def test_run_reports_test_metrics_weights_and_tensorboard(uninterrupted):
     steps_per_epoch = result.metrics["global_step"] // 3
     assert scalar_steps(logdir, "valid/ndcg@5") == [steps_per_epoch * (e + 1) for e in range(3)]
     assert scalar_steps(logdir, "test/ndcg@10") == [result.metrics["global_step"]]
+    # The MoE routing heatmap (diagnostics.routing_figure) as an image per epoch, at the epoch's step:
+    # one panel per MoE that routes (the Temporal MoE and the Interactive MoE over the ID modality).
+    images = EventAccumulator(str(logdir), size_guidance={IMAGES: 0}).Reload().Images(ROUTING_IMAGE)
+    assert [im.step for im in images] == [steps_per_epoch * (e + 1) for e in range(3)]
+    width, height = (n * ROUTING_DPI for n in ROUTING_PANEL_INCHES)
+    for im in images:
+        png = Image.open(io.BytesIO(im.encoded_image_string))
+        assert png.format == "PNG" and png.size == (im.width, im.height) == (2 * width, height)
+        assert len(png.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 20   # drawn, not blank
 
 
 def test_stopped_and_resumed_run_ends_like_the_uninterrupted_one(uninterrupted, prepared_sequences):
@@ -86,18 +101,6 @@ def test_stopped_and_resumed_run_ends_like_the_uninterrupted_one(uninterrupted, 
     resumed = fit(prepared_sequences, storage, "resumed", 3)       # same name + storage: resume
     assert resumed.metrics["epochs_run"] == 3
     assert metrics_of_test(resumed) == metrics_of_test(full)
-
-
-def test_killed_worker_recovers_from_last_checkpoint(uninterrupted, prepared_sequences):
-    storage, full = uninterrupted
-    steps_per_epoch = full.metrics["global_step"] // 3
-    crash_at = steps_per_epoch + steps_per_epoch // 2                # the middle of epoch 2
-    crashed = fit(prepared_sequences, storage, "crash", 3, f"train.fail_at_step={crash_at}",
-                  "train.checkpoint_every_steps=0")
-    assert (storage / "crash" / "fault_injected").exists()
-    assert crashed.metrics["epochs_run"] == 3
-    assert crashed.metrics["resumed_at_steps"] == [steps_per_epoch]   # epoch-end checkpoint only
-    assert metrics_of_test(crashed) == metrics_of_test(full)
 
 
 def test_worker_killed_mid_epoch_resumes_at_the_step_checkpoint(uninterrupted, prepared_sequences):

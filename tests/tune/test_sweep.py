@@ -117,3 +117,39 @@ def test_report_callback_renames_tune_reserved_keys():
     cb._training_actor_item_queue = Queue()
     cb.after_report(None, [{"best_valid": 0.3, "done": True, "test/ndcg@5": 0.2}, {"done": True}], None)
     assert cb._training_actor_item_queue == [{"best_valid": 0.3, "train_done": True, "test/ndcg@5": 0.2}]
+
+
+def test_sweep_refuses_a_plan_whose_trial_does_not_fit_the_cpus(prepared_sequences, local_ray, tmp_path,
+                                                                 capsys):
+    """1 CPU for the trial's driver + 2 workers x 1 CPU > the session Ray's 2 CPUs: the worker group
+    would wait forever. The job stops before any trial with one line naming the fix (the study
+    runner's check, `hm4sr_dist.tune.resources.check_trials_fit`)."""
+    from jobs.common import exit_on_user_error
+    from jobs.tune_sweep import main
+
+    argv = ["--prepared-dir", str(prepared_sequences), "--sweep", "fig4", "--param", "l2", "--values", "0.5",
+            "--name", "too-big", "--output", str(tmp_path / "out"), "--trial-cpus", "1",
+            *TINY, "train.num_workers=2", f"train.storage_path={tmp_path / 'runs'}"]
+    with pytest.raises(SystemExit) as stop:
+        exit_on_user_error(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("error: --trial-cpus")
+    assert "1 + workers = 3 CPUs" in err and "--trial-cpus 0.5 with train.num_workers=1" in err
+    assert not (tmp_path / "runs" / "too-big").exists() and not (tmp_path / "out").exists()
+
+
+def test_trial_fit_check_counts_each_trials_workers():
+    from hm4sr_dist.config import ConfigError, load_config
+    from hm4sr_dist.tune.resources import check_trials_fit
+    from hm4sr_dist.tune.sweep import worker_shapes
+
+    base = load_config("configs/hm4sr_paper.yaml", ["train.num_workers=1"])
+    two_cpus = {"CPU": 2.0}
+    check_trials_fit(worker_shapes(base, trials=[{"loss.idcl_weight": 0.5}]), 1.0, two_cpus)   # 1 + 1 fits
+    with pytest.raises(ConfigError, match="1 \\+ workers = 3 CPUs"):     # one trial asks for 2 workers
+        check_trials_fit(worker_shapes(base, trials=[{"loss.idcl_weight": 0.5}, {"train.num_workers": 2}]),
+                         1.0, two_cpus)
+    with pytest.raises(ConfigError, match="0.5 \\+ workers = 4.5 CPUs"):  # a grid's largest corner
+        grid = {"train.num_workers": [1, 2], "train.cpus_per_worker": [1, 2]}
+        check_trials_fit(worker_shapes(base, grid=grid), 0.5, two_cpus)
+    check_trials_fit([(4, 1)], 1.0, {"CPU": 2.0, "GPU": 4.0})          # GPU clusters are not CPU-bound
