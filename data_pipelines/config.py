@@ -9,7 +9,8 @@ from typing import Any
 
 # Fields that change how the work runs but not what it produces: left out of the fingerprint.
 RUNTIME_ONLY = ("force", "num_actors", "num_cpus", "progress", "download_workers", "out_dir",
-                "text_batch_size", "image_batch_size")
+                "text_batch_size", "image_batch_size", "memory_budget_mb", "spill_dir")
+MIN_MEMORY_BUDGET_MB = 384  # the preparation's interpreter alone is ~170 MB (pandas, pyarrow, ray.data)
 
 PATH_FIELDS = ("input_dir", "interactions", "items", "image_dir", "image_cache_dir", "image_checkpoint")
 
@@ -66,6 +67,11 @@ class PrepConfig:
     download_workers: int = 16
     force: bool = False
     progress: bool = True
+    # 0: the whole log in memory (preprocess.py); > 0: streaming preparation (streaming_prep.py),
+    # the same output; chunks, buckets and ranges are sized to keep peak RSS near this many MB
+    # (the O(users + items) ID maps come on top: docs/scaling.md)
+    memory_budget_mb: int = 0
+    spill_dir: str = ""                       # streaming scratch files (default: beside out_dir)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,3 +83,13 @@ class PrepConfig:
             if out.get(key):
                 out[key] = str(Path(out[key]).resolve())
         return out
+
+
+def check_memory_budget(value: object) -> str | None:
+    """None when `memory_budget_mb` is usable, else what is wrong with it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"expected a whole number of MB, got {value!r}"
+    if value != 0 and value < MIN_MEMORY_BUDGET_MB:
+        return (f"expected 0 (in-memory preparation) or >= {MIN_MEMORY_BUDGET_MB} MB "
+                f"(streaming preparation), got {value}")
+    return None

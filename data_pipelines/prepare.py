@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from data_pipelines import items as item_tables
-from data_pipelines.config import PrepConfig
+from data_pipelines.config import PrepConfig, check_memory_budget
 from data_pipelines.preprocess import interval_stats, preprocess, split_sizes
 from data_pipelines.report import DataError
 from data_pipelines.shards import write_shards
@@ -105,7 +105,23 @@ def prepare(cfg: PrepConfig) -> dict[str, Any]:
     """Build (or confirm) the prepared folder `cfg.out_dir`; returns its manifest.
 
     The returned manifest carries `"status"`: "written" or "up_to_date" (not stored on disk).
+    `memory_budget_mb > 0` prepares the log in streaming passes (`streaming_prep.py`).
     """
+    if problem := check_memory_budget(cfg.memory_budget_mb):
+        raise DataError(f"memory_budget_mb: {problem}")
+    if cfg.memory_budget_mb <= 0:
+        return _prepare(cfg, None)
+    from data_pipelines.streaming_prep import remove_spill, spill_folder
+
+    spill = spill_folder(cfg)
+    try:
+        return _prepare(cfg, spill)
+    finally:
+        remove_spill(spill)
+
+
+def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
+    """`prepare`'s work; `spill` is the streaming path's scratch folder (None: in memory)."""
     started = time.time()
     out = Path(cfg.out_dir)
     inputs = describe_inputs(cfg)
@@ -116,11 +132,17 @@ def prepare(cfg: PrepConfig) -> dict[str, Any]:
 
     timings: dict[str, float] = {}
     clock = time.time()
-    data = load_source(cfg)
-    timings["read"] = time.time() - clock
-    clock = time.time()
-    prep = preprocess(data.interactions, data.drops, cfg.k_core, data.name)
-    timings["preprocess"] = time.time() - clock
+    if spill is not None:
+        from data_pipelines.streaming_prep import prepare_log
+
+        data, prep = prepare_log(cfg, spill)  # read + preprocess in passes over disk
+        timings["read_preprocess"] = time.time() - clock
+    else:
+        data = load_source(cfg)
+        timings["read"] = time.time() - clock
+        clock = time.time()
+        prep = preprocess(data.interactions, data.drops, cfg.k_core, data.name)
+        timings["preprocess"] = time.time() - clock
     stats: dict[str, int] = {}
     build = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(build, ignore_errors=True)
@@ -132,7 +154,8 @@ def prepare(cfg: PrepConfig) -> dict[str, Any]:
         .to_parquet(build / "users.parquet", index=False)
     items = item_tables.align_items(data, prep, stats)
     clock = time.time()
-    ensure_ray(cfg)
+    if spill is None or items is not None:  # the streaming path writes shards without Ray
+        ensure_ray(cfg)
     timings["ray_start"] = time.time() - clock
     clock = time.time()
     if items is not None:
@@ -153,9 +176,13 @@ def prepare(cfg: PrepConfig) -> dict[str, Any]:
 
     timings["features"] = time.time() - clock
     clock = time.time()
-    shards = write_shards(prep, build / SHARD_DIR, cfg.target_shard_bytes, cfg.min_shards, cfg.progress)
+    if spill is not None:
+        shards = prep.write_shards(build / SHARD_DIR, cfg.target_shard_bytes, cfg.min_shards)
+        tmin, tmax = prep.time_min, prep.time_max
+    else:
+        shards = write_shards(prep, build / SHARD_DIR, cfg.target_shard_bytes, cfg.min_shards, cfg.progress)
+        tmin, tmax = int(prep.times.min()), int(prep.times.max())
     timings["shards"] = time.time() - clock
-    tmin, tmax = int(prep.times.min()), int(prep.times.max())
     manifest.update({
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "provenance": {"source": data.source, "inputs": inputs, "versions": _versions()},
@@ -164,7 +191,7 @@ def prepare(cfg: PrepConfig) -> dict[str, Any]:
                    "users": prep.n_users, "items": prep.n_items, "actions": prep.n_actions,
                    "kcore_rounds": prep.kcore_rounds, "samples": split_sizes(prep)},
         "n_categories": manifest.get("categories", {}).get("n", 0),
-        "interval": interval_stats(prep, cfg.mu),
+        "interval": prep.interval_stats() if spill is not None else interval_stats(prep, cfg.mu),
         "time": {"min": tmin, "max": tmax, "n_days": (tmax - tmin) // SECONDS_PER_DAY + 1},
         "shards": shards,
         "tables": {"users": "users.parquet", "items": "items.parquet" if items is not None else None},

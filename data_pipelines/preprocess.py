@@ -93,7 +93,7 @@ def preprocess(df: pd.DataFrame, drops: DropLog, k: int = 5, source_name: str = 
     if dup.any():
         first = df[dup].iloc[0]
         drops.note("duplicate_row", int(dup.sum()),
-                   f"e.g. user {first.user!r}, item {first.item!r}, t={first.timestamp}")
+                   f"e.g. user {first['user']!r}, item {first['item']!r}, t={first['timestamp']}")
         df = df[~dup].reset_index(drop=True)
 
     user_codes, _ = pd.factorize(df["user"])

@@ -110,6 +110,11 @@ def prep_settings(job: DatasetJob, pairs: list[str]) -> dict:
             raise ConfigError(key=key, source="--prep", unknown=True,
                               suggestion=closest(key, [k for k in hints if k not in JOB_PREP_FIELDS]))
         settings[key] = _prep_value(key, hints[key], raw)
+        if key == "memory_budget_mb":  # range checked here too: before Ray starts or data is read
+            from data_pipelines.config import check_memory_budget
+
+            if problem := check_memory_budget(settings[key]):
+                raise ConfigError(problem, key=key, source="--prep")
     return settings
 
 
