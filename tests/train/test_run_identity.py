@@ -105,3 +105,15 @@ def test_a_key_whose_default_changed_behaviour_keeps_old_runs_apart(tmp_path):
         check_or_record(str(tmp_path / "run"), new_default)
     no_cp = [run_identity(config(f"loss.cp_reduction={r}"), "d")["hash"] for r in ("per_item", "per_element")]
     assert no_cp[0] == no_cp[1]                                          # cp_weight=0 in SMALL
+
+
+def test_new_config_keys_do_not_change_existing_run_identities():
+    """Every run folder and study trial is keyed by this hash: a key added to the config must not
+    change it for configs that compute what they computed before (add the key to NOT_IDENTITY if
+    it cannot change results, or to LEGACY_VALUES with the value that reproduces the old runs).
+    The hashes are those of version 2d233e8 (2026-11-23) for the same configs."""
+    def identity(path, *extra):
+        return run_identity(load_config(path, list(extra)), "fixed-fingerprint")["hash"]
+
+    assert identity("configs/sasrec.yaml") == "fb4891831590a87c"
+    assert identity("configs/hm4sr_paper.yaml", "loss.cp_reduction=per_element") == "5a9e3004f08d8816"
