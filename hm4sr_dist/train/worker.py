@@ -57,8 +57,8 @@ def _inject_fault(cfg: ExperimentConfig, rank: int, step: int, run_dir: Path) ->
         os._exit(1)
 
 
-def _all_ranks_agree(flag: bool) -> bool:
-    value = torch.tensor([1 if flag else 0])
+def _all_ranks_agree(flag: bool, device) -> bool:
+    value = torch.tensor([1 if flag else 0], device=device)      # NCCL reduces device tensors only
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
 
@@ -135,7 +135,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 reason = ""
         except ValueError as exc:                     # e.g. a worker group of another size
             reason = str(exc)
-        if not _all_ranks_agree(not reason):
+        if not _all_ranks_agree(not reason, device):
             resume_progress = None
             train_reader.set_epoch(state.epoch)       # back to the epoch's first batch
             say(f"rank {rank}: the mid-epoch reader position does not fit this worker group "
