@@ -18,7 +18,7 @@ import torch
 
 from hm4sr_dist.batch import Batch
 from hm4sr_dist.data import ShardError, ShardReader
-from hm4sr_dist.data.reader import Prefetcher
+from hm4sr_dist.data.prefetch import Prefetcher
 from hm4sr_dist.objective import LossTerms
 from hm4sr_dist.train.loop import EpochProgress, StepResult, run_epoch
 
