@@ -22,12 +22,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipelines.canonical import TimestampCheck, items_frame
+from data_pipelines.canonical import TimestampCheck
 from data_pipelines.config import PrepConfig
 from data_pipelines.report import DataError, DropLog
 from data_pipelines.sources import load_source
 from data_pipelines.sources.common import require
-from data_pipelines.sources.tabular import _categories, _columns, read_table
+from data_pipelines.sources.tabular import _columns, load_item_table
 
 log = logging.getLogger("data_pipelines.streaming")
 DIGITS = r"[0-9]{1,15}"  # whole seconds/ms parsed exactly by int() and by astype(int64)
@@ -102,7 +102,7 @@ def _tabular(cfg: PrepConfig) -> ChunkedSource:
         raise DataError(f"{path}: expected .parquet or .csv")
     item_table, inputs = None, [path]
     if cfg.items:
-        item_table = _item_table(cfg)
+        item_table = load_item_table(cfg)
         inputs.append(Path(cfg.items))
     src = ChunkedSource("tabular", cfg.name or path.stem, item_table, inputs, drops, estimated)
     src._frames = lambda rows: _checked_chunks(src, frames(rows), cfg, path, unit)
@@ -167,16 +167,3 @@ def _fast_times(col: pd.Series, check: TimestampCheck) -> tuple[np.ndarray, np.n
     else:
         return out, np.zeros(len(col), dtype=bool)
     return out, (out >= 0) & (out <= check.max_ts)
-
-
-def _item_table(cfg: PrepConfig) -> pd.DataFrame:
-    """The optional item table, built exactly as `sources/tabular.load` builds it."""
-    ipath = Path(cfg.items)
-    idf = read_table(ipath)
-    _columns(idf, ipath, [cfg.item_id_col, *cfg.text_cols, cfg.category_col, cfg.image_col])
-    cats = [_categories(c) for c in idf[cfg.category_col]] if cfg.category_col else [[]] * len(idf)
-    texts = [". ".join(str(v) for v in vals if str(v) and str(v) != "nan")
-             for vals in zip(*[idf[c] for c in cfg.text_cols])] if cfg.text_cols else [""] * len(idf)
-    images = ([None if not v or str(v) == "nan" else str(v) for v in idf[cfg.image_col]]
-              if cfg.image_col else [None] * len(idf))
-    return items_frame([str(v) for v in idf[cfg.item_id_col]], texts, cats, images)

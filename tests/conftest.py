@@ -5,6 +5,7 @@ import torch
 
 from hm4sr_dist.data.reader import collate
 from hm4sr_dist.synthetic import generate_log, log_samples
+from hm4sr_test_utils import prepare_sequence_log
 
 pytest_plugins = ["suite_guards"]        # collection and process-leak guards (tests/suite_guards.py)
 
@@ -44,15 +45,6 @@ def local_ray():
 @pytest.fixture(scope="session")
 def prepared_sequences(tmp_path_factory, local_ray):
     """A generated log written as sequence files and prepared into shards by the real pipeline."""
-    from data_pipelines.prepare import main as prepare
-
     root = tmp_path_factory.mktemp("seq")
-    log = generate_log(n_users=60, n_clusters=4, items_per_cluster=8, min_len=7, max_len=16, seed=21)
-    with open(root / "Toy_item.txt", "w") as items, open(root / "Toy_time.txt", "w") as times:
-        for user, (seq, ts) in enumerate(zip(log.sequences, log.timestamps)):
-            items.write(f"u{user} " + " ".join(map(str, seq)) + "\n")
-            times.write(f"u{user} " + " ".join(map(str, ts)) + "\n")
-    out = root / "prepared"
-    assert prepare(["--source", "sequence", "--input-dir", str(root), "--name", "Toy",
-                    "--out-dir", str(out), "--min-shards", "4", "--no-progress"]) == 0
-    return out
+    return prepare_sequence_log(root, root / "prepared")
+

@@ -1,6 +1,9 @@
 """Small shared test helpers (a uniquely named module: several conftest.py files exist)."""
 
+from pathlib import Path
+
 from hm4sr_dist.config import ExperimentConfig
+from hm4sr_dist.synthetic import generate_log
 
 
 def tiny_config(**model_overrides) -> ExperimentConfig:
@@ -11,3 +14,19 @@ def tiny_config(**model_overrides) -> ExperimentConfig:
     for key, value in model_overrides.items():
         setattr(cfg.model, key, value)
     return cfg.validate()
+
+
+def prepare_sequence_log(raw: Path, out: Path) -> Path:
+    """The tests' generated log (60 users) as sequence files in `raw`, prepared into `out` (4 shards)
+    by the real pipeline, on whatever Ray is initialised."""
+    from data_pipelines.prepare import main as prepare
+
+    raw.mkdir(parents=True, exist_ok=True)
+    log = generate_log(n_users=60, n_clusters=4, items_per_cluster=8, min_len=7, max_len=16, seed=21)
+    with open(raw / "Toy_item.txt", "w") as items, open(raw / "Toy_time.txt", "w") as times:
+        for user, (seq, ts) in enumerate(zip(log.sequences, log.timestamps)):
+            items.write(f"u{user} " + " ".join(map(str, seq)) + "\n")
+            times.write(f"u{user} " + " ".join(map(str, ts)) + "\n")
+    assert prepare(["--source", "sequence", "--input-dir", str(raw), "--name", "Toy",
+                    "--out-dir", str(out), "--min-shards", "4", "--no-progress"]) == 0
+    return out

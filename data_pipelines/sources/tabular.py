@@ -73,18 +73,23 @@ def load(cfg: PrepConfig) -> CanonicalData:
     inputs = [path]
     item_table = None
     if cfg.items:
-        ipath = Path(cfg.items)
-        idf = read_table(ipath)
-        _columns(idf, ipath, [cfg.item_id_col, *cfg.text_cols, cfg.category_col, cfg.image_col])
-        cats = [_categories(c) for c in idf[cfg.category_col]] if cfg.category_col else [[]] * len(idf)
-        texts = [". ".join(str(v) for v in vals if str(v) and str(v) != "nan")
-                 for vals in zip(*[idf[c] for c in cfg.text_cols])] if cfg.text_cols else [""] * len(idf)
-        images = ([None if not v or str(v) == "nan" else str(v) for v in idf[cfg.image_col]]
-                  if cfg.image_col else [None] * len(idf))
-        item_table = items_frame([str(v) for v in idf[cfg.item_id_col]], texts, cats, images)
-        inputs.append(ipath)
+        item_table = load_item_table(cfg)
+        inputs.append(Path(cfg.items))
     return CanonicalData("tabular", cfg.name or path.stem, interactions_frame(users, items, stamps),
                          item_table, inputs, len(df), drops)
+
+
+def load_item_table(cfg: PrepConfig):
+    """The item table of `cfg.items` (ID, text columns joined, categories, image), as items_frame."""
+    ipath = Path(cfg.items)
+    idf = read_table(ipath)
+    _columns(idf, ipath, [cfg.item_id_col, *cfg.text_cols, cfg.category_col, cfg.image_col])
+    cats = [_categories(c) for c in idf[cfg.category_col]] if cfg.category_col else [[]] * len(idf)
+    texts = [". ".join(str(v) for v in vals if str(v) and str(v) != "nan")
+             for vals in zip(*[idf[c] for c in cfg.text_cols])] if cfg.text_cols else [""] * len(idf)
+    images = ([None if not v or str(v) == "nan" else str(v) for v in idf[cfg.image_col]]
+              if cfg.image_col else [None] * len(idf))
+    return items_frame([str(v) for v in idf[cfg.item_id_col]], texts, cats, images)
 
 
 def files(cfg: PrepConfig) -> list[Path]:

@@ -21,10 +21,9 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from data_pipelines.prepare import main as prepare
 from hm4sr_dist.config import load_config
-from hm4sr_dist.synthetic import generate_log
 from hm4sr_dist.train.launcher import build_trainer
+from hm4sr_test_utils import prepare_sequence_log
 
 pytestmark = pytest.mark.slow
 
@@ -88,18 +87,8 @@ def add_worker_node(cluster: Cluster, name: str):
 
 
 def prepare_shared(root: Path) -> Path:
-    """A generated log in sequence-file form, prepared by the real pipeline (Ray Data on the cluster)."""
-    raw = root / "raw"
-    raw.mkdir(parents=True)
-    log = generate_log(n_users=60, n_clusters=4, items_per_cluster=8, min_len=7, max_len=16, seed=21)
-    with open(raw / "Toy_item.txt", "w") as items, open(raw / "Toy_time.txt", "w") as times:
-        for user, (seq, ts) in enumerate(zip(log.sequences, log.timestamps)):
-            items.write(f"u{user} " + " ".join(map(str, seq)) + "\n")
-            times.write(f"u{user} " + " ".join(map(str, ts)) + "\n")
-    out = root / "prepared"
-    assert prepare(["--source", "sequence", "--input-dir", str(raw), "--name", "Toy", "--out-dir", str(out),
-                    "--min-shards", "4", "--no-progress"]) == 0
-    return out
+    """The generated log prepared by the real pipeline (Ray Data on the cluster) into shared storage."""
+    return prepare_sequence_log(root / "raw", root / "prepared")
 
 
 def checkpoint_log(path: Path):
