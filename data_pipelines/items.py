@@ -12,7 +12,7 @@ import pandas as pd
 from data_pipelines.canonical import CanonicalData
 from data_pipelines.config import PrepConfig
 from data_pipelines.features import run_actor_pool
-from data_pipelines.preprocess import Prepared
+from data_pipelines.preprocess import Prepared, raw_id_column
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,8 @@ def align_items(data: CanonicalData, prep: Prepared, stats: dict) -> pd.DataFram
     dup = meta["item"].duplicated(keep="first")
     stats["duplicate_item_metadata"] = int(dup.sum())
     meta = meta[~dup].set_index("item")
-    aligned = meta.reindex(pd.Index(prep.item_raw.astype(str), name="item"))
+    raw_ids = raw_id_column(prep.item_raw).to_numpy(zero_copy_only=False).astype(str)
+    aligned = meta.reindex(pd.Index(raw_ids, name="item"))
     has_meta = aligned["text"].notna().to_numpy()
     stats["items_without_metadata"] = int((~has_meta).sum())
     if (~has_meta).any():
@@ -33,7 +34,7 @@ def align_items(data: CanonicalData, prep: Prepared, stats: dict) -> pd.DataFram
                     "vectors and they have no categories", int((~has_meta).sum()), len(aligned))
     out = pd.DataFrame({
         "item_id": np.arange(1, prep.n_items + 1, dtype=np.int64),
-        "raw_id": prep.item_raw.astype(str),
+        "raw_id": raw_ids,
         "has_metadata": has_meta,
         "text": aligned["text"].fillna("").astype(str).to_numpy(),
         "categories": pd.Series([c if isinstance(c, list) else [] for c in aligned["categories"]],

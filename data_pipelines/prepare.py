@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from data_pipelines import items as item_tables
 from data_pipelines.config import PrepConfig, check_memory_budget
-from data_pipelines.preprocess import interval_stats, preprocess, split_sizes
+from data_pipelines.preprocess import interval_stats, preprocess, raw_id_column, split_sizes
 from data_pipelines.report import DataError
 from data_pipelines.shards import write_shards
 from data_pipelines.sources import input_files, load_source
@@ -150,8 +151,8 @@ def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
 
     manifest: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "dataset": data.name,
                                 "fingerprint": fp, "max_len": cfg.max_len, "features": {}}
-    pd.DataFrame({"user_id": np.arange(prep.n_users), "raw_id": prep.user_raw.astype(str)}) \
-        .to_parquet(build / "users.parquet", index=False)
+    pq.write_table(pa.table({"user_id": pa.array(np.arange(prep.n_users, dtype=np.int64)),
+                             "raw_id": raw_id_column(prep.user_raw)}), build / "users.parquet")
     items = item_tables.align_items(data, prep, stats)
     clock = time.time()
     if spill is None or items is not None:  # the streaming path writes shards without Ray

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from data_pipelines.report import DataError, DropLog
 from hm4sr_dist.data.records import split_count
@@ -62,6 +64,41 @@ def _sorted_ids(values: np.ndarray) -> np.ndarray:
     except (ValueError, OverflowError):
         order = np.argsort(unique.astype(str), kind="stable")
     return unique[order]
+
+
+def raw_id_column(values: np.ndarray | pa.Array) -> pa.Array:
+    """Raw IDs as an Arrow string column, from `Prepared` (numpy) or the streaming path (Arrow)."""
+    if isinstance(values, pa.Array):
+        return values.cast(pa.string())
+    return pa.array(values.astype(str), pa.string())
+
+
+def sorted_id_order(distinct: pa.Array, chunk: int = 1 << 16) -> np.ndarray:
+    """The order `_sorted_ids` puts these distinct raw IDs (strings) in, without making each a
+    Python object: the streaming path calls it on millions of IDs within a memory budget.
+
+    Arrow's integer cast accepts a subset of what Python's `int` does (no spaces, '_' or
+    non-ASCII digits), so when it refuses, Python decides chunk by chunk, as `_sorted_ids` would.
+    Strings otherwise sort by code point (= UTF-8 byte order, Arrow's order); distinct values
+    have no ties there, so the sort's stability does not matter.
+    """
+    try:
+        as_int = pc.cast(distinct, pa.int64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        as_int = _python_ints(distinct, chunk)
+    if as_int is not None:
+        return np.argsort(as_int, kind="stable")  # equal integers ('7', '007'): first seen first
+    return pc.sort_indices(distinct).to_numpy()
+
+
+def _python_ints(values: pa.Array, chunk: int) -> np.ndarray | None:
+    out = np.empty(len(values), dtype=np.int64)
+    for start in range(0, len(values), chunk):
+        try:
+            out[start:start + chunk] = [int(v) for v in values.slice(start, chunk).to_pylist()]
+        except (ValueError, OverflowError, TypeError):
+            return None
+    return out
 
 
 def kcore(user_codes: np.ndarray, item_codes: np.ndarray, k: int,

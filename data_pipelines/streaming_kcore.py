@@ -7,8 +7,9 @@ one whose user and item have never fallen below, so per-pass counts of users and
 (O(users + items)) replace the per-row mask. A round whose counts leave every kept row in place
 (no count in [1, threshold)) ends the loop, as `bad.any()` is False there.
 
-Dense IDs follow `preprocess._sorted_ids` by calling it on the kept raw IDs in order of first
-kept appearance (the order `pd.unique` sees in the in-memory path).
+Dense IDs follow `preprocess._sorted_ids`: `preprocess.sorted_id_order` orders the kept raw IDs,
+taken in order of first kept appearance (the order `pd.unique` sees in the in-memory path), in
+Arrow, since millions of Python strings would not fit the budget.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from data_pipelines.preprocess import EmptyResultError, _sorted_ids
+from data_pipelines.preprocess import EmptyResultError, sorted_id_order
 from data_pipelines.streaming_partition import Coded
 
 
@@ -67,8 +67,8 @@ def check_not_empty(kept: Kept, coded: Coded, k: int, source_name: str) -> None:
 
 @dataclass
 class IdMaps:
-    user_raw: np.ndarray      # dense user -> raw ID, as Prepared.user_raw
-    item_raw: np.ndarray      # dense item - 1 -> raw ID, as Prepared.item_raw
+    user_raw: pa.Array        # dense user -> raw ID (Prepared.user_raw, kept in Arrow)
+    item_raw: pa.Array        # dense item - 1 -> raw ID (Prepared.item_raw, kept in Arrow)
     user_dense: np.ndarray    # user code -> dense user ID (-1: removed)
     item_dense: np.ndarray    # item code -> dense item ID, 1-based (0: removed)
     lengths: np.ndarray       # kept actions per dense user
@@ -95,13 +95,11 @@ def id_maps(coded: Coded, kept: Kept) -> IdMaps:
     return IdMaps(user_raw, item_raw, user_dense, np.where(item_dense >= 0, item_dense + 1, 0), lengths)
 
 
-def _dense(raw: pa.Array, first: np.ndarray, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _dense(raw: pa.Array, first: np.ndarray, alive: np.ndarray) -> tuple[pa.Array, np.ndarray]:
+    """(dense ID -> raw ID, code -> dense ID or -1); raw holds each code's ID once."""
     codes = np.flatnonzero(alive)
     codes = codes[np.argsort(first[codes], kind="stable")]        # first-appearance order
-    in_order = raw.take(codes)
-    sorted_raw = _sorted_ids(in_order.to_numpy(zero_copy_only=False).astype(object))
+    order = sorted_id_order(raw.take(pa.array(codes)))
     dense = np.full(len(alive), -1, dtype=np.int64)
-    # raw ID -> position in sorted_raw through Arrow's hash table (compact next to pandas' one
-    # over Python strings, the peak of this pass on large logs)
-    dense[codes] = pc.index_in(in_order, value_set=pa.array(sorted_raw, pa.string())).to_numpy()
-    return sorted_raw, dense
+    dense[codes[order]] = np.arange(len(order))
+    return raw.take(pa.array(codes[order])), dense

@@ -7,10 +7,12 @@ import random
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from data_pipelines.canonical import interactions_frame
-from data_pipelines.preprocess import EmptyResultError, interval_stats, kcore, preprocess, split_sizes
+from data_pipelines.preprocess import (EmptyResultError, _sorted_ids, interval_stats, kcore, preprocess,
+                                      sorted_id_order, split_sizes)
 from data_pipelines.report import DropLog
 from hm4sr_dist.data.records import split_ends
 from tests.data.fixtures import expected_sequences, make_log
@@ -61,6 +63,22 @@ def test_numeric_ids_sort_numerically():
                             [1, 2, 3, 4, 5, 6])
     prep = preprocess(df, DropLog(), k=1)
     assert list(prep.user_raw) == ["9", "10"] and list(prep.item_raw) == ["2", "10", "11"]
+
+
+@pytest.mark.parametrize("ids", [
+    ["10", "9", "007", "7", "-3", "0"],                       # Arrow's cast: ties keep first-seen order
+    ["+5", " 7", "1_0", "\u0663", "4"],                       # only Python's int reads these
+    ["9", "10", "x"],                                          # one non-integer: code point order
+    ["b", "\u00e9", "a", "B", "\U0001f600", "ab", ""],        # multi-byte UTF-8 = code point order
+    ["1", "99999999999999999999"],                             # beyond int64: strings
+])
+def test_streaming_id_order_is_the_in_memory_one(ids):
+    """The streaming path orders distinct IDs in Arrow; the order must be `_sorted_ids`'s, chunk
+    by chunk too (chunk 2 splits every list)."""
+    expected = list(_sorted_ids(np.array(ids, dtype=object)))
+    for chunk in (2, 1 << 16):
+        order = sorted_id_order(pa.array(ids, pa.string()), chunk=chunk)
+        assert [ids[j] for j in order] == expected
 
 
 def test_split_edge_cases():
