@@ -16,8 +16,8 @@ hm4sr_dist/catalog_loss.py (`--chunk` items per block); `sampled` = the logQ-cor
 softmax (`--negatives` uniform negatives + in-batch). `full` is skipped where the memory model
 predicts more than `--memory-limit-gb`.
 
-Every setting runs in a fresh subprocess, so its peak resident memory (getrusage ru_maxrss; torch's
-CPU allocations are invisible to tracemalloc) is its own. Reported: `peak_gb` (the process's peak
+Every setting runs in a fresh subprocess, so its peak resident memory (VmHWM of its own memory
+map, `hm4sr_dist.memory`; torch's CPU allocations are invisible to tracemalloc) is its own. Reported: `peak_gb` (the process's peak
 resident set, the mapped feature pages it touched included), `mapped_gb` (resident pages of the
 mapped feature file at the end: page cache, shared by every process of the node that maps it),
 `step_gb` (peak minus the resident memory after the tables were built minus `mapped_gb`: the
@@ -33,12 +33,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from hm4sr_dist.memory import peak_resident_bytes, resident_bytes
 
 GB = 2 ** 30
 SETTINGS = ("sasrec", "hm4sr")
@@ -78,16 +79,6 @@ def _mapped_bytes(path: str) -> int:
             elif inside and head[0] == "Rss:":
                 total += int(head[1]) * 1024
     return total
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _maxrss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024           # Linux reports KiB
 
 
 def run_one(args) -> dict:
@@ -133,7 +124,7 @@ def run_one(args) -> dict:
 
         def loss_fn(items):
             return sampled(seq, items, target)
-    setup_rss = _rss_bytes()
+    setup_rss = resident_bytes()
 
     def step() -> float:
         emb.zero_grad(set_to_none=True)
@@ -144,7 +135,7 @@ def run_one(args) -> dict:
 
     warmup = step()
     times = [step() for _ in range(args.repeats)]
-    peak = _maxrss_bytes()
+    peak = peak_resident_bytes()
     mapped = _mapped_bytes(args.feature_file) if args.setting == "hm4sr" else 0
     return {"setting": args.setting, "items": n, "method": args.method, "batch": b, "dim": d,
             "width": width, "text_width": args.text_width if args.setting == "hm4sr" else None,

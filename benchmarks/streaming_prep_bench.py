@@ -8,8 +8,9 @@ the budget, and the size of the same log as one pandas frame (what the in-memory
    rows) as Parquet in chunks of 1M rows: never held whole.
 2. Runs `python -m data_pipelines.prepare --memory-budget-mb B` (IDs + times: no item table, so no
    Ray) in a subprocess. Peak memory of ALL its processes: the summed RSS of the process tree,
-   sampled every 0.1 s with psutil; cross-checked with getrusage(RUSAGE_CHILDREN).ru_maxrss (the
-   largest single descendant, exact, not summed).
+   sampled every 0.1 s with psutil; and the largest single process's own peak (its VmHWM, read
+   with each sample: exact, and monotone, so at most the last 0.1 s before exit is unseen).
+   Not getrusage's ru_maxrss: a child starts from this process's peak (the frame of step 3).
 3. The frame: each chunk turned into the canonical frame (`canonical.interactions_frame`, what the
    source adapters return) and `memory_usage(deep=True)` summed: exact for the whole frame, as
    its columns are per-row. `--in-memory` also runs the in-memory path on the log and samples it
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -35,6 +35,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from hm4sr_dist.memory import peak_resident_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 1_000_000
@@ -88,7 +90,7 @@ def run_sampled(cmd: list[str], log_path: Path) -> dict:
     """Run `cmd`; peak summed RSS of its process tree (psutil samples) and its exit code."""
     import psutil
 
-    peak, peak_n = 0, 0
+    peak, peak_n, own_peaks = 0, 0, {}
     started = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -100,6 +102,7 @@ def run_sampled(cmd: list[str], log_path: Path) -> dict:
                 for p in tree:
                     try:
                         rss += p.memory_info().rss
+                        own_peaks[p.pid] = max(own_peaks.get(p.pid, 0), peak_resident_bytes(p.pid))
                     except psutil.Error:
                         pass
                 if rss > peak:
@@ -107,10 +110,9 @@ def run_sampled(cmd: list[str], log_path: Path) -> dict:
             except psutil.Error:
                 pass
             time.sleep(0.1)
-    children_max = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB -> MiB
     return {"rc": proc.returncode, "wall_s": round(time.time() - started, 1),
             "peak_tree_rss_mb": round(peak / 2**20, 1), "processes_at_peak": peak_n,
-            "max_single_child_rss_mb": round(children_max, 1)}
+            "max_single_process_peak_mb": round(max(own_peaks.values(), default=0) / 2**20, 1)}
 
 
 def prepare_cmd(log: Path, out: Path, budget: int, spill: Path) -> list[str]:
@@ -174,7 +176,7 @@ def main() -> None:
             ("budget (memory_budget_mb)", f"{args.budget_mb:,} MB"),
             ("streaming: peak RSS, process tree", f"{s['peak_tree_rss_mb']:,.0f} MB "
                                                   f"({s['processes_at_peak']} process(es))"),
-            ("streaming: largest single process", f"{s['max_single_child_rss_mb']:,.0f} MB"),
+            ("streaming: largest single process", f"{s['max_single_process_peak_mb']:,.0f} MB (VmHWM)"),
             ("streaming: wall time (2 shared cores)", f"{s['wall_s']:,.0f} s"),
             ("kept users / items / actions", f"{s['users']:,} / {s['items']:,} / {s['actions']:,}"),
             ("k-core rounds", f"{s['kcore_rounds']}"),

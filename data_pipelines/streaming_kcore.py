@@ -74,7 +74,7 @@ class IdMaps:
     lengths: np.ndarray       # kept actions per dense user
 
 
-def id_maps(coded: Coded, kept: Kept) -> IdMaps:
+def id_maps(coded: Coded, kept: Kept, progress) -> IdMaps:
     n_u, n_i = len(kept.u_count), len(kept.i_count)
     big = np.iinfo(np.int64).max
     u_first, i_first = np.full(n_u, big), np.full(n_i, big)
@@ -87,8 +87,11 @@ def id_maps(coded: Coded, kept: Kept) -> IdMaps:
         u_first[codes] = s[at]
         codes, at = np.unique(i, return_index=True)
         i_first[codes] = np.minimum(i_first[codes], s[at])
+    progress("dense IDs: first kept appearances found", force=True)
     user_raw, user_dense = _dense(coded.user_raw, u_first, kept.u_count > 0)
+    progress(f"dense IDs: {len(user_raw):,} users ordered", force=True)
     item_raw, item_dense = _dense(coded.item_raw, i_first, kept.i_count > 0)
+    progress(f"dense IDs: {len(item_raw):,} items ordered", force=True)
     lengths = np.zeros(len(user_raw), dtype=np.int64)
     alive = user_dense >= 0
     lengths[user_dense[alive]] = kept.u_count[alive]

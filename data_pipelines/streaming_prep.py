@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from data_pipelines.streaming_partition import code_buckets, partition
 from data_pipelines.streaming_shards import (ShardWriter, ray_split_bounds, split_by_range,
                                              user_ranges, write_ranges)
 from data_pipelines.streaming_source import open_source
+from hm4sr_dist.memory import peak_resident_bytes, resident_bytes
 
 log = logging.getLogger("data_pipelines.streaming")
 
@@ -59,18 +59,10 @@ class Plan:
     chunk_rows: int
     n_buckets: int
 
-    def working(self) -> int:
-        return self.budget - self.baseline
-
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
 
 def plan(cfg: PrepConfig, estimated_rows: int) -> Plan:
     budget = cfg.memory_budget_mb << 20
-    baseline = current_rss()
+    baseline = resident_bytes()
     working = budget - baseline
     if working < 64 << 20:
         raise DataError(f"memory_budget_mb: {cfg.memory_budget_mb} MB leaves "
@@ -80,6 +72,14 @@ def plan(cfg: PrepConfig, estimated_rows: int) -> Plan:
     bucket_rows = max(MIN_BUCKET_ROWS, working // 3 // BUCKET_BYTES_PER_ROW)
     n_buckets = int(min(4096, max(2, -(-estimated_rows // bucket_rows))))
     return Plan(budget, baseline, chunk_rows, n_buckets)
+
+
+def range_rows(budget: int, resident: int, shard_bytes: int) -> int:
+    """Rows per user range in passes 5-6: half of what the budget leaves now, after one shard's
+    tar block. What passes 1-4 leave resident (the ID maps, and memory the allocators freed but
+    keep) is not known in advance: 565 MB of a 768 MB budget at 20M actions, against the 171 MB
+    the plan started from, so ranges sized from the plan's start overshot the budget."""
+    return max(MIN_RANGE_ROWS, (budget - resident - shard_bytes) // 2 // RANGE_BYTES_PER_ROW)
 
 
 class StreamedLog:
@@ -108,7 +108,7 @@ class StreamedLog:
     def write_shards(self, shard_dir: Path, target_bytes: int, min_shards: int) -> list[dict]:
         lengths = self._ids.lengths
         bounds = ray_split_bounds(len(lengths), shard_count(lengths, target_bytes, min_shards))
-        rows = max(MIN_RANGE_ROWS, self._plan.working() // 3 // RANGE_BYTES_PER_ROW)
+        rows = range_rows(self._cfg.memory_budget_mb << 20, resident_bytes(), target_bytes)
         starts = user_ranges(lengths, rows)
         folder = self._spill / "ranges"
         split_by_range(self._coded, self._kept, self._ids, starts, folder, self._progress)
@@ -120,7 +120,7 @@ class StreamedLog:
                  "max_train_bucket", "zero_intervals_share", "bucket_histogram")
         self._interval = {k: stats[k] for k in order}
         log.info("streaming passes 5-6 done: %d user ranges, %d shards; peak RSS %d MB (budget %d MB)",
-                 len(starts), len(writer.entries), peak_rss() >> 20, self._cfg.memory_budget_mb)
+                 len(starts), len(writer.entries), peak_resident_bytes() >> 20, self._cfg.memory_budget_mb)
         return writer.entries
 
     def interval_stats(self) -> dict:
@@ -156,11 +156,11 @@ def prepare_log(cfg: PrepConfig, spill: Path) -> tuple[CanonicalData, StreamedLo
     kept = kcore(coded, cfg.k_core, max(cfg.k_core, 3), progress)
     data.drops.note(f"kcore_{cfg.k_core}", kept.removed)
     check_not_empty(kept, coded, cfg.k_core, src.name)
-    ids = id_maps(coded, kept)
+    ids = id_maps(coded, kept, progress)
     log.info("streaming passes 1-4 done in %.1fs: %s rows read, %s users, %s items, %s actions "
              "kept after %d k-core rounds; peak RSS so far %d MB", time.time() - started,
              f"{src.rows_read:,}", f"{len(ids.user_raw):,}", f"{len(ids.item_raw):,}",
-             f"{int(ids.lengths.sum()):,}", kept.rounds, peak_rss() >> 20)
+             f"{int(ids.lengths.sum()):,}", kept.rounds, peak_resident_bytes() >> 20)
     return data, StreamedLog(ids, kept.rounds, spill, cfg, the_plan, coded, kept, progress)
 
 
@@ -174,10 +174,6 @@ def remove_spill(spill: Path) -> None:
     shutil.rmtree(spill, ignore_errors=True)
 
 
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 class _Progress:
     """Progress lines on long work: at most one every 2 s, plus the ones marked `force`."""
 
@@ -187,5 +183,5 @@ class _Progress:
     def __call__(self, message: str, force: bool = False) -> None:
         now = time.time()
         if self.enabled and (force or now - self.last >= 2.0):
-            log.info("%s (RSS %d MB)", message, current_rss() >> 20)
+            log.info("%s (RSS %d MB, peak %d MB)", message, resident_bytes() >> 20, peak_resident_bytes() >> 20)
             self.last = now

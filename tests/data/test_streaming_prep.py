@@ -19,6 +19,7 @@ from data_pipelines.config import PrepConfig
 from data_pipelines.prepare import main, prepare
 from data_pipelines.report import DataError
 from hm4sr_dist.data import ShardReader
+from hm4sr_dist.memory import resident_bytes
 
 BASE = 1_400_000_000
 
@@ -43,7 +44,7 @@ def make_log(seed: int, n_users: int = 700, n_items: int = 220) -> pd.DataFrame:
 
 def budget() -> int:
     """MB: what this test process already holds (torch, Ray's driver) + 300 MB of working room."""
-    return (streaming_prep.current_rss() >> 20) + 300
+    return (resident_bytes() >> 20) + 300
 
 
 def prepared(tmp: Path, name: str, budget: int, **kw) -> tuple[dict, Path]:
@@ -157,7 +158,7 @@ def test_budget_errors_name_the_key(tmp_path, capsys):
     rc = main(["--source", "tabular", "--interactions", "x.parquet", "--out-dir",
                str(tmp_path / "o"), "--memory-budget-mb", "-3", "--no-progress"])
     assert rc == 2 and "memory_budget_mb: expected 0" in capsys.readouterr().err
-    tight = (streaming_prep.current_rss() >> 20) + 10  # MB: less than this process + 64 MB
+    tight = (resident_bytes() >> 20) + 10  # MB: less than this process + 64 MB
     with pytest.raises(DataError, match="memory_budget_mb: .* leaves"):
         streaming_prep.plan(PrepConfig("tabular", "o", memory_budget_mb=tight), 10)
 
@@ -172,3 +173,25 @@ def test_job_flag_is_checked_before_work():
         prep_settings(JOB, ["memory_budget_mb=12"])
     with pytest.raises(ConfigError, match="memory_budget_mb"):
         prep_settings(JOB, ["memory_budget_mb=lots"])
+
+
+def test_ranges_are_sized_from_what_the_budget_leaves():
+    """Passes 5-6 size their user ranges from the memory left when they start, not from the plan's
+    start: what passes 1-4 leave resident shrinks the ranges, down to the floor."""
+    mb = 1 << 20
+    roomy = streaming_prep.range_rows(768 * mb, 200 * mb, 64 * mb)
+    tight = streaming_prep.range_rows(768 * mb, 565 * mb, 64 * mb)
+    assert roomy == (504 * mb) // 2 // streaming_prep.RANGE_BYTES_PER_ROW
+    assert streaming_prep.MIN_RANGE_ROWS < tight < roomy
+    assert streaming_prep.range_rows(768 * mb, 800 * mb, 64 * mb) == streaming_prep.MIN_RANGE_ROWS
+
+
+def test_peak_memory_is_this_process_own():
+    """VmHWM, not ru_maxrss: a child of a large process reports its own peak, not the parent's."""
+    import subprocess
+    import sys
+    ballast = bytearray(300 << 20)  # noqa: F841 - the parent's peak is now >= 300 MB
+    out = subprocess.run([sys.executable, "-c", "from hm4sr_dist.memory import peak_resident_bytes;"
+                          "print(peak_resident_bytes() >> 20)"], capture_output=True, text=True,
+                         check=True)
+    assert int(out.stdout) < 200, out.stdout   # the child's peak: an interpreter, well under 300 MB

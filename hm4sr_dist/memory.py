@@ -1,0 +1,40 @@
+"""Resident memory of a process, from Linux's /proc/<pid>/status, for progress lines and benchmarks.
+
+The peak is `VmHWM`, the high-water mark of the process's own memory map, not getrusage's
+`ru_maxrss`: across fork/vfork + exec, `ru_maxrss` starts from the parent's peak, so a process
+started by a large parent (a benchmark that built a 900 MB frame) reports the parent's peak before
+doing anything. Elsewhere than Linux, the getrusage figures stand in.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+
+def _status_kib(field: str, pid: int | str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _maxrss() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024       # Linux reports KiB
+
+
+def resident_bytes(pid: int | str = "self") -> int:
+    """Current resident set size (VmRSS)."""
+    kib = _status_kib("VmRSS", pid)
+    return kib * 1024 if kib is not None else _maxrss()
+
+
+def peak_resident_bytes(pid: int | str = "self") -> int:
+    """Peak resident set size of the process's own memory map (VmHWM)."""
+    kib = _status_kib("VmHWM", pid)
+    return kib * 1024 if kib is not None else _maxrss()
