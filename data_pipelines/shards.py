@@ -20,7 +20,9 @@ last) to such a URI, so a cluster trains from object storage.
 
 from __future__ import annotations
 
+import io
 import math
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -79,20 +81,27 @@ class DeterministicTarDatasink(BlockBasedFileDatasink):
         super().__init__(path, file_format="tar", **kwargs)
 
     def write_block_to_file(self, block: BlockAccessor, file) -> None:
-        import io
-        import tarfile
-
-        with tarfile.open(fileobj=file, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+        with open_tar_stream(file) as tar:
             for row in block.iter_rows(public_row_format=False):
                 row = row if isinstance(row, dict) else row.as_pydict()
                 key = row["__key__"]
                 for column, value in row.items():
                     if column.startswith("__") or value is None:
                         continue
-                    data = value if isinstance(value, bytes) else str(value).encode()
-                    info = tarfile.TarInfo(f"{key}.{column}")
-                    info.size, info.mtime, info.mode = len(data), 0, 0o644
-                    tar.addfile(info, io.BytesIO(data))
+                    add_member(tar, key, column, value if isinstance(value, bytes) else str(value).encode())
+
+
+def open_tar_stream(file) -> tarfile.TarFile:
+    """A tar written front to back into `file` (members go out as they are added)."""
+    return tarfile.open(fileobj=file, mode="w|", format=tarfile.USTAR_FORMAT)
+
+
+def add_member(tar: tarfile.TarFile, key: str, column: str, data: bytes) -> None:
+    """The WebDataset member `<key>.<column>`, with the fixed metadata that makes shards
+    byte-identical however they are written (Ray Data here, the streaming preparation's writer)."""
+    info = tarfile.TarInfo(f"{key}.{column}")
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
 
 
 def _delete_dir(where: DataLocation) -> None:
