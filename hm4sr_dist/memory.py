@@ -28,13 +28,20 @@ def _maxrss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024       # Linux reports KiB
 
 
+def _bytes(field: str, pid: int | str) -> int:
+    kib = _status_kib(field, pid)
+    if kib is not None:
+        return kib * 1024
+    # No /proc (not Linux): this process's getrusage figure. Another process that has exited or
+    # is a zombie (no memory map, so no such line) gives 0, never this process's figure.
+    return _maxrss() if pid == "self" else 0
+
+
 def resident_bytes(pid: int | str = "self") -> int:
     """Current resident set size (VmRSS)."""
-    kib = _status_kib("VmRSS", pid)
-    return kib * 1024 if kib is not None else _maxrss()
+    return _bytes("VmRSS", pid)
 
 
 def peak_resident_bytes(pid: int | str = "self") -> int:
     """Peak resident set size of the process's own memory map (VmHWM)."""
-    kib = _status_kib("VmHWM", pid)
-    return kib * 1024 if kib is not None else _maxrss()
+    return _bytes("VmHWM", pid)

@@ -195,3 +195,20 @@ def test_peak_memory_is_this_process_own():
                           "print(peak_resident_bytes() >> 20)"], capture_output=True, text=True,
                          check=True)
     assert int(out.stdout) < 200, out.stdout   # the child's peak: an interpreter, well under 300 MB
+
+
+def test_peak_memory_of_an_exited_process_is_not_ours():
+    """A child that has exited (a zombie until reaped: no memory map) reads as 0, not as the
+    caller's own peak: the benchmark once reported its own 2.5 GB as the preparation's."""
+    import subprocess
+    import sys
+    from hm4sr_dist.memory import peak_resident_bytes
+    import time
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while open(f"/proc/{child.pid}/stat").read().split(")")[-1].split()[0] != "Z":
+        assert time.time() < deadline, "the child did not exit"
+        time.sleep(0.01)                           # until exited, not reaped yet
+    assert peak_resident_bytes(child.pid) == 0
+    child.wait()
+    assert peak_resident_bytes(child.pid) == 0     # reaped: no /proc entry
