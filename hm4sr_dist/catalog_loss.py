@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from hm4sr_dist.config import ConfigError, LossConfig
 
-MAIN_LOSSES = ("full", "chunked", "sampled")
+MAIN_LOSSES = ("full", "chunked", "sampled")     # + "vocab_parallel": hm4sr_dist.parallel.vocab
 NEGATIVE_SAMPLERS = ("uniform", "popularity")
 
 
@@ -226,6 +226,10 @@ class MainLoss(nn.Module):
 def build_main_loss(cfg: LossConfig, n_items: int, item_counts: Tensor | None = None) -> MainLoss | None:
     """The module for `loss.main_loss`, None for 'full' (the objective scores every item at once)."""
     kind = getattr(cfg, "main_loss", "full")
+    if kind == "vocab_parallel":
+        raise ConfigError("needs the item table sharded over the workers: the objective takes it from "
+                          "hm4sr_dist.parallel.vocab.ShardedItemTable, not from build_main_loss",
+                          key="loss.main_loss")
     if kind not in MAIN_LOSSES:
         raise ConfigError(key="loss.main_loss", expected=f"one of {list(MAIN_LOSSES)}", got=kind)
     return None if kind == "full" else MainLoss(cfg, n_items, item_counts)

@@ -160,10 +160,12 @@ class LossConfig:
                           min=0.0, max=1.0)
     main_loss: str = _f("full", "eq. 20 over the catalogue (docs/scaling.md): 'full' scores every item "
                         "at once, (B, n_items+1); 'chunked' is exact in (B, item_chunk_size) blocks, "
-                        "recomputed in backward; 'sampled' is a logQ-corrected sampled softmax",
-                        choices=("full", "chunked", "sampled"))
-    item_chunk_size: int = _f(0, "items per block of main_loss=chunked (0 = one block: the full matmul)",
-                              min=0)
+                        "recomputed in backward; 'sampled' is a logQ-corrected sampled softmax; "
+                        "'vocab_parallel' is exact with the item table split over the workers "
+                        "(each holds n_items/W rows; needs train.num_workers > 1)",
+                        choices=("full", "chunked", "sampled", "vocab_parallel"))
+    item_chunk_size: int = _f(0, "items per block of main_loss=chunked, and of each worker's slice under "
+                              "main_loss=vocab_parallel (0 = one block: the full matmul)", min=0)
     num_negatives: int = _f(1024, "items drawn per step as negatives of main_loss=sampled (shared by "
                             "the batch, with replacement)", min=0)
     negative_sampler: str = _f("uniform", "how main_loss=sampled draws negatives: 'uniform', or "
@@ -282,6 +284,9 @@ class ExperimentConfig:
                              f"train.num_workers = {t.num_workers})", t.grad_accum_steps)
             raise _error(blamed, sources, "a multiple of train.num_workers * train.grad_accum_steps "
                          f"= {per_step}", bs)
+        if self.loss.main_loss == "vocab_parallel":
+            from hm4sr_dist.feasibility import check_vocab_parallel
+            check_vocab_parallel(self, sources)
         return self
 
     @property

@@ -130,3 +130,52 @@ def test_model_and_objective_point_to_the_resolver():
     assert isinstance(err, ConfigError) and isinstance(err, ValueError)
     assert str(err).startswith("loss.cp_weight > 0 but the data set has no item categories; fit the config "
                                "to the data with hm4sr_dist.feasibility.resolve")
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["train.num_workers=1", "optim.batch_size=64"], "train.num_workers"),
+    (["optim.grad_clip=1.0"], "optim.grad_clip"),
+    (["loss.num_negatives=64"], "loss.num_negatives"),
+    (["loss.negative_sampler=popularity"], "loss.negative_sampler"),
+    (["loss.in_batch_negatives=false"], "loss.in_batch_negatives"),
+    (["train.precision=bf16"], "train.precision"),
+])
+def test_what_vocab_parallel_cannot_train_is_an_error_naming_the_key(overrides, key):
+    from hm4sr_dist.config import load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["loss.main_loss=vocab_parallel"] + overrides)
+    assert err.value.key == key and str(err.value).startswith(f"{key} (command line): expected")
+    assert "vocab_parallel" in str(err.value)
+    cfg = load_config(None, ["loss.main_loss=vocab_parallel", "train.num_workers=4",
+                             "loss.item_chunk_size=8"])
+    assert cfg.loss.main_loss == "vocab_parallel"
+
+
+def test_vocab_parallel_half_precision_on_a_gpu_is_an_error_naming_the_key():
+    from hm4sr_dist.config import load_config
+    from hm4sr_dist.parallel.engine import check_precision
+
+    cfg = load_config(None, ["loss.main_loss=vocab_parallel"])                   # precision auto
+    assert check_precision(cfg, on_gpu=False) == "fp32"
+    with pytest.raises(ConfigError, match=r"train.precision: expected fp32 .*\(bf16 here\)"):
+        check_precision(cfg, on_gpu=True)
+
+
+def test_vocab_parallel_needs_the_sharded_table_and_the_others_refuse_it(tiny_log):
+    from hm4sr_dist.catalog_loss import build_main_loss
+    from hm4sr_dist.objective import build_objective
+    from hm4sr_dist.parallel.vocab import ShardedItemTable
+    from hm4sr_test_utils import tiny_config
+
+    cfg = tiny_config()
+    cfg.loss.main_loss = "vocab_parallel"
+    with pytest.raises(ConfigError, match="loss.main_loss: expected vocab_parallel exactly when"):
+        build_objective(cfg.model, cfg.loss, tiny_log.catalog)                # no sharded table
+    with pytest.raises(ConfigError, match="loss.main_loss: needs the item table sharded"):
+        build_main_loss(cfg.loss, tiny_log.catalog.n_items)
+    cfg.loss.main_loss = "chunked"
+    from hm4sr_dist.objective import BatchExchange
+    with pytest.raises(ConfigError, match="loss.main_loss: expected vocab_parallel exactly when"):
+        build_objective(cfg.model, cfg.loss, tiny_log.catalog,
+                        table=ShardedItemTable(tiny_log.catalog.n_items + 1, BatchExchange()))

@@ -18,6 +18,7 @@ sum of eq. 19 is one matmul and one (B, n_items + 1) score matrix.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ class HM4SROutput:
 
     seq_repr: Tensor                  # (B, M*d)  [H^id; H^txt; H^img]
     item_repr: Tensor                 # (n_items + 1, M*d)  [x_id; x_txt; x_img] of every item
+                                      # (of the worker's slice under vocabulary parallelism)
     pcl_repr: dict[str, Tensor] = field(default_factory=dict)   # m -> (B, d), H^{m,1} (eq. 24)
     cp_logits: Tensor | None = None   # (n_real, C) eq. 21 for every real input position
     cp_items: Tensor | None = None    # (n_real,) the item at each of those positions
@@ -71,10 +73,13 @@ class HM4SR(nn.Module):
         category_head: build the CP head (eq. 21); needs `catalog.categories`.
         pcl_ratio: beta of PCL; builds the time-placeholder projections W_{P,m} (eq. 24).
             None = no PCL view.
+        item_rows: (start, stop) to hold only those rows of the item table (a vocabulary-parallel
+            worker, `ItemEmbedding`): the ID rows are then handed to `item_representations`, the
+            lookup of the input items to `forward`, and `scores` does not apply.
     """
 
     def __init__(self, cfg: ModelConfig, catalog: ItemCatalog, category_head: bool = False,
-                 pcl_ratio: float | None = None):
+                 pcl_ratio: float | None = None, item_rows: tuple[int, int] | None = None):
         super().__init__()
         catalog.validate()
         self.cfg = cfg
@@ -82,7 +87,7 @@ class HM4SR(nn.Module):
         self.n_items = catalog.n_items
         d, m = cfg.hidden_size, len(self.modalities)
         self.d = d
-        self.items = ItemEmbedding(cfg, catalog)
+        self.items = ItemEmbedding(cfg, catalog, rows=item_rows)
         self.position = nn.Embedding(cfg.max_seq_len, d)
         self.interactive_moe = None
         if cfg.use_interactive_moe:
@@ -128,9 +133,10 @@ class HM4SR(nn.Module):
                     module.weight[module.padding_idx].zero_()
 
     # -- the pieces ---------------------------------------------------------------------------
-    def item_representations(self) -> Tensor:
-        """(n_items + 1, M*d): eq. 2-5 for the whole catalogue (row 0 = padding)."""
-        return self.items()
+    def item_representations(self, id_rows: Tensor | None = None) -> Tensor:
+        """(n_items + 1, M*d): eq. 2-5 for the whole catalogue (row 0 = padding); for a sliced
+        table (`item_rows`), its rows, the ID part being `id_rows`."""
+        return self.items(id_rows)
 
     def scores(self, seq_repr: Tensor, item_repr: Tensor) -> Tensor:
         """Eq. 19 for every item: (B, n_items + 1); the padding column is -inf."""
@@ -139,14 +145,17 @@ class HM4SR(nn.Module):
         return logits
 
     def forward(self, batch: Batch, augment: bool = False, item_repr: Tensor | None = None,
-                categories: bool = False) -> HM4SROutput:
+                categories: bool = False, lookup: Callable[[Tensor, Tensor], Tensor] | None = None
+                ) -> HM4SROutput:
         """Encode `batch`. `augment` adds the PCL view, `categories` the CP logits (the objective asks
-        for both, in train and eval mode alike); pass `item_repr` to reuse it."""
+        for both, in train and eval mode alike); pass `item_repr` to reuse it. `lookup(ids, item_repr)`
+        gives the input items' rows (default `F.embedding`; a vocabulary-parallel worker's looks them
+        up in every worker's slice)."""
         items = self.item_representations() if item_repr is None else item_repr
         b, length = batch.item_seq.shape
         m, d = len(self.modalities), self.d
         real = batch.padding_mask()                                              # (B, L)
-        x = F.embedding(batch.item_seq, items)                                   # (B, L, M*d)
+        x = (lookup or F.embedding)(batch.item_seq, items)                       # (B, L, M*d)
         e = x.view(b, length, m, d) + self.position.weight[:length].unsqueeze(1)  # eq. 6, shared p
         out = HM4SROutput(seq_repr=items.new_empty(0), item_repr=items, real=real)
         if self.interactive_moe is not None:

@@ -29,15 +29,26 @@ class FrozenFeatures:
     are upcast on demand. `source` is the file behind a mapped table (None when in memory).
     Copying the owning module (`copy.deepcopy`, e.g. the fp32 evaluation copy) shares the table;
     pickling a mapped table sends its path and the receiver maps the same file again.
+    `window` = (start, stop, rows of the file) when `table` is only rows start..stop-1 of `source`
+    (`rows`: a vocabulary-parallel worker's slice).
     """
 
-    def __init__(self, table: Tensor, source: str | None = None, block_rows: int = BLOCK_ROWS):
+    def __init__(self, table: Tensor, source: str | None = None, block_rows: int = BLOCK_ROWS,
+                 window: tuple[int, int, int] | None = None):
         if table.dim() != 2 or not torch.is_floating_point(table):
             raise ValueError(f"frozen features must be a 2-D float table, got {table.dtype} "
                              f"{tuple(table.shape)}" + (f" ({source})" if source else ""))
         self.table = table.detach()
         self.source = source
         self.block_rows = int(block_rows)
+        self.window = window
+
+    def rows(self, start: int, stop: int) -> "FrozenFeatures":
+        """Rows start..stop-1 as a FrozenFeatures of their own: a view of the table (a mapped file
+        stays mapped, nothing is read or copied)."""
+        offset, total = (self.window[0], self.window[2]) if self.window else (0, self.table.shape[0])
+        return FrozenFeatures(self.table[start:stop], self.source, self.block_rows,
+                              (offset + start, offset + stop, total))
 
     @property
     def shape(self) -> torch.Size:
@@ -62,17 +73,21 @@ class FrozenFeatures:
 
     def __reduce__(self):
         if self.source is not None:
-            return (_remap, (self.source, tuple(self.table.shape), str(self.table.dtype), self.block_rows))
-        return (FrozenFeatures, (self.table, None, self.block_rows))
+            return (_remap, (self.source, tuple(self.table.shape), str(self.table.dtype), self.block_rows,
+                             self.window))
+        return (FrozenFeatures, (self.table, None, self.block_rows, self.window))
 
 
-def _remap(source: str, shape: tuple, dtype: str, block_rows: int) -> FrozenFeatures:
+def _remap(source: str, shape: tuple, dtype: str, block_rows: int,
+           window: tuple[int, int, int] | None = None) -> FrozenFeatures:
     from hm4sr_dist.data.catalog import map_feature_table   # data layer; imported only when unpickling
 
-    table = map_feature_table(source, rows=shape[0], width=shape[1])
+    table = map_feature_table(source, rows=window[2] if window else shape[0], width=shape[1])
     if str(table.dtype) != dtype:
         raise ValueError(f"{source}: the file changed since it was mapped ({table.dtype}, was {dtype})")
-    return FrozenFeatures(table, source, block_rows)
+    if window:
+        table = table[window[0]:window[1]]
+    return FrozenFeatures(table, source, block_rows, window)
 
 
 class _FrozenProjection(torch.autograd.Function):
@@ -114,7 +129,7 @@ def project_frozen(frozen: FrozenFeatures, linear: nn.Linear) -> Tensor:
 
 
 class ItemEmbedding(nn.Module):
-    """Per-modality item vectors for the whole catalogue.
+    """Per-modality item vectors for the whole catalogue, or for the rows [start, stop) of it.
 
     `forward()` returns a (n_items + 1, M * d) table, modalities concatenated in `cfg.modalities`
     order: the concatenation is what eq. 19 scores against (one matmul sums the per-modality
@@ -125,31 +140,50 @@ class ItemEmbedding(nn.Module):
     `features[m]` holds modality m's frozen table (`FrozenFeatures`): not a parameter, not a
     buffer, so it is not in `state_dict()`, not moved by `.to()`, not cast to half precision and
     not seen by DeepSpeed.
+
+    `rows=(start, stop)` builds the slice a vocabulary-parallel worker holds (docs/scaling.md,
+    "Vocabulary-parallel"): `forward(id_rows)` returns the (stop - start, M * d) rows
+    start..stop-1, the content features are kept as views of those rows only, and the projections
+    W_m, b_m stay whole (replicated). The slice's ID rows are NOT a parameter of this module: they
+    are handed to `forward` (`id_rows`, (stop - start, d)), because they must stay outside the
+    module a data-parallel engine wraps (it would broadcast and average them); the distributed
+    layer holds them (`hm4sr_dist.parallel.vocab.ItemTableShard`).
     """
 
-    def __init__(self, cfg: ModelConfig, catalog: ItemCatalog):
+    def __init__(self, cfg: ModelConfig, catalog: ItemCatalog, rows: tuple[int, int] | None = None):
         super().__init__()
         self.modalities = list(cfg.modalities)
         d = cfg.hidden_size
+        if rows is not None and not 0 <= rows[0] <= rows[1] <= catalog.n_items + 1:
+            raise ValueError(f"rows {rows} outside the table's {catalog.n_items + 1} rows")
+        self.rows = None if rows is None else (int(rows[0]), int(rows[1]))
         self.projections = nn.ModuleDict()
         self.features: dict[str, FrozenFeatures] = {}
         for m in self.modalities:
             if m == "id":
-                self.id_table = nn.Embedding(catalog.n_items + 1, d, padding_idx=0)
+                if self.rows is None:
+                    self.id_table = nn.Embedding(catalog.n_items + 1, d, padding_idx=0)
                 continue
             table = catalog.feature_table(m)
             if table is None:
                 raise ValueError(f"model.modalities includes {m!r} but the data set has no {m} "
                                  f"features; drop it from model.modalities")
-            self.features[m] = FrozenFeatures(table, catalog.feature_files.get(m))
+            frozen = FrozenFeatures(table, catalog.feature_files.get(m))
+            self.features[m] = frozen if self.rows is None else frozen.rows(*self.rows)
             self.projections[m] = nn.Linear(table.shape[1], d)
 
-    def forward(self) -> Tensor:
-        """(n_items + 1, M * d): [x_id; x_txt; x_img] for every item (row 0 = padding)."""
+    def forward(self, id_rows: Tensor | None = None) -> Tensor:
+        """(n_items + 1, M * d): [x_id; x_txt; x_img] for every item (row 0 = padding); with `rows`,
+        the (stop - start, M * d) rows of the slice, whose ID part is `id_rows`."""
+        if (id_rows is not None) != (self.rows is not None and "id" in self.modalities):
+            raise ValueError("ItemEmbedding: the ID rows are handed in exactly when the table is "
+                             f"sliced (rows={self.rows}) and has the id modality")
+        if id_rows is not None and id_rows.shape[0] != self.rows[1] - self.rows[0]:
+            raise ValueError(f"id_rows: {id_rows.shape[0]} rows for the slice {self.rows}")
         parts = []
         for m in self.modalities:
             if m == "id":
-                parts.append(self.id_table.weight)
+                parts.append(self.id_table.weight if id_rows is None else id_rows)
             else:
                 parts.append(project_frozen(self.features[m], self.projections[m]))   # eq. 2-3
         if len(parts) == 1:

@@ -38,15 +38,18 @@ def fp32_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def distributed_metrics(model, reader, ks, item_chunk_size: int = 0, device="cpu", per_user: bool = False,
-                        observe=None) -> tuple[dict[str, float], dict[str, np.ndarray] | None]:
+                        observe=None, table=None, id_rows=None
+                        ) -> tuple[dict[str, float], dict[str, np.ndarray] | None]:
     """Metrics over every user of the reader's split, summed across ranks (the exact global mean).
 
     With `per_user`, returns on rank 0 also {"user": ids, "rank": ranks} for every real row of every
     rank, sorted by user (None elsewhere). `observe(out, batch, weight)` sees every forward pass.
+    `table`, `id_rows`: the sharded item table of loss.main_loss=vocab_parallel and this rank's ID
+    rows (`evaluate.evaluate_sums`; trained in fp32 only, so there is no half-precision copy to make).
     """
     rows: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if per_user else None
     sums = evaluate_sums(fp32_model(model), reader, ks, item_chunk_size, device, rows_out=rows,
-                         observe=observe)
+                         observe=observe, table=table, id_rows=id_rows)
     if dist.is_available() and dist.is_initialized():
         for value in sums.values():
             dist.all_reduce(value)

@@ -37,18 +37,24 @@ unsharded full-ranking result (`metrics.target_ranks`).
 
 The pure-math pieces (`slice_partials`, `combine_lse`, `slice_backward`, `slice_rank_counts`) do
 no communication, so one process can simulate k ranks; `VocabParallelCrossEntropy` is the module.
-Not wired into HM4SR / the DeepSpeed engine yet (`loss.main_loss` has no such choice): see
-docs/scaling.md ("Vocabulary-parallel") for what that needs.
+
+Training with it (`loss.main_loss=vocab_parallel`, docs/scaling.md "Vocabulary-parallel"):
+`ShardedItemTable` is the objective's `ItemTable` (input lookup, IDCL's targets, eq. 20,
+evaluation ranks); `ItemTableShard` holds this rank's ID rows outside the DeepSpeed engine and
+`ShardAdam` trains them beside it; `reslice_states` re-cuts a checkpoint's slices for another
+number of ranks; `gather_table` assembles the whole table on one rank (the final weights file).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from hm4sr_dist.objective import BatchExchange
+from hm4sr_dist.objective import BatchExchange, ItemTable
 
 
 # -- slicing ----------------------------------------------------------------------------------------
@@ -268,6 +274,179 @@ class ItemTableShard(nn.Module):
         return cls(table[start:stop].detach().clone(), start, world_size)
 
 
+INIT_BLOCK_ROWS = 16384
+
+
+def initial_rows(start: int, stop: int, width: int, std: float, seed: int) -> Tensor:
+    """Rows start..stop-1 of an N(0, std) table with a zero padding row 0, the same values whatever
+    the slicing: block k of INIT_BLOCK_ROWS rows is drawn from its own generator (seed, k), so any
+    number of ranks starts from the same whole table, each drawing at most two blocks it does not
+    keep entirely."""
+    out = torch.empty(stop - start, width)
+    for k in range(start // INIT_BLOCK_ROWS, -(-stop // INIT_BLOCK_ROWS)):
+        g = torch.Generator().manual_seed((int(seed) << 24) + k)
+        block = torch.randn(INIT_BLOCK_ROWS, width, generator=g) * std
+        a, z = max(start, k * INIT_BLOCK_ROWS), min(stop, (k + 1) * INIT_BLOCK_ROWS)
+        out[a - start:z - start] = block[a - k * INIT_BLOCK_ROWS:z - k * INIT_BLOCK_ROWS]
+    if start == 0 and stop > 0:
+        out[0] = 0.0
+    return out
+
+
+class ShardAdam:
+    """This rank's ID-table slice trained beside the DeepSpeed engine: its own torch Adam with the
+    engine's learning rate (copied in at every step, so any schedule is followed) and weight decay
+    (Adam is element-wise: the slice's step is the slice of the whole table's step). `step` is
+    called at gradient-accumulation boundaries only; the gradient accumulates in between, as the
+    engine's does, and arrives already / W (`ItemTableShard`)."""
+
+    def __init__(self, shard: ItemTableShard, n_rows: int, world_size: int, lr: float, weight_decay: float):
+        self.shard, self.n_rows, self.world_size = shard, n_rows, world_size
+        self.optimizer = torch.optim.Adam(shard.parameters(), lr=lr, weight_decay=weight_decay)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.shard.weight
+
+    def step(self, lr: float | None = None) -> None:
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def grad_norm_sq(self, group=None) -> float:
+        """||gradient||^2 summed over every rank's slice (one all-reduce; 0 before any gradient)."""
+        grad = self.weight.grad
+        local = grad.detach().double().pow(2).sum() if grad is not None else \
+            torch.zeros((), dtype=torch.float64, device=self.weight.device)
+        return float(_all_reduce(local.reshape(1), group)[0])
+
+    def state_dict(self, best: Tensor | None = None) -> dict:
+        """What a checkpoint keeps of this rank: the slice, its bounds, Adam's state, and the slice
+        of the best validation weights (`best`)."""
+        return {"n_rows": self.n_rows, "world_size": self.world_size, "start": self.shard.start,
+                "stop": self.shard.stop, "weight": self.weight.detach().cpu().clone(),
+                "adam": copy.deepcopy(self.optimizer.state_dict()),      # not the live tensors
+                "best": None if best is None else best.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> Tensor | None:
+        """Restore a state of THIS rank's bounds (`reslice_states` makes one from another world
+        size); returns the best slice, if the checkpoint has one."""
+        mine = (self.n_rows, self.shard.start, self.shard.stop)
+        if (state["n_rows"], state["start"], state["stop"]) != mine:
+            raise ValueError(f"table slice [{state['start']}, {state['stop']}) of {state['n_rows']} rows "
+                             f"for a rank holding [{self.shard.start}, {self.shard.stop}) of {self.n_rows}")
+        with torch.no_grad():
+            self.weight.copy_(state["weight"])
+        self.optimizer.load_state_dict(state["adam"])
+        best = state.get("best")
+        return None if best is None else best.to(self.weight.device)
+
+
+def reslice_states(parts: list[dict], rank: int, world_size: int) -> dict:
+    """`ShardAdam.state_dict` of `rank` out of `world_size`, cut from the states `parts` that every
+    rank of another (or the same) world size saved: slices, Adam moments and best slices are
+    concatenated by their bounds and cut by `shard_bounds` again (Adam is element-wise, so the
+    result is the state the new rank would have had). Holds the whole table while it cuts.
+    Raises ValueError naming what is missing."""
+    if not parts:
+        raise ValueError("no item-table slices to re-slice")
+    parts = sorted(parts, key=lambda p: p["start"])
+    n_rows, saved_world = parts[0]["n_rows"], parts[0]["world_size"]
+    bounds = [(p["start"], p["stop"]) for p in parts]
+    expected = [shard_bounds(n_rows, r, saved_world) for r in range(saved_world)]
+    if len(parts) != saved_world or bounds != expected or any(p["n_rows"] != n_rows for p in parts):
+        raise ValueError(f"the checkpoint's item-table slices {bounds} are not the {saved_world} slices "
+                         f"of {n_rows} rows it was saved with (a rank's file is missing or foreign)")
+    start, stop = shard_bounds(n_rows, rank, world_size)
+    cut = lambda key: torch.cat([p[key] for p in parts])[start:stop].clone()          # noqa: E731
+    out = {"n_rows": n_rows, "world_size": world_size, "start": start, "stop": stop, "weight": cut("weight"),
+           "best": cut("best") if all(p.get("best") is not None for p in parts) else None}
+    adam = parts[0]["adam"]
+    states = [p["adam"]["state"].get(0) for p in parts]
+    if any((s is None) != (states[0] is None) for s in states):
+        raise ValueError("the checkpoint's slices disagree on whether Adam has stepped")
+    state = {}
+    if states[0] is not None:
+        state = {0: {"step": states[0]["step"].clone(),
+                     **{k: torch.cat([s[k] for s in states])[start:stop].clone()
+                        for k in ("exp_avg", "exp_avg_sq")}}}
+    out["adam"] = {"state": state, "param_groups": adam["param_groups"]}
+    return out
+
+
+def gather_table(rows: Tensor, n_rows: int, group=None, dst: int = 0) -> Tensor | None:
+    """The whole (n_rows, D) table on rank `dst` from every rank's slice (None elsewhere): one
+    gather of slices padded to equal size. Only for the final weights file: it needs n_rows x D
+    on `dst`."""
+    world = _world(group)
+    if world == 1:
+        return rows.detach().clone()
+    rank = dist.get_rank(group)
+    padded = rows.detach().new_zeros((-(-n_rows // world),) + tuple(rows.shape[1:]))
+    padded[:rows.shape[0]] = rows.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)] if rank == dst else None
+    dist.gather(padded, parts, dst=dst, group=group)
+    if rank != dst:
+        return None
+    return torch.cat([p[:b - a] for p, (a, b) in zip(parts, (shard_bounds(n_rows, r, world)
+                                                             for r in range(world)))])
+
+
+class ShardedItemTable(ItemTable):
+    """The objective's `ItemTable` under `loss.main_loss=vocab_parallel`: this rank holds the table
+    rows [start, stop) (`shard_bounds`); the input items and IDCL's targets are looked up in the
+    owners' slices (`vocab_parallel_lookup`), eq. 20 is `VocabParallelCrossEntropy`, evaluation
+    ranks are `sharded_target_ranks`. Every method is a collective: every rank calls it with the
+    same number of rows (the readers give every rank equal batches); the input sequences may be
+    of different lengths (each rank trims its batch), they are padded to the longest for the
+    gather. No parameters: the ID rows are an `ItemTableShard` the caller hands to the objective."""
+
+    sharded = True
+
+    def __init__(self, n_rows: int, exchange: BatchExchange, chunk_size: int = 0, group=None):
+        self.exchange, self.n_rows, self.chunk_size = exchange, n_rows, chunk_size
+        self.group = group if group is not None else getattr(exchange, "group", None)
+        self.start, self.stop = shard_bounds(n_rows, exchange.rank, exchange.world_size)
+        self.loss = VocabParallelCrossEntropy(n_rows, exchange, chunk_size, self.group)
+
+    def _mine(self, rows: Tensor, b: int) -> Tensor:
+        rank = self.exchange.rank
+        return rows[rank * b:(rank + 1) * b]
+
+    def lookup(self, ids: Tensor, items: Tensor) -> Tensor:
+        b, shape = ids.shape[0], tuple(ids.shape[1:])
+        if shape and _world(self.group) > 1:                   # equal shapes for the gather
+            longest = _all_reduce(torch.tensor(shape, device=ids.device), self.group, dist.ReduceOp.MAX)
+            pad = [x for n, m in zip(reversed(shape), reversed(longest.tolist())) for x in (0, m - n)]
+            ids = torch.nn.functional.pad(ids, pad)            # item 0: looked up, never used
+        rows = vocab_parallel_lookup(self.exchange.all_gather(ids), items, self.start, self.group)
+        return self._mine(rows, b)[(slice(None),) + tuple(slice(0, n) for n in shape)]
+
+    def main_loss(self, seq_repr: Tensor, items: Tensor, target: Tensor) -> Tensor:
+        return self.loss(seq_repr, items, target)
+
+    def target_ranks(self, seq_repr: Tensor, items: Tensor, target: Tensor, chunk_size: int = 0) -> Tensor:
+        b = seq_repr.shape[0]
+        queries, targets = self.exchange.all_gather(seq_repr.detach()), self.exchange.all_gather(target)
+        ranks = sharded_target_ranks(queries, items, targets, self.start, chunk_size, self.group)
+        return self._mine(ranks, b)
+
+
+def build_vocab_parallel(model_cfg, optim_cfg, chunk_size: int, n_items: int, exchange: BatchExchange,
+                         device="cpu") -> tuple[ShardedItemTable, ShardAdam | None]:
+    """This rank's `ShardedItemTable` and, with the id modality, its ID rows (N(0, initializer_range),
+    `initial_rows`, the same whole table for any number of ranks) with their Adam."""
+    table = ShardedItemTable(n_items + 1, exchange, chunk_size)
+    if "id" not in model_cfg.modalities:
+        return table, None
+    rows = initial_rows(table.start, table.stop, model_cfg.hidden_size, model_cfg.initializer_range,
+                        optim_cfg.seed).to(device)
+    shard = ItemTableShard(rows, table.start, exchange.world_size)
+    return table, ShardAdam(shard, n_items + 1, exchange.world_size, optim_cfg.lr, optim_cfg.weight_decay)
+
+
 # -- the input side: looking up the batch's items in the sharded table ------------------------------
 
 class _VocabParallelLookup(torch.autograd.Function):
@@ -360,5 +539,6 @@ def vocab_parallel_bytes(batch_global: int, n_items: int, width: int, world_size
 
 __all__ = ["shard_bounds", "slice_partials", "combine_lse", "slice_backward", "slice_rank_counts",
            "slice_target_scores", "vocab_parallel_cross_entropy", "VocabParallelCrossEntropy",
-           "vocab_parallel_lookup", "ItemTableShard",
+           "vocab_parallel_lookup", "ItemTableShard", "initial_rows", "ShardAdam", "reslice_states",
+           "gather_table", "ShardedItemTable", "build_vocab_parallel",
            "sharded_target_ranks", "sharded_topk", "vocab_parallel_bytes"]

@@ -3,7 +3,9 @@
 A checkpoint is taken at an epoch end or, every `train.checkpoint_every_steps`, in the middle of
 an epoch. Rank 0 writes the shared progress (`TrainState`, with the epoch's running loss sums) and
 the best weights; every rank writes its own RNG state and its reader position, so a resumed run
-draws the same dropout masks and the same batches as the uninterrupted one.
+draws the same dropout masks and the same batches as the uninterrupted one. Under
+`loss.main_loss=vocab_parallel` every rank also writes its item-table slice with its Adam state and
+its best-weights slice (`table_rank<r>.pt`); a resume on another number of ranks re-cuts them.
 """
 
 from __future__ import annotations
@@ -63,6 +65,36 @@ def save_worker_files(folder: Path, rank: int, state: TrainState, best_model: di
         torch.save(state.as_dict(), folder / "train_state.pt")
         if best_model is not None:
             torch.save(best_model, folder / "best_model.pt")
+
+
+TABLE_FILE = "table_rank{}.pt"
+
+
+def save_table_shard(folder: Path, rank: int, state: dict) -> None:
+    """This rank's `vocab.ShardAdam.state_dict` (slice, bounds, Adam, best slice)."""
+    torch.save(state, folder / TABLE_FILE.format(rank))
+
+
+def has_table_shards(folder: Path) -> bool:
+    return any(Path(folder).glob(TABLE_FILE.format("*")))
+
+
+def load_table_shard(folder: Path, rank: int, world_size: int) -> dict:
+    """This rank's table state for a world of `world_size`: its own file when the checkpoint was
+    saved by as many ranks, else every rank's file re-cut (`vocab.reslice_states`). Raises
+    ValueError naming the reason when the checkpoint has no (or incomplete) slices."""
+    from hm4sr_dist.parallel.vocab import reslice_states
+
+    own = Path(folder) / TABLE_FILE.format(rank)
+    if own.exists():
+        state = torch.load(own, weights_only=False)
+        if state["world_size"] == world_size:
+            return state
+    files = sorted(Path(folder).glob(TABLE_FILE.format("*")))
+    if not files:
+        raise ValueError(f"{folder} has no item-table slices ({TABLE_FILE.format('<r>')}): the run was "
+                         "not trained with loss.main_loss=vocab_parallel and cannot be resumed with it")
+    return reslice_states([torch.load(f, weights_only=False) for f in files], rank, world_size)
 
 
 def load_worker_files(folder: Path, rank: int) -> tuple[TrainState, dict | None, dict | None]:

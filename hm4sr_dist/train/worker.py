@@ -8,6 +8,11 @@ before leaving it. Checkpoints are taken at epoch ends and every `train.checkpoi
 optimiser steps inside an epoch, with each rank's RNG state and reader position, so a resumed or
 failure-recovered run continues at the step where it stopped and sees exactly the batches (and
 dropout masks) the uninterrupted run would have seen.
+
+Under `loss.main_loss=vocab_parallel` each rank holds a slice of the ID table outside the engine
+(`parallel.vocab`): it is stepped with the engine, saved by every rank next to its DeepSpeed state
+(re-cut on a resume with another number of ranks), used by evaluation, and gathered into the final
+`model.pt`, which is therefore the same plain state dict as an unsharded run's.
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ from hm4sr_dist.objective import build_objective
 from hm4sr_dist.parallel import DistributedExchange
 from hm4sr_dist.parallel.engine import build_engine, engine_step
 from hm4sr_dist.parallel.evaluation import distributed_metrics
+from hm4sr_dist.parallel.vocab import build_vocab_parallel, gather_table
 from hm4sr_dist.train.loop import EpochProgress, run_epoch
 from hm4sr_dist.train.monitor import Monitor, say
-from hm4sr_dist.train.state import TrainState, load_worker_files, save_worker_files, seed_everything
+from hm4sr_dist.train.state import (TrainState, has_table_shards, load_table_shard, load_worker_files,
+                                    save_table_shard, save_worker_files, seed_everything)
 from hm4sr_dist.tune.stop import stop_request, worker_stop_file
 
 DS_TAG = "engine"
@@ -63,13 +70,14 @@ def _all_ranks_agree(flag: bool, device) -> bool:
     return bool(value.item())
 
 
-def evaluate(model, reader, cfg: ExperimentConfig, device, per_user: bool = False):
-    """Metrics (and MoE diagnostics) of the whole split, summed over ranks."""
+def evaluate(model, reader, cfg: ExperimentConfig, device, per_user: bool = False, table=None, id_rows=None):
+    """Metrics (and MoE diagnostics) of the whole split, summed over ranks. `table`, `id_rows`: the
+    sharded item table and this rank's ID rows under loss.main_loss=vocab_parallel."""
     stats = MoEStats(model.modalities)
     weight = model.temporal_moe.expert_weight if model.temporal_moe is not None else None
     observe = lambda out, batch, w: stats.add(out, batch.time_seq, weight, w)     # noqa: E731
     metrics, rows = distributed_metrics(model, reader, cfg.eval.ks, cfg.eval.item_chunk_size, device,
-                                        per_user=per_user, observe=observe)
+                                        per_user=per_user, observe=observe, table=table, id_rows=id_rows)
     stats.all_reduce()
     return metrics, stats.result() | moe_parameters(model), rows
 
@@ -105,9 +113,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     seed_everything(cfg.optim.seed + rank)
 
     catalog = load_catalog(cfg.data.prepared_dir, mu=cfg.model.interval_scale)
-    objective = build_objective(cfg.model, cfg.loss, catalog, DistributedExchange()).to(device)
+    exchange = DistributedExchange()
+    # vocab_parallel: this rank's rows of the item table; the ID rows (table_shard) outside the engine
+    table, table_shard = None, None
+    if cfg.loss.main_loss == "vocab_parallel":
+        table, table_shard = build_vocab_parallel(cfg.model, cfg.optim, cfg.loss.item_chunk_size,
+                                                  catalog.n_items, exchange, device)
+    objective = build_objective(cfg.model, cfg.loss, catalog, exchange, table=table).to(device)
     engine = build_engine(objective, cfg, world, on_gpu)
     model = engine.module.model
+    id_rows = table_shard.weight if table_shard is not None else None
 
     micro = cfg.micro_batch_size
     reader = lambda split, b: ShardReader(cfg.data.prepared_dir, split, b, rank=rank, world_size=world,  # noqa: E731
@@ -119,11 +134,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     valid_reader, test_reader = reader("valid", cfg.eval.batch_size), reader("test", cfg.eval.batch_size)
 
     state, best_model, reader_state = TrainState(), None, None
+    best_slice = None                                # this rank's ID rows of best_model (vocab_parallel)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
+            if (table_shard is not None) != has_table_shards(Path(folder)):
+                raise ValueError(f"loss.main_loss={cfg.loss.main_loss}: the checkpoint "
+                                 f"{'has no' if table_shard is not None else 'holds'} per-rank item-table "
+                                 "slices; a run cannot switch to or from vocab_parallel on resume")
             engine.load_checkpoint(folder, tag=DS_TAG)
             state, best_model, reader_state = load_worker_files(Path(folder), rank)
+            if table_shard is not None:               # re-cut when the number of ranks changed
+                best_slice = table_shard.load_state_dict(load_table_shard(Path(folder), rank, world))
             dist.barrier()                           # nobody leaves (and deletes) the folder early
     resume_progress = state.epoch_progress()
     if resume_progress is not None:
@@ -149,7 +171,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     logdir = cfg.train.tensorboard_dir or str(run_dir / "tensorboard")
     monitor = Monitor(rank, logdir, to_dict(cfg), len(train_reader), resumed_at_step=state.global_step)
-    step = engine_step(engine)
+    step = engine_step(engine, table_shard)
     every = cfg.train.checkpoint_every_steps
     stop_at, stopped = worker_stop_file(cfg.train.storage_path, cfg.train.run_name, run_dir), None
 
@@ -157,6 +179,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
             engine.save_checkpoint(folder, tag=DS_TAG)
             save_worker_files(Path(folder), rank, state, best_model, reader_position)
+            if table_shard is not None:
+                save_table_shard(Path(folder), rank, table_shard.state_dict(best_slice))
             dist.barrier()                            # every shard is on disk before anyone reports
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
@@ -186,7 +210,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             _inject_fault(cfg, rank, state.global_step, run_dir)
 
         progress = run_epoch(step, train_reader, progress, on_step, sequences_per_batch=micro * world)
-        valid, diagnostics, _ = evaluate(model, valid_reader, cfg, device)
+        valid, diagnostics, _ = evaluate(model, valid_reader, cfg, device, table=table, id_rows=id_rows)
         metrics = {f"epoch/{k}": v for k, v in progress.means().items()}
         metrics |= {f"valid/{k}": v for k, v in valid.items()} | diagnostics
         metrics |= {"epoch": epoch, "global_step": state.global_step, "epoch/seconds": progress.seconds,
@@ -195,6 +219,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if score > state.best_metric:
             state.best_metric, state.best_epoch, state.epochs_without_improvement = score, epoch, 0
             best_model = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+            best_slice = id_rows.detach().cpu().clone() if id_rows is not None else None
         else:
             state.epochs_without_improvement += 1
         state.epoch, state.progress = epoch + 1, None
@@ -217,9 +242,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # a re-run of a finished run stops at once.
     with tempfile.TemporaryDirectory() as folder:
         engine.save_checkpoint(folder, tag=DS_TAG)
+        if table_shard is not None:                   # the slice as training left it, like the engine
+            save_table_shard(Path(folder), rank, table_shard.state_dict(best_slice))
         if best_model is not None:                    # test with the best validation weights
             model.load_state_dict({k: v.to(device) for k, v in best_model.items()})
-        test, diagnostics, rows = evaluate(model, test_reader, cfg, device, per_user=True)
+            if best_slice is not None:
+                with torch.no_grad():
+                    id_rows.copy_(best_slice)
+        test, diagnostics, rows = evaluate(model, test_reader, cfg, device, per_user=True, table=table,
+                                           id_rows=id_rows)
+        weights = best_model
+        if best_slice is not None:                    # model.pt: the whole ID table, as unsharded runs
+            whole = gather_table(best_slice.to(device), table.n_rows)
+            if whole is not None:
+                weights = best_model | {"items.id_table.weight": whole.cpu()}
         final = {f"test/{k}": v for k, v in test.items()} | diagnostics | {
             "best_epoch": state.best_epoch, "best_valid": state.best_metric, "epochs_run": state.epoch,
             "global_step": state.global_step, "resumed_at_steps": list(state.resumed_at), "finished": True}
@@ -229,7 +265,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         monitor.close()
         save_worker_files(Path(folder), rank, state, best_model)
         if rank == 0:
-            torch.save(best_model, Path(folder) / "model.pt")
+            torch.save(weights, Path(folder) / "model.pt")
             np.savez(Path(folder) / PER_USER_FILE, **rows)
             (Path(folder) / "final_metrics.json").write_text(json.dumps(final, indent=2))
         dist.barrier()

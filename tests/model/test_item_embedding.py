@@ -84,3 +84,38 @@ def test_missing_feature_table_is_an_error():
     no_image = ItemCatalog(n_items=catalog.n_items, text_features=catalog.text_features)
     with pytest.raises(ValueError, match="image"):
         ItemEmbedding(tiny_model_cfg(), no_image)
+
+
+@pytest.mark.parametrize("rows", [(0, 4), (4, 10), (7, 7)])
+def test_a_slice_of_the_table_is_the_slice_of_the_whole_table(rows):
+    """ItemEmbedding(rows=...) (a vocabulary-parallel worker's): no ID parameter, the ID rows handed
+    in, the content features a view of the slice's rows, the projections whole."""
+    catalog, cfg = tiny_catalog(), tiny_model_cfg()
+    whole = randomize_(ItemEmbedding(cfg, catalog), seed=2)
+    part = ItemEmbedding(cfg, catalog, rows=rows)
+    assert not hasattr(part, "id_table") and "id_table.weight" not in part.state_dict()
+    part.load_state_dict({k: v for k, v in whole.state_dict().items() if k != "id_table.weight"})
+    a, z = rows
+    id_rows = whole.id_table.weight[a:z].detach().clone().requires_grad_()
+    assert_close(part(id_rows), whole()[a:z], rtol=0, atol=0)
+    assert part.features["text"].table.data_ptr() == catalog.text_features[a:].data_ptr() or a == z
+    assert part.features["text"].shape == (z - a, catalog.text_features.shape[1])
+    with pytest.raises(ValueError, match="ID rows are handed in exactly when"):
+        part()
+    with pytest.raises(ValueError, match="id_rows"):
+        part(torch.zeros(z - a + 1, D))
+
+
+def test_a_pickled_mapped_slice_maps_the_same_rows(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from hm4sr_dist.data.catalog import map_feature_table
+    from hm4sr_dist.model.items import FrozenFeatures
+
+    np.save(tmp_path / "text.npy", np.arange(30, dtype=np.float16).reshape(10, 3))
+    frozen = FrozenFeatures(map_feature_table(tmp_path / "text.npy", rows=10), str(tmp_path / "text.npy"))
+    part = frozen.rows(2, 8).rows(1, 4)                                   # rows 3..5 of the file
+    again = pickle.loads(pickle.dumps(part))
+    assert again.window == (3, 6, 10) and torch.equal(again.table, frozen.table[3:6])

@@ -5,6 +5,7 @@ placeholder positions are drawn per row from the row's own content, so both runs
 augmentations; everything else is the production code path.
 """
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -29,7 +30,6 @@ def row_deterministic_mask(real, seq_len, ratio, generator=None):
 
 def setup():
     torch.manual_seed(0)
-    hm4sr_module.placeholder_mask = row_deterministic_mask
     log = generate_log(n_users=40, n_clusters=3, items_per_cluster=6, min_len=6, max_len=12,
                        text_width=6, image_width=5, seed=11)
     # Pick rows whose targets repeat, so same-target masking across ranks is exercised.
@@ -52,6 +52,7 @@ def run(exchange=None, rows=slice(None)):
 
 
 def worker(rank, world_size, init_file, out_file):
+    hm4sr_module.placeholder_mask = row_deterministic_mask       # this process only
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     share = ROWS // world_size
     losses, grads = run(DistributedExchange(), slice(rank * share, (rank + 1) * share))
@@ -67,7 +68,14 @@ def worker(rank, world_size, init_file, out_file):
     dist.destroy_process_group()
 
 
-def test_two_workers_equal_one_worker_with_double_batch(tmp_path):
+@pytest.fixture
+def row_masks(monkeypatch):
+    """The row-deterministic PCL mask in this process, undone after the test (other tests check
+    the real one)."""
+    monkeypatch.setattr(hm4sr_module, "placeholder_mask", row_deterministic_mask)
+
+
+def test_two_workers_equal_one_worker_with_double_batch(tmp_path, row_masks):
     single_losses, single_grads = run()
     mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2, join=True)
     dual = torch.load(tmp_path / "out.pt")
@@ -79,7 +87,7 @@ def test_two_workers_equal_one_worker_with_double_batch(tmp_path):
         torch.testing.assert_close(dual["grads"][name], grad, **TOLERANCE, msg=lambda m: f"{name}: {m}")
 
 
-def test_without_the_gather_the_gradients_differ(tmp_path):
+def test_without_the_gather_the_gradients_differ(tmp_path, row_masks):
     """Guards the test itself: local-only negatives must NOT reproduce the big-batch step."""
     single_losses, _ = run()
     local = [run(None, slice(0, 6))[0]["idcl"], run(None, slice(6, 12))[0]["idcl"]]
