@@ -13,7 +13,9 @@ Two settings (`--settings`), both through the model's own `ItemEmbedding`:
 Methods (docs/scaling.md):
 `full` = today's (B, n_items + 1) scores + F.cross_entropy; `chunked` = the exact chunked loss of
 hm4sr_dist/catalog_loss.py (`--chunk` items per block); `sampled` = the logQ-corrected sampled
-softmax (`--negatives` uniform negatives + in-batch). `full` is skipped where the memory model
+softmax (`--negatives` uniform negatives + in-batch), which computes the item vectors of the
+targets and negatives only (`ItemEmbedding.gather`, as HM4SRObjective does), not the whole
+table. `full` is skipped where the memory model
 predicts more than `--memory-limit-gb`.
 
 Every setting runs in a fresh subprocess, so its peak resident memory (VmHWM of its own memory
@@ -39,6 +41,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's hm4sr_dist
 from hm4sr_dist.memory import peak_resident_bytes, resident_bytes
 
 GB = 2 ** 30
@@ -122,15 +125,16 @@ def run_one(args) -> dict:
     else:
         sampled = MainLoss(LossConfig(main_loss="sampled", num_negatives=args.negatives), n)
 
-        def loss_fn(items):
-            return sampled(seq, items, target)
+        def loss_fn(items):                       # only the target and negative rows (HM4SRObjective)
+            return sampled(seq, None, target, rows=emb.gather)
     setup_rss = resident_bytes()
 
     def step() -> float:
         emb.zero_grad(set_to_none=True)
         seq.grad = None
         start = time.perf_counter()
-        loss_fn(emb()).backward()                    # eq. 2-5 item table, eq. 20, backward
+        items = None if args.method == "sampled" else emb()    # eq. 2-5, the whole item table
+        loss_fn(items).backward()                              # eq. 20, backward
         return time.perf_counter() - start
 
     warmup = step()
@@ -157,7 +161,9 @@ def predicted_gb(setting: str, method: str, n: int, b: int, d: int, chunk: int, 
         return (full_loss_bytes(b, n, width) + extra) / GB
     if method == "chunked":
         return (chunked_loss_bytes(b, n, width, chunk) + extra) / GB
-    return (4 * (2 * b * (b + negatives) + 2 * (n + 1) * width) + extra) / GB   # (B, B+K) logits
+    # sampled: (B, B+K) logits, the (2B+K, M*d) rows read and their gradient, and the ID table's
+    # dense gradient (n+1, d); no whole (n+1, M*d) table
+    return 4 * (2 * b * (b + negatives) + 2 * (2 * b + negatives) * width + (n + 1) * d) / GB
 
 
 def main() -> None:

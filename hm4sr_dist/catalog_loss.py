@@ -15,7 +15,8 @@ Two options besides today's full matmul (`loss.main_loss`, see docs/scaling.md):
   distribution, estimated by the item counts, uniform without them), and a negative that is the
   row's own target item is masked, as in the contrastive losses. Then
   E[exp(y_t) + sum_j exp(y_ij - log E[v_j])] = sum_v exp(y_iv) (an unbiased estimate of the
-  partition function; the loss, its logarithm, is consistent, not unbiased).
+  partition function; the loss, its logarithm, is consistent, not unbiased). It reads the item
+  table at the targets and negatives only, so the objective computes just those rows (`rows`).
 
 The padding item 0 is never a candidate (eq. 20 as `losses.main_loss` computes it).
 """
@@ -114,8 +115,16 @@ def sampled_softmax_loss(seq_repr: Tensor, item_repr: Tensor, target: Tensor, ne
     Row i: logits [y_{t_i}, y_{i,v_1} - log_expected_1, ..., y_{i,v_N} - log_expected_N], negatives
     whose item is t_i masked (-inf), then cross-entropy with the target in column 0.
     """
-    positive = (seq_repr * item_repr[target]).sum(-1, keepdim=True)                   # (b, 1)
-    logits = seq_repr @ item_repr[negatives].T - log_expected.to(seq_repr.dtype)       # (b, N)
+    return sampled_softmax_on_rows(seq_repr, item_repr[target], item_repr[negatives], target, negatives,
+                                   log_expected)
+
+
+def sampled_softmax_on_rows(seq_repr: Tensor, target_repr: Tensor, negative_repr: Tensor, target: Tensor,
+                            negatives: Tensor, log_expected: Tensor) -> Tensor:
+    """`sampled_softmax_loss` from the item rows it reads: target_repr (b, D) the rows of `target`,
+    negative_repr (N, D) the rows of `negatives` (no (n_items + 1, D) table needed)."""
+    positive = (seq_repr * target_repr).sum(-1, keepdim=True)                          # (b, 1)
+    logits = seq_repr @ negative_repr.T - log_expected.to(seq_repr.dtype)              # (b, N)
     logits = logits.masked_fill(negatives.unsqueeze(0) == target.unsqueeze(1), float("-inf"))
     logits = torch.cat([positive, logits], dim=1)
     return F.cross_entropy(logits, torch.zeros_like(target))
@@ -195,6 +204,10 @@ class MainLoss(nn.Module):
 
     ('full' is `losses.main_loss(HM4SR.scores(...))`, unchanged.) `all_gather` shares the targets
     of the global batch for the in-batch negatives (the identity on one process).
+
+    'sampled' reads the item table at the targets and the negatives only: given `rows` (a callable
+    ids -> their rows of the table, `HM4SR.item_rows`), it computes just those rows and
+    `item_repr` is not used (pass None); the loss and its gradients are the same.
     """
 
     def __init__(self, cfg: LossConfig, n_items: int, item_counts: Tensor | None = None):
@@ -209,7 +222,8 @@ class MainLoss(nn.Module):
                                   got=self.num_negatives)
             self.sampler = NegativeSampler(n_items, cfg.negative_sampler, item_counts)
 
-    def forward(self, seq_repr: Tensor, item_repr: Tensor, target: Tensor, all_gather=None) -> Tensor:
+    def forward(self, seq_repr: Tensor, item_repr: Tensor | None, target: Tensor, all_gather=None,
+                rows=None) -> Tensor:
         if self.kind == "chunked":
             return chunked_cross_entropy(seq_repr, item_repr, target, self.chunk_size)
         parts = []
@@ -220,7 +234,11 @@ class MainLoss(nn.Module):
             parts.append(self.sampler.sample(self.num_negatives, device=target.device))
         negatives = torch.cat(parts)
         log_expected = self.sampler.log_expected(negatives, n_in_batch, self.num_negatives)
-        return sampled_softmax_loss(seq_repr, item_repr, target, negatives, log_expected)
+        if rows is None:
+            return sampled_softmax_loss(seq_repr, item_repr, target, negatives, log_expected)
+        b = target.shape[0]
+        read = rows(torch.cat([target, negatives]))                    # (b + N, D), each item once
+        return sampled_softmax_on_rows(seq_repr, read[:b], read[b:], target, negatives, log_expected)
 
 
 def build_main_loss(cfg: LossConfig, n_items: int, item_counts: Tensor | None = None) -> MainLoss | None:
@@ -247,5 +265,6 @@ def chunked_loss_bytes(batch: int, n_items: int, width: int, chunk: int, element
     return element * (2 * batch * chunk + 2 * (n_items + 1) * width)
 
 
-__all__ = ["chunked_cross_entropy", "sampled_softmax_loss", "NegativeSampler", "MainLoss",
-           "build_main_loss", "full_loss_bytes", "chunked_loss_bytes", "MAIN_LOSSES", "NEGATIVE_SAMPLERS"]
+__all__ = ["chunked_cross_entropy", "sampled_softmax_loss", "sampled_softmax_on_rows", "NegativeSampler",
+           "MainLoss", "build_main_loss", "full_loss_bytes", "chunked_loss_bytes", "MAIN_LOSSES",
+           "NEGATIVE_SAMPLERS"]

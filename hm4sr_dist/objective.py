@@ -6,7 +6,9 @@ computed inside `HM4SRObjective.forward`. Cross-worker communication is handed i
 identity (every row on this process), so this file stays free of torch.distributed. Under
 `loss.main_loss=vocab_parallel` the table is `hm4sr_dist.parallel.vocab.ShardedItemTable`: the
 model holds a slice of the table, its ID rows are handed to `forward`, and the input items, IDCL's
-targets (eq. 23) and eq. 20 are computed across the workers' slices.
+targets (eq. 23) and eq. 20 are computed across the workers' slices. Under
+`loss.main_loss=sampled` the table is `GatheredRows`: only the rows of the batch's items and of
+eq. 20's negatives are computed (the same loss and gradients as the whole table's).
 """
 
 from __future__ import annotations
@@ -69,6 +71,23 @@ class ItemTable:
         return target_ranks(seq_repr, items, target, chunk_size)
 
 
+class GatheredRows(ItemTable):
+    """Some rows of the table, computed for one step: `ids` (k,) the sorted distinct items they hold.
+
+    `lookup(ids, rows)` finds each item's row in the (k, D) rows (every looked-up item must be in
+    `ids`). Used by loss.main_loss=sampled, which reads the table at a few rows only.
+    """
+
+    def __init__(self, ids: Tensor):
+        self.ids = ids
+
+    def lookup(self, ids: Tensor, items: Tensor) -> Tensor:
+        return F.embedding(torch.searchsorted(self.ids, ids), items)
+
+    def target_ranks(self, seq_repr: Tensor, items: Tensor, target: Tensor, chunk_size: int = 0) -> Tensor:
+        raise NotImplementedError("a full ranking needs every row (evaluate.py scores the whole table)")
+
+
 @dataclass
 class LossTerms:
     total: Tensor
@@ -124,12 +143,21 @@ class HM4SRObjective(nn.Module):
         # eq. 20 over a large catalogue (loss.main_loss, docs/scaling.md); None = the full scores
         # (or, vocab_parallel, the sharded table's loss)
         self.catalog_loss = None if vocab_parallel else build_main_loss(loss_cfg, model.n_items, item_counts)
+        # sampled: compute the item rows the step reads, not the catalogue (False: the whole table,
+        # the same results; the reference of the tests)
+        self.row_wise = getattr(loss_cfg, "main_loss", "full") == "sampled"
 
     def forward(self, batch: Batch, id_rows: Tensor | None = None) -> LossTerms:
         """L of eq. 27 for this worker's rows. `id_rows`: the ID rows of the worker's table slice
         (vocab_parallel only, where they are a parameter held outside this module)."""
         model, cfg, ex, table = self.model, self.cfg, self.exchange, self.table
-        if table.sharded:
+        if self.row_wise:                              # sampled: the batch's items' rows only
+            table = GatheredRows(torch.cat([batch.item_seq.reshape(-1), batch.target]).unique())
+            out = model(batch, augment=cfg.pcl_weight > 0, categories=cfg.cp_weight > 0,
+                        item_repr=model.item_rows(table.ids), lookup=table.lookup)
+            main = self.catalog_loss(out.seq_repr, None, batch.target, ex.all_gather,   # eq. 20
+                                     rows=model.item_rows)
+        elif table.sharded:
             out = model(batch, augment=cfg.pcl_weight > 0, categories=cfg.cp_weight > 0,
                         item_repr=model.item_representations(id_rows), lookup=table.lookup)
             main = table.main_loss(out.seq_repr, out.item_repr, batch.target)         # eq. 20
@@ -153,7 +181,7 @@ class HM4SRObjective(nn.Module):
         if cfg.idcl_weight > 0:
             d, i = model.d, model.modalities.index("id")
             h_id = out.seq_repr[:, i * d:(i + 1) * d]
-            if table.sharded:                          # the target's row, from the worker holding it
+            if table.sharded or self.row_wise:         # the target's row, where the table holds it
                 x_target = table.lookup(batch.target, out.item_repr[:, i * d:(i + 1) * d])
             else:
                 x_target = out.item_repr[batch.target, i * d:(i + 1) * d]

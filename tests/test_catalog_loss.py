@@ -3,7 +3,9 @@
 The chunked loss must be the full softmax cross-entropy exactly (loss and gradients, alone and
 through the whole objective); the sampled softmax is checked against hand computations of its
 correction and masking, against the full loss when every item is a negative, and for an unbiased
-partition-function estimate by Monte Carlo on a tiny catalogue. Small tensors only, no timing."""
+partition-function estimate by Monte Carlo on a tiny catalogue; computing only the item rows the
+sampled step reads must equal the whole-table path over optimizer steps and never project the
+whole table. Small tensors only, no timing."""
 
 import math
 
@@ -225,3 +227,73 @@ def test_memory_model():
     """docs/scaling.md's numbers: 10^6 items, B 1024, d 64, fp32."""
     assert full_loss_bytes(1024, 10**6, 64) / 2**30 == pytest.approx(8.1, abs=0.1)
     assert chunked_loss_bytes(1024, 10**6, 64, 16384) / 2**30 == pytest.approx(0.6, abs=0.05)
+
+
+# -- sampled: the item rows the step reads, not the catalogue ----------------------------------
+
+def _sampled_objective(tiny_log, row_wise: bool):
+    cfg = tiny_config(modalities=["id", "text"])
+    cfg.loss.main_loss, cfg.loss.num_negatives = "sampled", 6
+    cfg.loss.idcl_weight, cfg.loss.pcl_weight = 0.1, 0.1
+    torch.manual_seed(0)
+    obj = build_objective(cfg.model, cfg.loss, tiny_log.catalog).double().train()
+    obj.row_wise = row_wise
+    return obj
+
+
+def test_sampled_row_wise_steps_equal_the_whole_table_steps(tiny_log, tiny_batch):
+    """ID + text, IDCL and PCL on, dropout on, float64: three Adam steps where eq. 2-5 are computed
+    for the step's rows only give the same losses, parameter gradients and parameters as the
+    whole-table path with the same seeds (same dropout, placeholders and negatives)."""
+    rows, whole = _sampled_objective(tiny_log, True), _sampled_objective(tiny_log, False)
+    whole.load_state_dict(rows.state_dict())
+    assert rows.cfg.idcl_weight > 0 and rows.cfg.pcl_weight > 0 and rows.model.modalities == ["id", "text"]
+    history = []
+    for obj in (rows, whole):
+        opt = torch.optim.Adam(obj.parameters(), lr=1e-2)
+        steps = []
+        for step in range(3):
+            torch.manual_seed(100 + step)
+            opt.zero_grad(set_to_none=True)
+            terms = obj(tiny_batch)
+            terms.total.backward()
+            steps.append((terms.scalars(), {n: p.grad.clone() for n, p in obj.named_parameters()}))
+            opt.step()
+        history.append((steps, dict(obj.named_parameters())))
+    (steps_rows, params_rows), (steps_whole, params_whole) = history
+    for (s_rows, g_rows), (s_whole, g_whole) in zip(steps_rows, steps_whole):
+        assert s_rows.keys() == s_whole.keys() >= {"total", "main", "idcl", "pcl"}
+        for key in s_whole:
+            assert s_rows[key] == pytest.approx(s_whole[key], rel=1e-12, abs=1e-12), key
+        assert g_rows.keys() == g_whole.keys()
+        for name in g_whole:
+            torch.testing.assert_close(g_rows[name], g_whole[name], rtol=1e-10, atol=1e-12, msg=name)
+    assert torch.count_nonzero(steps_rows[0][1]["model.items.projections.text.weight"]) > 0
+    for name in params_whole:
+        torch.testing.assert_close(params_rows[name], params_whole[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_sampled_row_wise_reads_only_the_needed_feature_rows(tiny_log, tiny_batch, monkeypatch):
+    """The whole-table projection is never called and the frozen text table is read at the batch's
+    input items, its targets and the sampled negatives only."""
+    from hm4sr_dist.model import items as items_module
+
+    def whole_table(*args, **kwargs):
+        raise AssertionError("the whole-table projection was called under loss.main_loss=sampled")
+
+    monkeypatch.setattr(items_module, "project_frozen", whole_table)
+    monkeypatch.setattr(items_module.FrozenFeatures, "block", whole_table)
+    read, drawn = [], []
+    gather = items_module.FrozenFeatures.gather
+    monkeypatch.setattr(items_module.FrozenFeatures, "gather",
+                        lambda self, ids, *a: read.append(ids.clone()) or gather(self, ids, *a))
+    obj = _sampled_objective(tiny_log, True)
+    sample = obj.catalog_loss.sampler.sample
+    monkeypatch.setattr(obj.catalog_loss.sampler, "sample",
+                        lambda *a, **k: drawn.append(sample(*a, **k)) or drawn[-1])
+    obj(tiny_batch).total.backward()
+    read_items = set(torch.cat(read).tolist())
+    needed = set(torch.cat([tiny_batch.item_seq.reshape(-1), tiny_batch.target, drawn[0]]).tolist())
+    assert len(drawn) == 1 and read_items == needed
+    assert len(needed) < tiny_log.catalog.n_items + 1          # the test would prove nothing otherwise
+    assert obj.model.items.projections["text"].weight.grad is not None

@@ -42,7 +42,8 @@ class HM4SROutput:
 
     seq_repr: Tensor                  # (B, M*d)  [H^id; H^txt; H^img]
     item_repr: Tensor                 # (n_items + 1, M*d)  [x_id; x_txt; x_img] of every item
-                                      # (of the worker's slice under vocabulary parallelism)
+                                      # (of the worker's slice under vocabulary parallelism;
+                                      # of the batch's items only under loss.main_loss=sampled)
     pcl_repr: dict[str, Tensor] = field(default_factory=dict)   # m -> (B, d), H^{m,1} (eq. 24)
     cp_logits: Tensor | None = None   # (n_real, C) eq. 21 for every real input position
     cp_items: Tensor | None = None    # (n_real,) the item at each of those positions
@@ -137,6 +138,10 @@ class HM4SR(nn.Module):
         """(n_items + 1, M*d): eq. 2-5 for the whole catalogue (row 0 = padding); for a sliced
         table (`item_rows`), its rows, the ID part being `id_rows`."""
         return self.items(id_rows)
+
+    def item_rows(self, ids: Tensor) -> Tensor:
+        """`item_representations()[ids]` computing only those rows: ids.shape + (M*d,)."""
+        return self.items.gather(ids)
 
     def scores(self, seq_repr: Tensor, item_repr: Tensor) -> Tensor:
         """Eq. 19 for every item: (B, n_items + 1); the padding column is -inf."""

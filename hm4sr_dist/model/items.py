@@ -9,11 +9,16 @@ deliberately *not* a buffer: a buffer is copied by `.to()`, cast by `.half()`/De
 precision, deep-copied by `copy.deepcopy` and could be broadcast or checkpointed. The projection
 reads the table block by block, upcasting each block (fp16 -> fp32) on the weight's device, and
 recomputes the blocks in backward instead of saving them (`_FrozenProjection`).
+
+`ItemEmbedding.gather(ids)` computes the same rows for some items only (the sampled main loss,
+loss.main_loss=sampled, needs the batch's items and its negatives, not the catalogue): ID rows
+gathered from the ID table, content rows projected from the gathered frozen rows.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hm4sr_dist.config import ModelConfig
@@ -67,6 +72,11 @@ class FrozenFeatures:
         if part.device != torch.device(device):
             part = part.to(device)         # copy the narrow dtype, upcast where it is used
         return part.to(dtype)
+
+    def gather(self, ids: Tensor, device, dtype: torch.dtype) -> Tensor:
+        """Rows `ids` (k,) as a (k, w) tensor of `dtype` on `device`; only those rows are read."""
+        part = self.table[ids.to(self.table.device)]
+        return part.to(device).to(dtype)
 
     def __deepcopy__(self, memo) -> "FrozenFeatures":
         return self                        # frozen: a copied module reads the same table
@@ -126,6 +136,15 @@ class _FrozenProjection(torch.autograd.Function):
 def project_frozen(frozen: FrozenFeatures, linear: nn.Linear) -> Tensor:
     """`linear(frozen.table)` for every row, without materialising an upcast copy of the table."""
     return _FrozenProjection.apply(linear.weight, linear.bias, frozen)
+
+
+def project_frozen_rows(frozen: FrozenFeatures, linear: nn.Linear, ids: Tensor) -> Tensor:
+    """`project_frozen(frozen, linear)[ids]` without projecting the other rows: (k,) -> (k, d),
+    computed as `_FrozenProjection` computes each row (fp32 or wider, returned in the weight's dtype)."""
+    weight, bias = linear.weight, linear.bias
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    rows = frozen.gather(ids, weight.device, acc)                                   # (k, w)
+    return torch.addmm(bias.to(acc), rows, weight.to(acc).T).to(weight.dtype)
 
 
 class ItemEmbedding(nn.Module):
@@ -189,3 +208,19 @@ class ItemEmbedding(nn.Module):
         if len(parts) == 1:
             return parts[0]            # torch.cat would copy even a single table (and its gradient)
         return torch.cat(parts, dim=-1)
+
+    def gather(self, ids: Tensor) -> Tensor:
+        """`forward()[ids]`, computing only the rows of `ids` (any shape, duplicates allowed: each
+        distinct item is computed once): ids.shape + (M * d,). Whole (unsliced) tables only."""
+        if self.rows is not None:
+            raise ValueError(f"ItemEmbedding.gather: a sliced table (rows={self.rows}) is looked "
+                             "up through its ItemTable")
+        unique, inverse = ids.reshape(-1).unique(return_inverse=True)     # sorted distinct items
+        parts = []
+        for m in self.modalities:
+            if m == "id":
+                parts.append(F.embedding(unique, self.id_table.weight))    # no padding_idx: as forward()
+            else:
+                parts.append(project_frozen_rows(self.features[m], self.projections[m], unique))
+        rows = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)   # (k, M*d)
+        return rows[inverse].view(*ids.shape, rows.shape[-1])
