@@ -34,7 +34,7 @@ import ray.tune
 
 from hm4sr_dist.study.plan import StudyPlan
 from hm4sr_dist.train.launcher import ensure_ray, storage_root
-from hm4sr_dist.tune.resources import check_trials_fit
+from hm4sr_dist.tune.resources import check_trials_fit, fit_concurrency
 from hm4sr_dist.tune.stop import clear_stop, stop_file
 
 EXIT_AFTER_ENV = "HM4SR_STUDY_EXIT_AFTER"      # test hook: the driver exits (code 75) after N trials
@@ -193,8 +193,11 @@ def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, tria
     (study_dir / "runs").mkdir(parents=True, exist_ok=True)
     base = plan.trials[0].config
     ensure_ray()
-    check_trials_fit([(t.config["train"]["num_workers"], t.config["train"]["cpus_per_worker"])
-                      for t in plan.trials], trial_cpus)
+    shapes = [(t.config["train"]["num_workers"], t.config["train"]["cpus_per_worker"]) for t in plan.trials]
+    check_trials_fit(shapes, trial_cpus)
+    max_concurrent, note = fit_concurrency(max_concurrent, shapes, trial_cpus)
+    if note:
+        print(f"note: {note}", flush=True)
     from hm4sr_dist.config import ExperimentConfig, from_dict
     storage = storage_root(from_dict(ExperimentConfig, base))
     plan_info = {"dataset": plan.dataset, "fingerprint": plan.fingerprint, "study": plan.study}

@@ -5,10 +5,16 @@ Train controller) and its Train run then asks for `train.num_workers` x `train.c
 more. If the two together exceed the cluster's CPUs, Tune starts the trial and the worker group
 waits for CPUs that never free up: the study or sweep hangs at worker-group startup (on 2 CPUs:
 1 + 2 workers x 1 CPU). Refused before the first trial, naming the fix.
+
+`--max-concurrent` trials only run at once if all their worker groups fit too. Otherwise the extra
+trial's driver holds its CPUs while its worker group waits, and Ray Train logs a worker-group
+startup timeout every minute until another trial ends (hundreds of error blocks in a long study).
+`fit_concurrency` lowers the limit to what fits and says so.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 from hm4sr_dist.config import ConfigError
@@ -32,3 +38,22 @@ def check_trials_fit(worker_shapes: Iterable[tuple[int, float]], trial_cpus: flo
         raise ConfigError(key="--trial-cpus", expected=f"a trial's driver plus its workers to fit the "
                           f"cluster's {have:g} CPUs", got=f"{trial_cpus:g} + workers = {need:g} CPUs",
                           why=FIX)
+
+
+def fit_concurrency(max_concurrent: int, worker_shapes: Iterable[tuple[int, float]], trial_cpus: float,
+                    cluster: dict | None = None) -> tuple[int, str | None]:
+    """(trials to run at once, a note when that is fewer than `max_concurrent`). The largest
+    trial's driver plus workers sets how many fit the cluster's CPUs together; GPU clusters are
+    not capped (see `check_trials_fit`)."""
+    if cluster is None:
+        import ray
+        cluster = ray.cluster_resources()
+    have = cluster.get("CPU", 0)
+    need = max(trial_cpus + n * c for n, c in worker_shapes)
+    if cluster.get("GPU", 0) or need <= 0:
+        return max_concurrent, None
+    fits = max(1, math.floor(have / need + 1e-9))
+    if max_concurrent <= fits:
+        return max_concurrent, None
+    return fits, (f"--max-concurrent {max_concurrent} lowered to {fits}: a trial needs {need:g} CPUs "
+                  f"(its driver {trial_cpus:g} + its workers) and the cluster has {have:g}")

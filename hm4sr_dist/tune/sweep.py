@@ -8,7 +8,8 @@ caps the number of running trials (with 2 CPUs: 1 trial, 1 worker). The trial fu
 drives the Train controller (an actor of 0 CPUs); it reserves `trial_cpus` (Tune's default, 1 CPU;
 Tune refuses 0, a fraction such as 0.1 leaves more to the workers). A plan whose trial driver plus
 workers exceed the cluster's CPUs would hang at worker-group startup: `run_sweep` refuses it first,
-naming the fix (`hm4sr_dist.tune.resources.check_trials_fit`, shared with the study runner).
+naming the fix (`hm4sr_dist.tune.resources.check_trials_fit`, shared with the study runner), and
+lowers `max_concurrent` to the trials whose worker groups fit at once (`fit_concurrency`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import ray.tune
 from hm4sr_dist.config import ExperimentConfig, from_dict, to_dict
 from hm4sr_dist.feasibility import DataOffer
 from hm4sr_dist.train.launcher import ensure_ray, storage_root
-from hm4sr_dist.tune.resources import check_trials_fit
+from hm4sr_dist.tune.resources import check_trials_fit, fit_concurrency
 from hm4sr_dist.tune.space import trial_run_name
 from hm4sr_dist.tune.trial import OVERRIDES, hm4sr_trial, trial_overrides
 
@@ -57,7 +58,11 @@ def run_sweep(base: ExperimentConfig, sweep: str, *, trials: Sequence[Mapping] |
     started = time.time()
     base = from_base(base)
     ensure_ray()
-    check_trials_fit(worker_shapes(base, trials, grid), trial_cpus)
+    shapes = worker_shapes(base, trials, grid)
+    check_trials_fit(shapes, trial_cpus)
+    max_concurrent, note = fit_concurrency(max_concurrent, shapes, trial_cpus)
+    if note:
+        print(f"note: {note}", flush=True)
     storage = storage_root(base)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(hm4sr_trial, base=to_dict(base), sweep=sweep, offer=offer,

@@ -153,3 +153,16 @@ def test_trial_fit_check_counts_each_trials_workers():
         grid = {"train.num_workers": [1, 2], "train.cpus_per_worker": [1, 2]}
         check_trials_fit(worker_shapes(base, grid=grid), 0.5, two_cpus)
     check_trials_fit([(4, 1)], 1.0, {"CPU": 2.0, "GPU": 4.0})          # GPU clusters are not CPU-bound
+
+
+def test_concurrency_is_lowered_to_the_trials_whose_worker_groups_fit():
+    """Two trials of 0.5 + 2 x 1 CPU on a 3-CPU head: the second one's workers would wait and Ray
+    Train would log a startup timeout every minute, so only one runs at once, with a note."""
+    from hm4sr_dist.tune.resources import fit_concurrency
+
+    three_cpus = {"CPU": 3.0}
+    n, note = fit_concurrency(2, [(2, 1.0), (2, 1.0)], 0.5, three_cpus)
+    assert n == 1 and "--max-concurrent 2 lowered to 1" in note and "2.5 CPUs" in note
+    assert fit_concurrency(2, [(2, 1.0)], 0.5, {"CPU": 5.0}) == (2, None)       # 2 x 2.5 = 5 fits
+    assert fit_concurrency(4, [(1, 1.0), (2, 1.0)], 1.0, {"CPU": 8.0})[0] == 2  # the largest trial counts
+    assert fit_concurrency(4, [(2, 1.0)], 1.0, {"CPU": 2.0, "GPU": 4.0}) == (4, None)   # GPU: not capped
