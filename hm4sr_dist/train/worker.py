@@ -147,6 +147,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if table_shard is not None:               # re-cut when the number of ranks changed
                 best_slice = table_shard.load_state_dict(load_table_shard(Path(folder), rank, world))
             dist.barrier()                           # nobody leaves (and deletes) the folder early
+    if state.epoch > cfg.optim.epochs:
+        # optim.epochs is not part of the run identity (a longer cap continues a run), but a shorter
+        # one cannot be honoured: the stored best weights may come from an epoch it never reaches.
+        raise ValueError(
+            f"optim.epochs={cfg.optim.epochs}: run {cfg.train.run_name} has already trained {state.epoch} "
+            f"epochs (best validation epoch {state.best_epoch}), so its results are not those of a "
+            f"{cfg.optim.epochs}-epoch run; use optim.epochs>={state.epoch} to report this run, or another "
+            "train.run_name (or storage) for a fresh one")
     resume_progress = state.epoch_progress()
     if resume_progress is not None:
         train_reader.set_epoch(state.epoch)

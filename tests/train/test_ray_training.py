@@ -120,3 +120,15 @@ def test_worker_killed_mid_epoch_resumes_at_the_step_checkpoint(uninterrupted, p
     assert metrics_of_test(crashed) == metrics_of_test(full)
     steps = scalar_steps(storage / "crash-mid" / "tensorboard", "loss/main")
     assert steps == list(range(1, full.metrics["global_step"] + 1))
+
+
+def test_a_shorter_epoch_cap_than_the_run_already_trained_is_refused(uninterrupted, prepared_sequences):
+    """optim.epochs is left out of the run identity so that a longer cap continues a run; a shorter
+    cap must not silently report the longer run's best weights as an N-epoch result."""
+    storage, result = uninterrupted
+    before = sorted(p.name for p in (storage / "full").iterdir())
+    with pytest.raises(Exception) as failure:
+        fit(prepared_sequences, storage, "full", 2, "train.max_failures=0")
+    assert "optim.epochs=2: run full has already trained 3 epochs" in str(failure.value)
+    assert "use optim.epochs>=3" in str(failure.value)
+    assert sorted(p.name for p in (storage / "full").iterdir()) == before     # nothing written
