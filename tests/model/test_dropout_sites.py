@@ -17,6 +17,7 @@ from torch.testing import assert_close
 
 from hm4sr_dist.config import ExperimentConfig, apply_variant
 from hm4sr_dist.model import HM4SR
+from hm4sr_dist.model import dropout as fast_dropout
 from hm4sr_tiny import (D, L, make_model, randomize_, ref_layer_norm, reference_encoder, reference_forward,
                         tiny_batch, tiny_catalog, tiny_model_cfg)
 
@@ -44,6 +45,13 @@ class DropoutSpy:
         return torch.zeros_like(x) if len(self.calls) - 1 == self.zero_call else x
 
 
+def _spy_on_dropout(monkeypatch, spy):
+    """The encoders' dropouts all go through hm4sr_dist.model.dropout.dropout (rand mask on the CPU,
+    F.dropout elsewhere); F.dropout is replaced too, so a dropout anywhere else is counted as well."""
+    monkeypatch.setattr(fast_dropout, "dropout", spy)
+    monkeypatch.setattr(F, "dropout", spy)
+
+
 @pytest.mark.parametrize("zeroed", range(len(HIDDEN_SITES)))
 def test_each_hidden_dropout_site_of_the_encoder(monkeypatch, zeroed):
     """Eq. 17-18: the encoder calls hidden dropout exactly 1 + 2 * n_layers times, with
@@ -54,7 +62,7 @@ def test_each_hidden_dropout_site_of_the_encoder(monkeypatch, zeroed):
     encoder = model.encoders["text"]
     seq, seq_len = torch.randn(5, L, D), torch.tensor([7, 3, 1, 5, 2])
     spy = DropoutSpy(zero_call=zeroed)
-    monkeypatch.setattr(F, "dropout", spy)
+    _spy_on_dropout(monkeypatch, spy)
     got = encoder(seq, seq_len)
     expected_calls = [(0.3, True, (5, L, D))] * len(HIDDEN_SITES)
     assert [(p, training, x.shape) for p, training, x in spy.calls] == expected_calls
@@ -109,7 +117,7 @@ def test_first_dropout_of_each_stream_reads_layernorm_of_its_sequence(monkeypatc
     model = _model(variant, cfg).train()
     batch = tiny_batch()
     spy = DropoutSpy()
-    monkeypatch.setattr(F, "dropout", spy)
+    _spy_on_dropout(monkeypatch, spy)
     out = model(batch, augment=True)
     ref = reference_forward(model, tiny_catalog(), batch)
     per_stream = 1 + 2 * N_LAYERS
