@@ -68,17 +68,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the trials and exit")
     p.add_argument("--report-only", action="store_true", help="rebuild tables and figures, train nothing")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides of the base config")
-    # argparse would read "-TMoE" after --variant-list as an option: take the list out first
+    # argparse would read "-TMoE" after --variant-list as an option, and a key=value after --seeds
+    # as a bad seed: take both lists out first (a list ends at the first word that cannot belong to it)
     argv = list(sys.argv[1:] if argv is None else argv)
-    rest, variants, in_list = [], None, False
+    rest, variants, seeds, in_list = [], None, None, None
     for a in argv:
         if a == "--variant-list" or a.startswith("--variant-list="):
-            in_list, variants = True, (variants or []) + ([a.split("=", 1)[1]] if "=" in a else [])
-        elif in_list and not a.startswith("--") and "=" not in a:
+            in_list, variants = "variants", (variants or []) + ([a.split("=", 1)[1]] if "=" in a else [])
+        elif a == "--seeds":
+            in_list, seeds = "seeds", seeds or []
+        elif in_list == "variants" and not a.startswith("--") and "=" not in a:
             variants.append(a)
+        elif in_list == "seeds" and not a.startswith("-") and "=" not in a:
+            seeds.append(a)
         else:
-            in_list = False
+            in_list = None
             rest.append(a)
+    if seeds is not None:
+        rest[:0] = ["--seeds", *seeds] if seeds else ["--seeds"]
     args = p.parse_args(rest)
     if variants is not None and not variants:
         p.error("--variant-list: expected at least one variant")
@@ -117,7 +124,7 @@ def plan(argv: list[str] | None) -> dict:
         value = getattr(base.train, key)
         if value and "://" not in value:
             setattr(base.train, key, str(Path(value).resolve()))
-    dataset = manifest.get("name") or prepared.name
+    dataset = manifest.get("dataset") or prepared.name
     custom = [parse_setting(s) for s in args.setting]
     study = plan_study(args.study, base, args.seeds, dataset=dataset,
                        fingerprint=manifest.get("fingerprint") or "", offer=offer, explicit=explicit,

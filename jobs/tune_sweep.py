@@ -116,7 +116,7 @@ def plan(argv: list[str] | None) -> dict:
         offer = DataOffer.from_manifest(manifest)
         base, trials, grid, notes = fit(offer)
     base.data.prepared_dir = str(prepared.resolve())
-    dataset = manifest.get("name") or prepared.name
+    dataset = manifest.get("dataset") or prepared.name
     short = "-".join(p.rsplit(".", 1)[-1] for p in params)
     base.name = args.name or f"{dataset}-{args.sweep}" + (f"-{short}" if short else "")
     n = len(trials) if trials is not None else grid_size(grid)

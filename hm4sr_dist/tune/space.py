@@ -6,7 +6,7 @@ command line (`loss.idcl_weight=0.5`). Two kinds of sweep:
 - **fig4** (one at a time, like the paper's Fig. 4): each chosen hyper-parameter runs over its grid
   while every other key keeps the base config's value. `fig4_trials(["l2", "k1"])` is 6 + 5 trials.
 - **grid** (the full product): `grid_space(params)` maps each key to its values; Tune expands the
-  product (`grid_size` trials — 162,000 for all seven of them, so pick a few).
+  product (`grid_size` trials — 27,000 for all six of them, so pick a few).
 
 `trial_config` builds one trial's config (base + overrides, fitted by `hm4sr_dist.feasibility`
 with the swept keys as explicit requests) and `check_sweep` runs it over every trial in the driver,

@@ -58,6 +58,21 @@ def test_user_errors_name_the_key():
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "manifest.json" in r.stderr
 
 
+def test_overrides_may_follow_the_seed_and_variant_lists():
+    """`--seeds 2020 2021 optim.epochs=50` and `--variant-list hm4sr -TMoE key=value`: each list ends at
+    the first key=value, which is an override of the base config (as the docs write it)."""
+    sys.path.insert(0, str(ROOT))
+    from jobs.study import parse_args
+
+    args = parse_args(["--prepared-dir", "d", "--study", "fig5", "--seeds", "2020", "2021", "optim.epochs=50",
+                       "--variant-list", "hm4sr", "-TMoE", "train.num_workers=1", "--dry-run"])
+    assert args.seeds == [2020, 2021] and args.variant_list == ["hm4sr", "-TMoE"] and args.dry_run
+    assert args.overrides == ["optim.epochs=50", "train.num_workers=1"]
+    assert parse_args(["--prepared-dir", "d", "--study", "table1"]).seeds == [2020]      # the default
+    with pytest.raises(SystemExit):
+        parse_args(["--prepared-dir", "d", "--study", "table1", "--seeds", "x1"])      # not an int
+
+
 @pytest.mark.slow
 def test_study_is_killed_resumed_and_tabulated(prepared_sequences, local_ray, tmp_path):
     from PIL import Image
