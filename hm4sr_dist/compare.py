@@ -455,6 +455,15 @@ class MetricDifference:
     ci_high: float
     p_le_0: float
     excludes_zero: bool
+    # Seed level: the seeds both settings ran, and per seed (setting - baseline) of the run means.
+    # The bootstrap above resamples users only; these say whether the gap holds seed by seed.
+    paired_seeds: list = field(default_factory=list)
+    seed_diffs: list = field(default_factory=list)
+
+    @property
+    def seeds_ahead(self) -> str:
+        """'3/3': seeds (run by both) on which the setting is above the baseline; '' if none shared."""
+        return f"{sum(d > 0 for d in self.seed_diffs)}/{len(self.seed_diffs)}" if self.seed_diffs else ""
 
 
 @dataclass
@@ -490,6 +499,15 @@ def _no_nan(x: Any) -> Any:
     if isinstance(x, list):
         return [_no_nan(v) for v in x]
     return x
+
+
+def _paired_seeds(base: SettingSummary, other: SettingSummary, metric: str) -> list[tuple[Any, float]]:
+    """(seed, other - base) of the run means, for each seed that both settings ran exactly once."""
+    def by_seed(summary):
+        seeds = [_key(x) for x in summary.seeds]
+        return {k: v for k, v in zip(seeds, summary.metrics[metric].per_seed) if seeds.count(k) == 1}
+    mine, theirs = by_seed(base), by_seed(other)
+    return [(seed, theirs[k] - mine[k]) for seed in other.seeds if (k := _key(seed)) in mine and k in theirs]
 
 
 def compare(runs: Sequence[Run | str | Path], metrics: Iterable[str] | None = None,
@@ -547,8 +565,10 @@ def compare(runs: Sequence[Run | str | Path], metrics: Iterable[str] | None = No
         for m in metrics:
             b0, b1 = base_summary.metrics[m].mean, summary.metrics[m].mean
             r = boot[(s.name, m)]
+            paired = _paired_seeds(base_summary, summary, m)
             diffs[m] = MetricDifference(b0, b1, (b1 - b0) / b0 if b0 else math.nan, r.diff, r.ci_low,
-                                        r.ci_high, r.p_le_0, r.excludes_zero)
+                                        r.ci_high, r.p_le_0, r.excludes_zero,
+                                        [seed for seed, _ in paired], [d for _, d in paired])
         comparisons.append(PairedComparison(s.name, base.name, int(base_users.size), diffs))
     return Comparison(metrics, base.name, summaries, comparisons, n_boot, seed, notes)
 
@@ -601,15 +621,18 @@ def format_text(result: Comparison, digits: int = 4) -> str:
     n_users = result.comparisons[0].n_users
     out.append(f"Table 2: vs baseline {result.baseline}; paired bootstrap over {n_users} users, "
                f"B={result.n_boot}, seed {result.seed}; * = 95% CI excludes 0")
-    headers = ["setting", "metric", "baseline", "setting", "rel.change", "diff", "95% CI", "", "P(diff<=0)"]
+    headers = ["setting", "metric", "baseline", "setting", "rel.change", "diff", "95% CI", "", "P(diff<=0)",
+               "seeds ahead"]
     rows = []
     for c in result.comparisons:
         for m, d in c.metrics.items():
             rows.append([c.setting, metric_label(m), _num(d.baseline_mean, digits), _num(d.mean, digits),
                          _pct(d.rel_change), f"{d.diff:+.{digits}f}",
                          f"[{d.ci_low:+.{digits}f}, {d.ci_high:+.{digits}f}]", "*" if d.excludes_zero else "",
-                         f"{d.p_le_0:.4f}"])
+                         f"{d.p_le_0:.4f}", d.seeds_ahead or "-"])
     out.append(_aligned(headers, rows, left=2))
+    out.append("seeds ahead = seeds (run by both settings) on which the setting's run beats the baseline's "
+               "run of the same seed")
     return "\n".join(out)
 
 
@@ -629,7 +652,8 @@ def csv_rows(result: Comparison) -> list[dict]:
             row |= {f"{m}_rel_change": "" if d is None or math.isnan(d.rel_change) else d.rel_change,
                     f"{m}_diff": "" if d is None else d.diff, f"{m}_ci_low": "" if d is None else d.ci_low,
                     f"{m}_ci_high": "" if d is None else d.ci_high, f"{m}_p_le_0": "" if d is None else d.p_le_0,
-                    f"{m}_ci_excludes_0": "" if d is None else d.excludes_zero}
+                    f"{m}_ci_excludes_0": "" if d is None else d.excludes_zero,
+                    f"{m}_seeds_ahead": "" if d is None else d.seeds_ahead}
         rows.append(row)
     return rows
 
@@ -659,8 +683,9 @@ def format_markdown(result: Comparison, digits: int = 4) -> str:
                 continue
             d = c.metrics[m]
             star = " *" if d.excludes_zero else ""
+            ahead = f", ahead in {d.seeds_ahead} seeds" if d.seeds_ahead else ""
             cells.append(f"{_pct(d.rel_change)} ({d.diff:+.{digits}f} [{d.ci_low:+.{digits}f}, "
-                         f"{d.ci_high:+.{digits}f}], p={d.p_le_0:.3f}){star}")
+                         f"{d.ci_high:+.{digits}f}], p={d.p_le_0:.3f}{ahead}){star}")
         rows2.append([s.name] + cells)
     n_users = result.settings[0].n_users
     return "\n".join([

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hm4sr_dist.compare import (CompareError, compare, format_text, group_settings, load_run, main,
+from hm4sr_dist.compare import (CompareError, compare, format_markdown, format_text, group_settings, load_run, main,
                                 paired_bootstrap, per_user_metrics, resolve_metrics)
 from hm4sr_dist.config import ExperimentConfig, to_dict
 from hm4sr_dist.metrics import finalize, metric_sums
@@ -119,6 +119,28 @@ def test_seeds_group_into_settings(study):
     assert d.diff < 0 and d.excludes_zero and d.p_le_0 == 1.0         # IDCL off is worse on every seed
     text = format_text(res)
     assert "Table 1" in text and "Table 2" in text and " ± " in text and "n=3" in text
+
+
+def test_seed_level_pairing_counts_the_seeds_a_setting_is_ahead(tmp_path):
+    """The bootstrap resamples users; the seed pairing says whether the gap holds seed by seed: run
+    means differ by hand-set amounts per seed, and only seeds both settings ran are paired."""
+    ranks = random_ranks(200, 0)
+    base = [write_run(tmp_path / f"a-s{seed}", ranks, seed=seed) for seed in (1, 2, 3)]
+    better, worse = ranks.copy(), ranks.copy()
+    better[:20] = 0                                   # more users at rank 0: higher NDCG/MRR
+    worse[:20] = 39
+    other = [write_run(tmp_path / "b-s1", better, seed=1, loss__idcl_weight=0.5),
+             write_run(tmp_path / "b-s2", worse, seed=2, loss__idcl_weight=0.5),
+             write_run(tmp_path / "b-s4", better, seed=4, loss__idcl_weight=0.5)]   # seed 4: no partner
+    res = compare(base + other, labels=[("A", "*a-*"), ("B", "*b-*")], n_boot=200)
+    d = res.comparisons[0].metrics["ndcg@5"]
+    assert d.paired_seeds == [1, 2] and d.seeds_ahead == "1/2"
+    runs = {s.name: s.metrics["ndcg@5"].per_seed for s in res.settings}
+    assert d.seed_diffs == pytest.approx([runs["B"][0] - runs["A"][0], runs["B"][1] - runs["A"][1]])
+    assert d.seed_diffs[0] > 0 > d.seed_diffs[1]
+    assert "seeds ahead" in format_text(res) and "ahead in 1/2 seeds" in format_markdown(res)
+    single = compare([base[1], other[1]], labels=[("A", "*a-*"), ("B", "*b-*")], n_boot=50)
+    assert single.comparisons[0].metrics["ndcg@5"].seeds_ahead == "0/1"
 
 
 def test_labels_baseline_and_single_run(study, tmp_path):
