@@ -95,6 +95,7 @@ def tabulate(study_dir: Path, n_boot: int = 2000) -> list[dict]:
             row[f"{m}_diff"] = d.diff if d else math.nan
             row[f"{m}_ci_low"] = d.ci_low if d else math.nan
             row[f"{m}_ci_high"] = d.ci_high if d else math.nan
+            row[f"{m}_seeds_ahead"] = d.seeds_ahead if d else ""
         row["best_epoch_mean"], row["best_epoch_std"] = _mean_std([r["best_epoch"] for r in fin])
         row["wall_seconds_mean"], row["wall_seconds_std"] = _mean_std([r["wall_seconds"] for r in fin])
         row["train_seconds_mean"], _ = _mean_std([r["train_seconds"] for r in fin])
@@ -122,6 +123,7 @@ def markdown(plan: dict, rows: list[dict], comparison, notes: list[str]) -> str:
             star = " *" if r[f"{m0}_ci_low"] > 0 or r[f"{m0}_ci_high"] < 0 else ""
             rel = f"{100 * r[f'{m0}_rel_change']:+.2f}%" if math.isfinite(r[f"{m0}_rel_change"]) else "n/a"
             ci = f"{r[f'{m0}_diff']:+.4f} [{r[f'{m0}_ci_low']:+.4f}, {r[f'{m0}_ci_high']:+.4f}]{star}"
+            ci += f", ahead in {r[f'{m0}_seeds_ahead']} seeds" if r[f"{m0}_seeds_ahead"] else ""
         cells = [r["setting"], r["runs"]] + [_fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in METRICS]
         cells += [rel, ci, _fmt(r["best_epoch_mean"], r["best_epoch_std"], 1),
                   _fmt(r["wall_seconds_mean"], math.nan, 0)]
@@ -130,7 +132,8 @@ def markdown(plan: dict, rows: list[dict], comparison, notes: list[str]) -> str:
     out = [f"# Study {plan['name']} ({plan['study']})", "",
            f"Test metrics over seeds per setting; Δ = relative change of the seed mean vs the baseline; "
            f"diff = mean per-user difference in {metric_label(m0)} with its paired-bootstrap 95% CI over "
-           f"{n_users} test users (B={comparison.n_boot if comparison else 0}); * = CI excludes 0. "
+           f"{n_users} test users (B={comparison.n_boot if comparison else 0}); * = CI excludes 0; ahead in "
+           "k/n seeds = the setting's run beats the baseline's run of the same seed on k of the n seeds both ran. "
            "`runs` = finished / planned.", "", *lines, ""]
     failed = [r for r in rows if r["failed"]]
     if failed:

@@ -169,6 +169,9 @@ def test_report_tables_and_figures_from_run_folders(tmp_path):
     assert made["rows"][-1]["runs"] == "1/2" and "boom" in made["rows"][-1]["failed"]
     md = (tmp_path / "study.md").read_text()
     assert "k1=4 = default" in md and "seed 2: failed" in md
+    ahead = {r["setting"]: r["ndcg@5_seeds_ahead"] for r in made["rows"]}
+    assert ahead["default"] == "" and ahead["k1=2"] in {"0/2", "1/2", "2/2"} and ahead["k1=12"] in {"0/1", "1/1"}
+    assert f"ahead in {ahead['k1=2']} seeds" in md                    # the seed pairing beside the CI
     names = {Path(f).name for f in made["figures"]}
     assert {"fig4.png", "bars.png", "curves_default.png", "routing_default.png"} <= names
     for f in made["figures"]:
