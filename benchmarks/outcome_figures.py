@@ -3,6 +3,8 @@
     python benchmarks/outcome_figures.py --runs outputs/studies/beauty-outcomes-s2020/runs \
         --curves docs/figures/beauty_valid_ndcg5.png --routing hm4sr__seed2020 \
         --routing-out docs/figures/beauty_hm4sr_routing.png --recbole-reference
+    python benchmarks/outcome_figures.py --runs outputs/studies/beauty-outcomes/runs \
+        --seed-bands docs/figures/beauty_valid_ndcg5_seeds.png --recbole-reference
 
 Each run folder holds the `results.json` a study writes (its `history` has one row per epoch, its
 `diagnostics` the last validation pass's MoE routing). `--recbole-reference` adds RecBole 1.2.1's
@@ -55,6 +57,43 @@ def plot_curves(runs: dict[str, dict], out: Path, metric: str, recbole: bool) ->
     print(f"wrote {out}")
 
 
+def plot_seed_bands(runs: dict[str, dict], out: Path, metric: str, recbole: bool, title: str) -> None:
+    """One line per setting (run folders `<setting>__seed<seed>`): the mean over its seeds per epoch
+    while every seed still trains, a band from the lowest to the highest seed, and each seed's best
+    epoch as a dot."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    groups: dict[str, list[dict]] = {}
+    for name, result in runs.items():
+        groups.setdefault(name.split("__seed")[0], []).append(result)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
+    for setting, results in groups.items():
+        curves = [[h[metric] for h in (r.get("history") or []) if metric in h] for r in results]
+        n = min(len(c) for c in curves)
+        if n == 0:
+            continue
+        stack = np.array([c[:n] for c in curves])
+        best = [r["best_valid"] for r in results]
+        line, = ax.plot(range(n), stack.mean(0), label=f"{setting}: {len(results)} seed{'s' if len(results) > 1 else ''}, best "
+                                                         f"{np.mean(best):.4f} ± {np.std(best, ddof=1) if len(best) > 1 else 0:.4f}")
+        ax.fill_between(range(n), stack.min(0), stack.max(0), color=line.get_color(), alpha=0.2)
+        ax.plot([r["best_epoch"] for r in results], best, "o", color=line.get_color(), markersize=4)
+    if recbole:
+        ax.plot(range(len(RECBOLE_SASREC_BEAUTY)), RECBOLE_SASREC_BEAUTY, "k--", marker="x",
+                label="RecBole 1.2.1 SASRec (reference, epochs 0-7)")
+    ax.set_xlabel("epoch (mean over seeds until the first seed stops; dots: each seed's best)")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    print(f"wrote {out}")
+
+
 def plot_routing(result: dict, out: Path, title: str) -> None:
     from hm4sr_dist.diagnostics import routing_figure
 
@@ -71,6 +110,8 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, required=True, help="folder of run folders with results.json")
     ap.add_argument("--curves", type=Path, help="PNG of the validation curves")
     ap.add_argument("--metric", default="valid/ndcg@5")
+    ap.add_argument("--seed-bands", type=Path, help="PNG: per setting, the mean curve over seeds with a min-max band")
+    ap.add_argument("--title", default="Beauty (IDs + time): validation NDCG@5, to early stopping")
     ap.add_argument("--recbole-reference", action="store_true")
     ap.add_argument("--routing", help="run folder name whose routing heatmap to draw")
     ap.add_argument("--routing-out", type=Path)
@@ -78,6 +119,8 @@ def main() -> None:
     runs = load_runs(args.runs)
     if args.curves:
         plot_curves(runs, args.curves, args.metric, args.recbole_reference)
+    if args.seed_bands:
+        plot_seed_bands(runs, args.seed_bands, args.metric, args.recbole_reference, args.title)
     if args.routing:
         if args.routing not in runs:
             raise SystemExit(f"error: --routing: {args.routing} not among {sorted(runs)}")

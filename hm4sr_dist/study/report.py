@@ -112,7 +112,7 @@ def tabulate(study_dir: Path, n_boot: int = 2000) -> list[dict]:
 def markdown(plan: dict, rows: list[dict], comparison, notes: list[str]) -> str:
     m0 = METRICS[0]
     heads = (["setting", "runs"] + [f"{metric_label(m)} (mean ± std)" for m in METRICS] +
-             [f"Δ{metric_label(m0)} vs baseline", "diff [95% CI]", "best epoch", "wall s"])
+             [f"Δ{metric_label(m0)} vs baseline", "diff [95% CI]", "best epoch", "train min"])
     lines = ["| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
     for r in rows:
         if r["baseline"]:
@@ -126,14 +126,16 @@ def markdown(plan: dict, rows: list[dict], comparison, notes: list[str]) -> str:
             ci += f", ahead in {r[f'{m0}_seeds_ahead']} seeds" if r[f"{m0}_seeds_ahead"] else ""
         cells = [r["setting"], r["runs"]] + [_fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in METRICS]
         cells += [rel, ci, _fmt(r["best_epoch_mean"], r["best_epoch_std"], 1),
-                  _fmt(r["wall_seconds_mean"], math.nan, 0)]
+                  _fmt(r["train_seconds_mean"] / 60, math.nan, 1)]
         lines.append("| " + " | ".join(cells) + " |")
     n_users = comparison.settings[0].n_users if comparison else 0
     out = [f"# Study {plan['name']} ({plan['study']})", "",
            f"Test metrics over seeds per setting; Δ = relative change of the seed mean vs the baseline; "
            f"diff = mean per-user difference in {metric_label(m0)} with its paired-bootstrap 95% CI over "
            f"{n_users} test users (B={comparison.n_boot if comparison else 0}); * = CI excludes 0; ahead in "
-           "k/n seeds = the setting's run beats the baseline's run of the same seed on k of the n seeds both ran. "
+           "k/n seeds = the setting's run beats the baseline's run of the same seed on k of the n seeds both ran; "
+           "train min = mean over seeds of a run's training epochs, summed over its resumes (validation passes "
+           "not included; wall_seconds in study.csv is the last start of each trial only). "
            "`runs` = finished / planned.", "", *lines, ""]
     failed = [r for r in rows if r["failed"]]
     if failed:
