@@ -52,45 +52,58 @@ def head_processes(temp: str, session: int | None) -> set[int]:
     return head | descendants(head, table)
 
 
+def start_head(temp: str, env: dict) -> tuple[subprocess.Popen, str, int]:
+    """`ray start --head` on free ports with RAY_TMPDIR=temp: (process, its stderr, dashboard port)."""
+    port, dashboard = free_port(), free_port()
+    # Free ports for every agent service too: another Ray on this machine (a local ray.init)
+    # may hold the fixed defaults, and then this head's job agent never comes up.
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                   f"--ray-client-server-port={free_port()}"]
+    # `ray start` leads a new session: the daemons it leaves behind keep that session id, which
+    # no other process can take while one of them lives.
+    start = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
+         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
+         "--include-dashboard=true", f"--temp-dir={temp}", *agent_ports],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        _, stderr = start.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        start.kill()
+        start.communicate()
+        raise
+    return start, stderr, dashboard
+
+
 @pytest.fixture
 def ray_head():
     """A Ray head of our own, stopped without touching any other Ray on the machine (`ray stop`
     would kill every Ray process of the user, other runs included)."""
-    temp = tempfile.mkdtemp(prefix="rj")       # short: Ray's socket paths must stay under 107 bytes
-    # Ray 2.60 turns token auth on for a new head; the CLI must then send the token too.
-    env = os.environ | {"RAY_TMPDIR": temp, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    port, dashboard = free_port(), free_port()
-    session = None
+    started = []                               # (temp folder, session) of every attempt, for cleanup
     try:
-        # Free ports for every agent service too: another Ray on this machine (a local ray.init)
-        # may hold the fixed defaults, and then this head's job agent never comes up.
-        agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                       f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-                       f"--ray-client-server-port={free_port()}"]
-        # `ray start` leads a new session: the daemons it leaves behind keep that session id, which
-        # no other process can take while one of them lives.
-        start = subprocess.Popen(
-            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
-             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
-             "--include-dashboard=true", f"--temp-dir={temp}", *agent_ports],
-            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True)
-        session = start.pid
-        try:
-            _, stderr = start.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            start.kill()
-            start.communicate()
-            raise
+        for attempt in range(2):
+            temp = tempfile.mkdtemp(prefix="rj")   # short: Ray's socket paths must stay under 107 bytes
+            # Ray 2.60 turns token auth on for a new head; the CLI must then send the token too.
+            env = os.environ | {"RAY_TMPDIR": temp, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+            env.pop("RAY_ADDRESS", None)
+            start, stderr, dashboard = start_head(temp, env)
+            started.append((temp, start.pid))
+            # On a loaded machine the raylet can miss Ray's fixed 30 s registration window ("The
+            # current node timed out during startup"): one more try on new ports and a new folder.
+            if start.returncode == 0 or "timed out during startup" not in stderr or attempt == 1:
+                break
+            terminate(head_processes(temp, start.pid), process_table(), grace=5)
         assert start.returncode == 0, stderr[-3000:]
         yield env, f"http://127.0.0.1:{dashboard}"
     finally:
         # SIGTERM, then SIGKILL after a grace period, as `ray stop` does but for this head only:
         # on SIGTERM gcs_server hangs for good flushing events to its metrics agent, which has
         # just been stopped too; SIGTERM alone left it running.
-        terminate(head_processes(temp, session), process_table(), grace=5)
-        shutil.rmtree(temp, ignore_errors=True)
+        for temp, session in started:
+            terminate(head_processes(temp, session), process_table(), grace=5)
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_submitted_home_job_writes_results_and_events(ray_head, tmp_path):
