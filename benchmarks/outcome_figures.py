@@ -43,18 +43,8 @@ def plot_curves(runs: dict[str, dict], out: Path, metric: str, recbole: bool) ->
         line, = ax.plot(epochs, values, marker=".", label=f"{name} (best {result['best_valid']:.4f} "
                                                             f"@ {result['best_epoch']})")
         ax.axvline(result["best_epoch"], color=line.get_color(), alpha=0.25, linestyle=":")
-    if recbole:
-        ax.plot(range(len(RECBOLE_SASREC_BEAUTY)), RECBOLE_SASREC_BEAUTY, "k--", marker="x",
-                label="RecBole 1.2.1 SASRec (reference, epochs 0-7)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(metric)
-    ax.set_title("Beauty (IDs + time): validation curves to early stopping (patience 10)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    print(f"wrote {out}")
+    _finish(fig, ax, out, metric, recbole, "epoch",
+            "Beauty (IDs + time): validation curves to early stopping (patience 10)")
 
 
 def plot_seed_bands(runs: dict[str, dict], out: Path, metric: str, recbole: bool, title: str) -> None:
@@ -80,10 +70,16 @@ def plot_seed_bands(runs: dict[str, dict], out: Path, metric: str, recbole: bool
                                                          f"{np.mean(best):.4f} ± {np.std(best, ddof=1) if len(best) > 1 else 0:.4f}")
         ax.fill_between(range(n), stack.min(0), stack.max(0), color=line.get_color(), alpha=0.2)
         ax.plot([r["best_epoch"] for r in results], best, "o", color=line.get_color(), markersize=4)
+    _finish(fig, ax, out, metric, recbole,
+            "epoch (mean over seeds until the first seed stops; dots: each seed's best)", title)
+
+
+def _finish(fig, ax, out: Path, metric: str, recbole: bool, xlabel: str, title: str) -> None:
+    """The RecBole reference line (optional), labels, legend, and the PNG."""
     if recbole:
         ax.plot(range(len(RECBOLE_SASREC_BEAUTY)), RECBOLE_SASREC_BEAUTY, "k--", marker="x",
                 label="RecBole 1.2.1 SASRec (reference, epochs 0-7)")
-    ax.set_xlabel("epoch (mean over seeds until the first seed stops; dots: each seed's best)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.set_title(title)
     ax.grid(alpha=0.3)
