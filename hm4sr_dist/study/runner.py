@@ -34,7 +34,7 @@ import ray.tune
 
 from hm4sr_dist.study.plan import StudyPlan
 from hm4sr_dist.train.launcher import ensure_ray, storage_root
-from hm4sr_dist.tune.resources import check_trials_fit, fit_concurrency
+from hm4sr_dist.tune.resources import fit_concurrency
 from hm4sr_dist.tune.stop import clear_stop, stop_file
 
 EXIT_AFTER_ENV = "HM4SR_STUDY_EXIT_AFTER"      # test hook: the driver exits (code 75) after N trials
@@ -194,7 +194,6 @@ def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, tria
     base = plan.trials[0].config
     ensure_ray()
     shapes = [(t.config["train"]["num_workers"], t.config["train"]["cpus_per_worker"]) for t in plan.trials]
-    check_trials_fit(shapes, trial_cpus)
     max_concurrent, note = fit_concurrency(max_concurrent, shapes, trial_cpus)
     if note:
         print(f"note: {note}", flush=True)

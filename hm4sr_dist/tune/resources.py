@@ -42,12 +42,14 @@ def check_trials_fit(worker_shapes: Iterable[tuple[int, float]], trial_cpus: flo
 
 def fit_concurrency(max_concurrent: int, worker_shapes: Iterable[tuple[int, float]], trial_cpus: float,
                     cluster: dict | None = None) -> tuple[int, str | None]:
-    """(trials to run at once, a note when that is fewer than `max_concurrent`). The largest
-    trial's driver plus workers sets how many fit the cluster's CPUs together; GPU clusters are
-    not capped (see `check_trials_fit`)."""
+    """(trials to run at once, a note when that is fewer than `max_concurrent`), after
+    `check_trials_fit` (one trial must fit at all). The largest trial's driver plus workers sets
+    how many fit the cluster's CPUs together; GPU clusters are not capped."""
+    worker_shapes = list(worker_shapes)
     if cluster is None:
         import ray
         cluster = ray.cluster_resources()
+    check_trials_fit(worker_shapes, trial_cpus, cluster)
     have = cluster.get("CPU", 0)
     need = max(trial_cpus + n * c for n, c in worker_shapes)
     if cluster.get("GPU", 0) or need <= 0:

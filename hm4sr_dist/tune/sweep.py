@@ -25,7 +25,7 @@ import ray.tune
 from hm4sr_dist.config import ExperimentConfig, from_dict, to_dict
 from hm4sr_dist.feasibility import DataOffer
 from hm4sr_dist.train.launcher import ensure_ray, storage_root
-from hm4sr_dist.tune.resources import check_trials_fit, fit_concurrency
+from hm4sr_dist.tune.resources import fit_concurrency
 from hm4sr_dist.tune.space import trial_run_name
 from hm4sr_dist.tune.trial import OVERRIDES, hm4sr_trial, trial_overrides
 
@@ -59,7 +59,6 @@ def run_sweep(base: ExperimentConfig, sweep: str, *, trials: Sequence[Mapping] |
     base = from_base(base)
     ensure_ray()
     shapes = worker_shapes(base, trials, grid)
-    check_trials_fit(shapes, trial_cpus)
     max_concurrent, note = fit_concurrency(max_concurrent, shapes, trial_cpus)
     if note:
         print(f"note: {note}", flush=True)
