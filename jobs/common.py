@@ -196,7 +196,7 @@ def run_plan(plan: JobPlan) -> dict:
     """Start Ray, prepare the data, fit the config to it, train, write results.json."""
     import shutil
 
-    from hm4sr_dist.train.launcher import ensure_ray, run_training
+    from hm4sr_dist.train.launcher import ensure_ray, run_training, trained_by
     from hm4sr_dist.train.monitor import say
     from hm4sr_dist.train.worker import PER_USER_FILE
 
@@ -221,6 +221,7 @@ def run_plan(plan: JobPlan) -> dict:
                           "counts": manifest.get("counts", {})},
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "notes": notes,
+        **trained_by(cfg),
         "config": to_dict(cfg),
     }
     out = Path(args.output or Path("outputs") / (cfg.train.run_name or cfg.name))

@@ -23,6 +23,7 @@ import numpy as np
 
 from hm4sr_dist.compare import CompareError, compare, load_run, metric_label
 from hm4sr_dist.study.plan import slug
+from hm4sr_dist.train.code_version import describe
 
 METRICS = ("ndcg@5", "ndcg@10", "mrr@10")
 
@@ -77,6 +78,7 @@ def tabulate(study_dir: Path, n_boot: int = 2000) -> list[dict]:
                                  n_boot=n_boot)
         except CompareError as exc:
             notes.append(f"no paired comparison: {exc}")
+    notes += code_versions_note(status, runs)
     rows = []
     for lab in labels:
         mine = [r for r in status if r["setting"] == lab]
@@ -107,6 +109,24 @@ def tabulate(study_dir: Path, n_boot: int = 2000) -> list[dict]:
                      for r in rows])
     (study_dir / "study.md").write_text(markdown(plan, rows, comparison, notes))
     return rows
+
+
+def code_versions_note(status: list[dict], runs: dict) -> list[str]:
+    """One note when the finished runs were trained by more than one code version (`code_version`:
+    a re-run study reuses finished runs by config, whatever code trained them), naming which runs
+    each version trained; none when all agree."""
+    by_version: dict[str, list[str]] = {}
+    for row in status:
+        run = runs.get(row["run"])
+        if run is None:
+            continue
+        versions = [*run.results.get("code_history", []), run.results.get("code")]
+        for v in dict.fromkeys(describe(v) for v in versions):
+            by_version.setdefault(v, []).append(f"{row['setting']} seed {row['seed']}")
+    if len(by_version) < 2:
+        return []
+    parts = "; ".join(f"{v}: {', '.join(names)}" for v, names in by_version.items())
+    return [f"runs trained by {len(by_version)} code versions (a resumed run may list two): {parts}"]
 
 
 def markdown(plan: dict, rows: list[dict], comparison, notes: list[str]) -> str:

@@ -33,6 +33,7 @@ from pathlib import Path
 import ray.tune
 
 from hm4sr_dist.study.plan import StudyPlan
+from hm4sr_dist.train.code_version import code_version, describe
 from hm4sr_dist.train.launcher import ensure_ray, storage_root
 from hm4sr_dist.tune.resources import fit_concurrency
 from hm4sr_dist.tune.stop import clear_stop, stop_file
@@ -81,7 +82,7 @@ def _history(folder: Path) -> list[dict]:
 
 
 def write_run_folder(run_dir: Path, result, trial: dict, config: dict, plan_info: dict,
-                     wall_seconds: float) -> dict:
+                     wall_seconds: float, code: dict | None = None) -> dict:
     """results.json + per_user_test.npz of one finished trial, from the Train run's final checkpoint;
     for a trial stopped early, stopped.json alone (with `stopped_by`, `epochs_run`, `epochs`)."""
     if result.checkpoint is None:
@@ -108,6 +109,7 @@ def write_run_folder(run_dir: Path, result, trial: dict, config: dict, plan_info
         "history": history,
         "data_manifest": {"path": config["data"]["prepared_dir"], "fingerprint": plan_info["fingerprint"]},
         "checkpoint": result.checkpoint.path,
+        **(code or {"code": None, "code_history": []}),     # which code trained it (code_version)
         "config": config,
     }
     if stopped:    # its test metrics are of an under-trained run: kept for reading, out of the tables
@@ -138,14 +140,15 @@ def _report_callback(valid_key: str):
 def study_trial(config: dict, *, configs: dict, study_dir: str, plan_info: dict) -> None:
     """The Tune trainable: one Ray Train run of the trial's resolved config (`configs[key]`)."""
     from hm4sr_dist.config import ExperimentConfig, from_dict
-    from hm4sr_dist.train.launcher import build_trainer
+    from hm4sr_dist.train.launcher import build_trainer, trained_by
 
     trial, folder = config["trial"], Path(study_dir)
     valid_key = f"valid/{configs[trial['key']]['eval']['valid_metric']}"
     run_dir = folder / "runs" / trial["run"]
     done = finished_run(run_dir, trial["key"])
     if done is not None:                      # finished before (a restored or re-run study)
-        _log(folder, event="skip", key=trial["key"], run=trial["run"])
+        _log(folder, event="skip", key=trial["key"], run=trial["run"],
+             trained_by=describe(done.get("code")), current_code=describe(code_version()))
         ray.tune.report({"best_valid": done.get("best_valid"), valid_key: done.get("best_valid"),
                          "best_epoch": done.get("best_epoch"),
                          **{f"test/{k}": v for k, v in done["test"].items()}, "finished": True,
@@ -158,7 +161,7 @@ def study_trial(config: dict, *, configs: dict, study_dir: str, plan_info: dict)
     clear_stop(stop_file(storage_root(cfg), cfg.train.run_name))   # a request meant an earlier trial
     result = trainer.fit()
     summary = write_run_folder(run_dir, result, trial, configs[trial["key"]], plan_info,
-                               time.time() - started)
+                               time.time() - started, code=trained_by(cfg))
     _log(folder, event="stopped" if summary.get("status") == "stopped" else "end", key=trial["key"],
          run=trial["run"], seconds=time.time() - started, epochs_run=summary.get("epochs_run"))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import sys
 
 from hm4sr_dist.config import ConfigError, ExperimentConfig, flatten, to_dict
 
@@ -114,11 +115,16 @@ def write_identity(run_dir: str, identity: dict) -> None:
         stream.write(json.dumps(identity, indent=2, sort_keys=True, default=str).encode())
 
 
-def check_or_record(run_dir: str, identity: dict, allow_change: bool = False) -> str:
+def check_or_record(run_dir: str, identity: dict, allow_change: bool = False,
+                    code: dict | None = None) -> str:
     """Record the identity of a new run, accept a matching one; raise on a clash.
 
+    With `code` (`code_version.code_version()`), also record which code trains the run: a resume by
+    other code prints one line naming both versions and is listed in the file's `code_history`.
     Returns "new", "same" or "changed" (a clash accepted with `allow_change`)."""
     stored = read_identity(run_dir)
+    if code is not None:
+        identity = _with_code(run_dir, identity, stored, code)
     if stored is None:
         if _has_run(run_dir) and not allow_change:
             raise RunIdentityError(
@@ -128,6 +134,8 @@ def check_or_record(run_dir: str, identity: dict, allow_change: bool = False) ->
         write_identity(run_dir, identity)
         return "new"
     if stored["hash"] == identity["hash"]:
+        if identity.get("code_history") != stored.get("code_history") or "code" not in stored:
+            write_identity(run_dir, identity)
         return "same"
     diff = differences(stored["config"], identity["config"], defaults=default_identity_config())
     if not diff:            # only keys added since the run started, at their defaults: the same run
@@ -141,3 +149,17 @@ def check_or_record(run_dir: str, identity: dict, allow_change: bool = False) ->
             f"train.allow_config_change=true")
     write_identity(run_dir, identity | {"previous": stored})
     return "changed"
+
+
+def _with_code(run_dir: str, identity: dict, stored: dict | None, code: dict) -> dict:
+    """`identity` with this code version, and the versions that trained the stored run before."""
+    from hm4sr_dist.train.code_version import describe
+
+    history = list((stored or {}).get("code_history", []))
+    before = (stored or {}).get("code")
+    if stored is not None and (before or {}).get("fingerprint") != code.get("fingerprint"):
+        print(f"{run_dir}: resuming a run trained so far by code {describe(before)}; epochs from "
+              f"here on are trained by code {describe(code)} (run_identity.json lists both under "
+              f"code and code_history)", file=sys.stderr, flush=True)
+        history.append(before)
+    return {**identity, "code": code, **({"code_history": history} if history else {})}

@@ -19,7 +19,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from hm4sr_dist.config import ExperimentConfig, to_dict
 from hm4sr_dist.data.manifest import read_manifest
-from hm4sr_dist.train.identity import check_or_record, run_identity
+from hm4sr_dist.train.code_version import code_version
+from hm4sr_dist.train.identity import check_or_record, read_identity, run_identity
 from hm4sr_dist.train.worker import train_loop_per_worker
 
 
@@ -38,6 +39,19 @@ def storage_root(cfg: ExperimentConfig) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+def run_folder(cfg: ExperimentConfig) -> str:
+    """The Train run's folder (local path or URI) under the storage path, once `train.run_name` is set."""
+    storage = storage_root(cfg)
+    name = cfg.train.run_name
+    return f"{storage.rstrip('/')}/{name}" if "://" in storage else os.path.join(storage, name)
+
+
+def trained_by(cfg: ExperimentConfig) -> dict:
+    """`{"code": ..., "code_history": [...]}` of the run (`code_version`), for its results.json."""
+    stored = read_identity(run_folder(cfg)) or {}
+    return {"code": stored.get("code"), "code_history": stored.get("code_history", [])}
+
+
 def build_trainer(cfg: ExperimentConfig, callbacks: list | None = None) -> TorchTrainer:
     """The TorchTrainer for one run, with optional extra Train `UserCallback`s (a Tune trial adds its
     report callback). `cfg.data.prepared_dir` must already be absolute: a Tune trial runs in its own
@@ -46,8 +60,8 @@ def build_trainer(cfg: ExperimentConfig, callbacks: list | None = None) -> Torch
     identity = run_identity(cfg, read_manifest(cfg.data.prepared_dir).get("fingerprint"))
     name = cfg.train.run_name = cfg.train.run_name or f"{cfg.name}-{identity['hash'][:8]}"
     storage = storage_root(cfg)
-    run_dir = f"{storage.rstrip('/')}/{name}" if "://" in storage else os.path.join(storage, name)
-    check_or_record(run_dir, identity, allow_change=cfg.train.allow_config_change)
+    check_or_record(run_folder(cfg), identity, allow_change=cfg.train.allow_config_change,
+                    code=code_version())
     ensure_ray()
     use_gpu = {"auto": cluster_has_gpus(), "true": True, "false": False}[cfg.train.use_gpu]
     return TorchTrainer(
@@ -55,7 +69,7 @@ def build_trainer(cfg: ExperimentConfig, callbacks: list | None = None) -> Torch
         # Workers write TensorBoard and markers into a local folder: the run folder, or for a URI
         # storage a local one of the same name (Ray Train uploads checkpoints itself).
         train_loop_config={"config": to_dict(cfg),
-                           "run_dir": os.path.join("outputs", name) if "://" in storage else run_dir},
+                           "run_dir": os.path.join("outputs", name) if "://" in storage else run_folder(cfg)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from data_pipelines.demo import generate_demo
+from hm4sr_dist.train.code_version import fingerprint
 from suite_guards import descendants, process_table, processes_with_env, terminate
 
 pytestmark = pytest.mark.slow
@@ -126,6 +127,7 @@ def test_submitted_home_job_writes_results_and_events(ray_head, tmp_path):
     assert results["test"]["count"] == 60 and 0 < results["test"]["ndcg@10"] <= 1
     assert results["config"]["model"]["modalities"] == ["id", "text", "image"]
     assert results["data_manifest"]["fingerprint"]
+    assert results["code"]["fingerprint"] == fingerprint()       # the uploaded copy of this code
     assert list((storage / "home-job" / "tensorboard").glob("events.out.tfevents.*"))
     logs = submitted.stdout + submitted.stderr
     assert "epoch 1 done" in logs, logs[-3000:]                  # progress reaches the job's log

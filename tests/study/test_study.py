@@ -15,6 +15,7 @@ import pytest
 from hm4sr_dist.config import ConfigError, command_line_keys, load_tracked
 from hm4sr_dist.feasibility import DataOffer, resolve
 from hm4sr_dist.study.plan import parse_setting, plan_study
+from hm4sr_dist.train.code_version import fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model.hidden_size=8", "model.inner_size=16", "model.max_seq_len=12", "model.n_layers=1",
@@ -93,6 +94,8 @@ def test_study_is_killed_resumed_and_tabulated(prepared_sequences, local_ray, tm
     events = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     first = [e for e in events if e["event"] == "end"]
     assert len(first) == 1 and (out / "runs" / first[0]["run"] / "results.json").is_file()
+    trained = json.loads((out / "runs" / first[0]["run"] / "results.json").read_text())
+    assert trained["code"]["fingerprint"] == fingerprint() and trained["code_history"] == []
     assert not (out / "study.md").exists()
 
     # 2. the same command again: the Tune experiment is restored, the finished trial is not re-run

@@ -1,0 +1,93 @@
+"""Which code trained a run: the source fingerprint, its record beside the run identity, the line a
+resume by other code prints, and the study table's note when runs come from several code versions."""
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from hm4sr_dist.compare import Run
+from hm4sr_dist.config import load_config
+from hm4sr_dist.study.report import code_versions_note
+from hm4sr_dist.train.code_version import code_version, describe, fingerprint
+from hm4sr_dist.train.identity import check_or_record, read_identity, run_identity
+
+
+def _package(root: Path) -> Path:
+    pkg = root / "pkg"
+    for rel, text in {"__init__.py": "", "model/enc.py": "X = 1\n", "study/report.py": "Y = 1\n",
+                      "compare.py": "Z = 1\n"}.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    return pkg
+
+
+def test_fingerprint_follows_computing_code_only(tmp_path):
+    pkg = _package(tmp_path)
+    before = fingerprint(pkg)
+    (pkg / "study" / "report.py").write_text("Y = 2\n")          # reporting: same computation
+    (pkg / "compare.py").write_text("Z = 2\n")
+    assert fingerprint(pkg) == before
+    (pkg / "model" / "enc.py").write_text("X = 2\n")             # the model: another computation
+    changed = fingerprint(pkg)
+    assert changed != before and len(changed) == 12
+    (pkg / "model" / "enc.py").rename(pkg / "model" / "moved.py")  # a rename counts too
+    assert fingerprint(pkg) != changed
+
+
+def test_git_commit_and_modified_flag(tmp_path):
+    pkg = _package(tmp_path)
+    outside = code_version(pkg)
+    assert outside["git"] is None and outside["dirty"] is None
+    assert describe(outside) == outside["fingerprint"]
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    code_version.cache_clear()
+    clean = code_version(pkg)
+    assert clean["git"] and clean["dirty"] is False and f"(git {clean['git']})" in describe(clean)
+    (pkg / "model" / "enc.py").write_text("X = 3\n")
+    code_version.cache_clear()
+    assert code_version(pkg)["dirty"] is True and "modified" in describe(code_version(pkg))
+    code_version.cache_clear()
+    assert describe(None) == describe({}) == "an unrecorded version"
+
+
+def test_identity_records_the_code_and_a_resume_by_other_code_says_so(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    ident = run_identity(load_config("configs/hm4sr_paper.yaml", []), "data")
+    old = {"fingerprint": "aaaaaaaaaaaa", "git": None, "dirty": None}
+    new = {"fingerprint": "bbbbbbbbbbbb", "git": "0123456789ab", "dirty": False}
+    assert check_or_record(run_dir, ident, code=old) == "new"
+    assert read_identity(run_dir)["code"] == old
+    assert check_or_record(run_dir, ident, code=old) == "same"
+    assert capsys.readouterr().err == ""                        # same code: nothing to say
+    assert check_or_record(run_dir, ident, code=new) == "same"   # other code: resumed, and said
+    err = capsys.readouterr().err
+    assert run_dir in err and "aaaaaaaaaaaa" in err and "bbbbbbbbbbbb (git 0123456789ab)" in err
+    stored = read_identity(run_dir)
+    assert stored["code"] == new and stored["code_history"] == [old]
+    assert stored["hash"] == ident["hash"]                       # the identity itself is unchanged
+
+
+def _run(tmp_path: Path, name: str, code, history=()) -> Run:
+    results = {"config": {}, "code": code, "code_history": list(history)}
+    return Run(tmp_path / name, results, np.arange(3), np.zeros(3, dtype=np.int64))
+
+
+def test_study_note_names_each_code_version_and_its_runs(tmp_path):
+    a = {"fingerprint": "aaaaaaaaaaaa"}
+    b = {"fingerprint": "bbbbbbbbbbbb"}
+    status = [{"run": "x__seed1", "setting": "x", "seed": 1}, {"run": "y__seed1", "setting": "y", "seed": 1},
+              {"run": "y__seed2", "setting": "y", "seed": 2}]
+    same = {"x__seed1": _run(tmp_path, "1", a), "y__seed1": _run(tmp_path, "2", a)}
+    assert code_versions_note(status, same) == []
+    legacy = {"x__seed1": _run(tmp_path, "1", None), "y__seed1": _run(tmp_path, "2", None)}
+    assert code_versions_note(status, legacy) == []              # all from before versions were kept
+    mixed = {"x__seed1": _run(tmp_path, "1", a), "y__seed1": _run(tmp_path, "2", b, [a]),
+             "y__seed2": _run(tmp_path, "3", None)}
+    (note,) = code_versions_note(status, mixed)
+    assert note.startswith("runs trained by 3 code versions")
+    assert "aaaaaaaaaaaa: x seed 1, y seed 1" in note and "bbbbbbbbbbbb: y seed 1" in note
+    assert "an unrecorded version: y seed 2" in note
