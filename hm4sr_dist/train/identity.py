@@ -80,7 +80,7 @@ def differences(stored: dict, current: dict, defaults: dict | None = None) -> li
     return [f"{k}: {old(k)!r} -> {new(k)!r}" for k in keys if old(k) != new(k)]
 
 
-def _filesystem(run_dir: str):
+def run_filesystem(run_dir: str):
     """(pyarrow filesystem, path inside it) for a local folder or a URI (s3://, gs://, file://)."""
     import pyarrow.fs as pafs
     if "://" in run_dir:
@@ -90,7 +90,7 @@ def _filesystem(run_dir: str):
 
 def read_identity(run_dir: str) -> dict | None:
     import pyarrow.fs as pafs
-    fs, path = _filesystem(run_dir)
+    fs, path = run_filesystem(run_dir)
     file = posixpath.join(path, IDENTITY_FILE)
     if fs.get_file_info(file).type == pafs.FileType.NotFound:
         return None
@@ -100,7 +100,7 @@ def read_identity(run_dir: str) -> dict | None:
 
 def _has_run(run_dir: str) -> bool:
     import pyarrow.fs as pafs
-    fs, path = _filesystem(run_dir)
+    fs, path = run_filesystem(run_dir)
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.Directory:
         return False
@@ -109,7 +109,7 @@ def _has_run(run_dir: str) -> bool:
 
 
 def write_identity(run_dir: str, identity: dict) -> None:
-    fs, path = _filesystem(run_dir)
+    fs, path = run_filesystem(run_dir)
     fs.create_dir(path, recursive=True)
     with fs.open_output_stream(posixpath.join(path, IDENTITY_FILE)) as stream:
         stream.write(json.dumps(identity, indent=2, sort_keys=True, default=str).encode())

@@ -17,10 +17,11 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from hm4sr_dist.config import ExperimentConfig, to_dict
+from hm4sr_dist.config import ConfigError, ExperimentConfig, to_dict
 from hm4sr_dist.data.manifest import read_manifest
 from hm4sr_dist.train.code_version import code_version
 from hm4sr_dist.train.identity import check_or_record, read_identity, run_identity
+from hm4sr_dist.train.state import epoch_cap_error, stored_train_state
 from hm4sr_dist.train.worker import train_loop_per_worker
 
 
@@ -52,6 +53,13 @@ def trained_by(cfg: ExperimentConfig) -> dict:
     return {"code": stored.get("code"), "code_history": stored.get("code_history", [])}
 
 
+def check_epoch_cap(cfg: ExperimentConfig) -> None:
+    """Refuse a too-short epoch cap before Ray starts (the worker checks again on resume)."""
+    message = epoch_cap_error(cfg, stored_train_state(run_folder(cfg)))
+    if message:
+        raise ConfigError(message)
+
+
 def build_trainer(cfg: ExperimentConfig, callbacks: list | None = None) -> TorchTrainer:
     """The TorchTrainer for one run, with optional extra Train `UserCallback`s (a Tune trial adds its
     report callback). `cfg.data.prepared_dir` must already be absolute: a Tune trial runs in its own
@@ -62,6 +70,7 @@ def build_trainer(cfg: ExperimentConfig, callbacks: list | None = None) -> Torch
     storage = storage_root(cfg)
     check_or_record(run_folder(cfg), identity, allow_change=cfg.train.allow_config_change,
                     code=code_version())
+    check_epoch_cap(cfg)
     ensure_ray()
     use_gpu = {"auto": cluster_has_gpus(), "true": True, "false": False}[cfg.train.use_gpu]
     return TorchTrainer(

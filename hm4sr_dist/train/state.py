@@ -108,3 +108,37 @@ def load_worker_files(folder: Path, rank: int) -> tuple[TrainState, dict | None,
         reader_state = saved.get("reader")
     best = folder / "best_model.pt"
     return state, (torch.load(best, weights_only=True) if best.exists() else None), reader_state
+
+
+def stored_train_state(run_dir: str) -> TrainState | None:
+    """Rank 0's progress in the run folder's newest checkpoint (local path or URI), or None for a
+    run with no checkpoint: what a resume would start from, read before Ray starts."""
+    import io
+    import posixpath
+
+    import pyarrow.fs as pafs
+
+    from hm4sr_dist.train.identity import run_filesystem
+
+    fs, path = run_filesystem(run_dir)
+    found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    # Ray names checkpoints checkpoint_<YYYY-mm-dd_HH-MM-SS.ffffff>: newest last in name order.
+    for name in sorted((i.base_name for i in found if i.base_name.startswith("checkpoint_")), reverse=True):
+        file = posixpath.join(path, name, "train_state.pt")
+        if fs.get_file_info(file).type != pafs.FileType.File:
+            continue                                   # a checkpoint still being written
+        with fs.open_input_stream(file) as stream:
+            return TrainState(**torch.load(io.BytesIO(stream.read()), weights_only=False))
+    return None
+
+
+def epoch_cap_error(cfg, state: TrainState | None) -> str | None:
+    """The refusal when the run already trained more epochs than `optim.epochs` allows, else None.
+    optim.epochs is not part of the run identity (a longer cap continues a run), but a shorter one
+    cannot be honoured: the stored best weights may come from an epoch it never reaches."""
+    if state is None or state.epoch <= cfg.optim.epochs:
+        return None
+    return (f"optim.epochs={cfg.optim.epochs}: run {cfg.train.run_name} has already trained {state.epoch} "
+            f"epochs (best validation epoch {state.best_epoch}), so its results are not those of a "
+            f"{cfg.optim.epochs}-epoch run; use optim.epochs>={state.epoch} to report this run, or another "
+            "train.run_name (or storage) for a fresh one")

@@ -40,8 +40,8 @@ from hm4sr_dist.parallel.evaluation import distributed_metrics
 from hm4sr_dist.parallel.vocab import build_vocab_parallel, gather_table
 from hm4sr_dist.train.loop import EpochProgress, run_epoch
 from hm4sr_dist.train.monitor import Monitor, say
-from hm4sr_dist.train.state import (TrainState, has_table_shards, load_table_shard, load_worker_files,
-                                    save_table_shard, save_worker_files, seed_everything)
+from hm4sr_dist.train.state import (TrainState, epoch_cap_error, has_table_shards, load_table_shard,
+                                    load_worker_files, save_table_shard, save_worker_files, seed_everything)
 from hm4sr_dist.tune.stop import stop_request, worker_stop_file
 
 DS_TAG = "engine"
@@ -147,14 +147,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if table_shard is not None:               # re-cut when the number of ranks changed
                 best_slice = table_shard.load_state_dict(load_table_shard(Path(folder), rank, world))
             dist.barrier()                           # nobody leaves (and deletes) the folder early
-    if state.epoch > cfg.optim.epochs:
-        # optim.epochs is not part of the run identity (a longer cap continues a run), but a shorter
-        # one cannot be honoured: the stored best weights may come from an epoch it never reaches.
-        raise ValueError(
-            f"optim.epochs={cfg.optim.epochs}: run {cfg.train.run_name} has already trained {state.epoch} "
-            f"epochs (best validation epoch {state.best_epoch}), so its results are not those of a "
-            f"{cfg.optim.epochs}-epoch run; use optim.epochs>={state.epoch} to report this run, or another "
-            "train.run_name (or storage) for a fresh one")
+    refusal = epoch_cap_error(cfg, state)           # the driver checked too; a race can pass it
+    if refusal:
+        raise ValueError(refusal)
     resume_progress = state.epoch_progress()
     if resume_progress is not None:
         train_reader.set_epoch(state.epoch)

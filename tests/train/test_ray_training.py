@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 
-from hm4sr_dist.config import load_config
+from hm4sr_dist.config import ConfigError, load_config
 from hm4sr_dist.diagnostics import ROUTING_DPI, ROUTING_PANEL_INCHES
 from hm4sr_dist.train.launcher import run_training
 from hm4sr_dist.train.monitor import ROUTING_IMAGE
@@ -127,7 +127,7 @@ def test_a_shorter_epoch_cap_than_the_run_already_trained_is_refused(uninterrupt
     cap must not silently report the longer run's best weights as an N-epoch result."""
     storage, result = uninterrupted
     before = sorted(p.name for p in (storage / "full").iterdir())
-    with pytest.raises(Exception) as failure:
+    with pytest.raises(ConfigError) as failure:            # from the driver, before Ray Train starts
         fit(prepared_sequences, storage, "full", 2, "train.max_failures=0")
     assert "optim.epochs=2: run full has already trained 3 epochs" in str(failure.value)
     assert "use optim.epochs>=3" in str(failure.value)

@@ -48,6 +48,26 @@ def test_a_folder_with_checkpoints_but_no_identity_is_not_resumed(tmp_path):
         check_or_record(str(tmp_path / "old"), run_identity(config(), "d"))
 
 
+def test_epoch_cap_is_read_from_the_newest_checkpoint_before_ray(tmp_path):
+    from hm4sr_dist.train.state import TrainState, epoch_cap_error, save_worker_files, stored_train_state
+
+    run_dir = tmp_path / "run"
+    assert stored_train_state(str(run_dir)) is None                   # no folder yet
+    for stamp, epoch in (("2026-01-01_00-00-00.000000", 2), ("2026-01-01_00-05-00.000000", 3)):
+        folder = run_dir / f"checkpoint_{stamp}"
+        folder.mkdir(parents=True)
+        save_worker_files(folder, 0, TrainState(epoch=epoch, best_epoch=1), None)
+    (run_dir / "checkpoint_2026-01-01_00-09-00.000000").mkdir()       # being written: no state yet
+    state = stored_train_state(str(run_dir))
+    assert state.epoch == 3 and state.best_epoch == 1
+    assert stored_train_state(f"file://{run_dir}").epoch == 3          # a URI reads the same
+    cfg = config("optim.epochs=2", "train.run_name=r")
+    assert "optim.epochs=2: run r has already trained 3 epochs (best validation epoch 1)" in \
+        epoch_cap_error(cfg, state)
+    assert epoch_cap_error(config("optim.epochs=3"), state) is None    # equal or longer: continues
+    assert epoch_cap_error(cfg, None) is None
+
+
 @pytest.mark.slow
 def test_changed_config_trains_anew_and_unchanged_resumes(prepared_sequences, tmp_path, local_ray):
     common = [f"data.prepared_dir={prepared_sequences}", f"train.storage_path={tmp_path}", "optim.epochs=2"]
