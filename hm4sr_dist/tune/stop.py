@@ -28,6 +28,8 @@ import os
 import time
 from pathlib import Path
 
+from hm4sr_dist.train.identity import run_filesystem
+
 STOP_FILE = "stop_requested.json"
 
 
@@ -44,16 +46,11 @@ def worker_stop_file(storage: str, run_name: str, run_dir: str | Path) -> str:
     return stop_file(storage, run_name) if "://" in storage else os.path.join(str(run_dir), STOP_FILE)
 
 
-def _uri_fs(path: str):
-    import pyarrow.fs
-    return pyarrow.fs.FileSystem.from_uri(path)          # (filesystem, path inside it)
-
-
 def request_stop(path: str, **why) -> None:
     """Write the marker (atomically on a local disk: a reader never sees half of it)."""
     text = json.dumps({"time": time.time(), **why}, default=str)
     if "://" in path:
-        fs, inner = _uri_fs(path)
+        fs, inner = run_filesystem(path)
         with fs.open_output_stream(inner) as f:
             f.write(text.encode())
         return
@@ -67,7 +64,7 @@ def stop_request(path: str) -> dict | None:
     """The marker's content when a stop was requested, else None."""
     try:
         if "://" in path:
-            fs, inner = _uri_fs(path)
+            fs, inner = run_filesystem(path)
             with fs.open_input_stream(inner) as f:
                 text = f.read().decode()
         else:
@@ -82,7 +79,7 @@ def stop_request(path: str) -> dict | None:
 
 def clear_stop(path: str) -> None:
     if "://" in path:
-        fs, inner = _uri_fs(path)
+        fs, inner = run_filesystem(path)
         try:
             fs.delete_file(inner)
         except (FileNotFoundError, OSError):
