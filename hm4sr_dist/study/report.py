@@ -23,7 +23,6 @@ import numpy as np
 
 from hm4sr_dist.compare import CompareError, compare, load_run, metric_label
 from hm4sr_dist.study.plan import slug
-from hm4sr_dist.train.code_version import describe
 
 METRICS = ("ndcg@5", "ndcg@10", "mrr@10")
 
@@ -112,20 +111,31 @@ def tabulate(study_dir: Path, n_boot: int = 2000) -> list[dict]:
 
 
 def code_versions_note(status: list[dict], runs: dict) -> list[str]:
-    """One note when the finished runs were trained by more than one code version (`code_version`:
-    a re-run study reuses finished runs by config, whatever code trained them), naming which runs
-    each version trained; none when all agree."""
-    by_version: dict[str, list[str]] = {}
+    """One note when the finished runs were trained by more than one code version (a re-run study
+    reuses finished runs by config, whatever code trained them), naming which runs each version
+    trained; none when all agree. Versions are told apart by source fingerprint (`code_version`):
+    commits that changed no computing file are one version."""
+    by_version: dict[str | None, list[str]] = {}
+    commits: dict[str | None, set[str]] = {}
     for row in status:
         run = runs.get(row["run"])
         if run is None:
             continue
         versions = [*run.results.get("code_history", []), run.results.get("code")]
-        for v in dict.fromkeys(describe(v) for v in versions):
-            by_version.setdefault(v, []).append(f"{row['setting']} seed {row['seed']}")
+        for code in versions:
+            commits.setdefault((code or {}).get("fingerprint"), set()).update(
+                [code["git"]] if (code or {}).get("git") else [])
+        for fp in dict.fromkeys((code or {}).get("fingerprint") for code in versions):
+            by_version.setdefault(fp, []).append(f"{row['setting']} seed {row['seed']}")
     if len(by_version) < 2:
         return []
-    parts = "; ".join(f"{v}: {', '.join(names)}" for v, names in by_version.items())
+
+    def label(fp):
+        if fp is None:
+            return "an unrecorded version"
+        return fp + (f" (git {', '.join(sorted(commits[fp]))})" if commits[fp] else "")
+
+    parts = "; ".join(f"{label(fp)}: {', '.join(names)}" for fp, names in by_version.items())
     return [f"runs trained by {len(by_version)} code versions (a resumed run may list two): {parts}"]
 
 

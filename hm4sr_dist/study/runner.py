@@ -187,12 +187,33 @@ def _stop_file_of(files: dict, trial_config: dict) -> str | None:
     return files.get(((trial_config or {}).get("trial") or {}).get("key"))
 
 
+def check_epoch_caps(plan: StudyPlan, study_dir: Path) -> None:
+    """Before Ray starts: no trial that will train may resume a Train run (shared across studies by
+    identity) that already trained more epochs than the trial's `optim.epochs`."""
+    from hm4sr_dist.config import ConfigError, ExperimentConfig, from_dict
+    from hm4sr_dist.train.launcher import run_folder
+    from hm4sr_dist.train.state import epoch_cap_error, stored_train_state
+
+    refused = []
+    for t in plan.trials:
+        if finished_run(study_dir / "runs" / t.run, t.key) is not None:
+            continue                                   # reported from its run folder, not trained
+        cfg = from_dict(ExperimentConfig, t.config)
+        message = epoch_cap_error(cfg, stored_train_state(run_folder(cfg)))
+        if message:
+            refused.append(f"{t.run}: {message}")
+    if refused:
+        raise ConfigError(f"{len(refused)} trial(s) cannot run at this epoch cap: " + " | ".join(refused),
+                          key="optim.epochs")
+
+
 def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, trial_cpus: float = 1.0,
               max_failures: int = 1, asha: bool = False, asha_grace: int = 1,
               asha_reduction: float = 2.0) -> list[dict]:
     """Fit (or restore and finish) every trial of the plan; return one status row per trial:
     finished, stopped (by ASHA, between epochs), failed (with the error) or unfinished."""
     study_dir = study_dir.resolve()
+    check_epoch_caps(plan, study_dir)
     (study_dir / "runs").mkdir(parents=True, exist_ok=True)
     base = plan.trials[0].config
     ensure_ray()

@@ -52,12 +52,16 @@ def _git(package: Path, *args: str) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def code_version(package: Path = PACKAGE) -> dict:
-    """The fingerprint, and the git commit (None outside a checkout) with whether the computing
-    files differ from it."""
-    commit = _git(package, "rev-parse", "--short=12", "HEAD")
-    dirty = None
+    """The fingerprint, and the git commit with whether the computing files differ from it (both
+    None unless the package's files are tracked by the git checkout they sit in: an install inside
+    someone else's repository is not that repository's commit)."""
+    commit, dirty = None, None
+    if _git(package, "ls-files", "--error-unmatch", "--", "__init__.py") is not None:
+        commit = _git(package, "rev-parse", "--short=12", "HEAD")
     if commit is not None:
-        changed = _git(package, "status", "--porcelain", "--", ".")
+        computing = ["--", ":(glob)**/*.py", *(f":(exclude){p}" for p in NOT_COMPUTING),
+                     *(f":(exclude){p}/**" for p in NOT_COMPUTING)]
+        changed = _git(package, "status", "--porcelain", "--untracked-files=all", *computing)
         dirty = bool(changed) if changed is not None else None
     return {"fingerprint": fingerprint(package), "git": commit, "dirty": dirty}
 

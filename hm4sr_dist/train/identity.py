@@ -117,49 +117,73 @@ def write_identity(run_dir: str, identity: dict) -> None:
 
 def check_or_record(run_dir: str, identity: dict, allow_change: bool = False,
                     code: dict | None = None) -> str:
-    """Record the identity of a new run, accept a matching one; raise on a clash.
+    """Record the identity of a new run, accept a matching one; raise on a clash (writing nothing).
 
-    With `code` (`code_version.code_version()`), also record which code trains the run: a resume by
-    other code prints one line naming both versions and is listed in the file's `code_history`.
+    With `code` (`code_version.code_version()`), also record which code runs it: a resume by other
+    code prints one line naming both versions and keeps the earlier ones under `code_history`.
     Returns "new", "same" or "changed" (a clash accepted with `allow_change`)."""
+    status, stored = check_identity(run_dir, identity, allow_change)
+    record_identity(run_dir, identity, status, stored, code)
+    return status
+
+
+def check_identity(run_dir: str, identity: dict, allow_change: bool = False) -> tuple[str, dict | None]:
+    """("new" | "same" | "changed", the stored identity or None); raises on a clash. Writes nothing."""
     stored = read_identity(run_dir)
-    if code is not None:
-        identity = _with_code(run_dir, identity, stored, code)
     if stored is None:
         if _has_run(run_dir) and not allow_change:
             raise RunIdentityError(
                 f"train.run_name: {run_dir} holds checkpoints but no {IDENTITY_FILE} (a run of an older "
                 f"version), so it cannot be resumed safely; start fresh with another train.run_name "
                 f"(or delete the folder), or resume it on purpose with train.allow_config_change=true")
-        write_identity(run_dir, identity)
-        return "new"
+        return "new", None
     if stored["hash"] == identity["hash"]:
-        if identity.get("code_history") != stored.get("code_history") or "code" not in stored:
-            write_identity(run_dir, identity)
-        return "same"
+        return "same", stored
     diff = differences(stored["config"], identity["config"], defaults=default_identity_config())
     if not diff:            # only keys added since the run started, at their defaults: the same run
-        write_identity(run_dir, identity | {"previous": stored})
-        return "same"
+        return "same", stored
     if not allow_change:
         shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
         raise RunIdentityError(
             f"train.run_name: {run_dir} holds a run with a different config ({shown}); start fresh "
             f"with another train.run_name (or delete the folder), or continue it on purpose with "
             f"train.allow_config_change=true")
-    write_identity(run_dir, identity | {"previous": stored})
-    return "changed"
+    return "changed", stored
 
 
-def _with_code(run_dir: str, identity: dict, stored: dict | None, code: dict) -> dict:
-    """`identity` with this code version, and the versions that trained the stored run before."""
+def record_identity(run_dir: str, identity: dict, status: str, stored: dict | None,
+                    code: dict | None = None) -> None:
+    """Write what `check_identity` accepted (nothing when it is unchanged)."""
+    adopted = stored is None and _has_run(run_dir)       # an older version's run, resumed on purpose
+    new_code = code is not None and (adopted or stored is None or _fingerprint(stored.get("code"))
+                                     != _fingerprint(code) or "code" not in stored)
+    if status == "same" and stored["hash"] == identity["hash"] and not new_code:
+        return
+    record = dict(identity)
+    if stored is not None and stored["hash"] != identity["hash"]:
+        record["previous"] = stored
+    if code is not None:
+        record |= _code_record(run_dir, stored, code, adopted)
+    elif stored is not None:                            # keep what an earlier version recorded
+        record |= {k: stored[k] for k in ("code", "code_history") if k in stored}
+    write_identity(run_dir, record)
+
+
+def _fingerprint(code: dict | None) -> str | None:
+    return (code or {}).get("fingerprint")
+
+
+def _code_record(run_dir: str, stored: dict | None, code: dict, adopted: bool) -> dict:
+    """{"code": this version, "code_history": the versions that ran the stored run before}."""
     from hm4sr_dist.train.code_version import describe
 
     history = list((stored or {}).get("code_history", []))
-    before = (stored or {}).get("code")
-    if stored is not None and (before or {}).get("fingerprint") != code.get("fingerprint"):
-        print(f"{run_dir}: resuming a run trained so far by code {describe(before)}; epochs from "
-              f"here on are trained by code {describe(code)} (run_identity.json lists both under "
-              f"code and code_history)", file=sys.stderr, flush=True)
-        history.append(before)
-    return {**identity, "code": code, **({"code_history": history} if history else {})}
+    if stored is not None or adopted:
+        before = (stored or {}).get("code")
+        if _fingerprint(before) != _fingerprint(code):
+            print(f"{run_dir}: this run was trained so far by code {describe(before)}; from here on "
+                  f"(further epochs, or the final evaluation of a finished run) it runs on code "
+                  f"{describe(code)} (run_identity.json keeps both: code, code_history)",
+                  file=sys.stderr, flush=True)
+            history.append(before)
+    return {"code": code, **({"code_history": history} if history else {})}

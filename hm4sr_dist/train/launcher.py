@@ -20,7 +20,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from hm4sr_dist.config import ConfigError, ExperimentConfig, to_dict
 from hm4sr_dist.data.manifest import read_manifest
 from hm4sr_dist.train.code_version import code_version
-from hm4sr_dist.train.identity import check_or_record, read_identity, run_identity
+from hm4sr_dist.train.identity import check_identity, read_identity, record_identity, run_identity
 from hm4sr_dist.train.state import epoch_cap_error, stored_train_state
 from hm4sr_dist.train.worker import train_loop_per_worker
 
@@ -54,7 +54,7 @@ def trained_by(cfg: ExperimentConfig) -> dict:
 
 
 def check_epoch_cap(cfg: ExperimentConfig) -> None:
-    """Refuse a too-short epoch cap before Ray starts (the worker checks again on resume)."""
+    """Refuse a too-short epoch cap before Ray Train starts (the worker checks again on resume)."""
     message = epoch_cap_error(cfg, stored_train_state(run_folder(cfg)))
     if message:
         raise ConfigError(message)
@@ -68,9 +68,10 @@ def build_trainer(cfg: ExperimentConfig, callbacks: list | None = None) -> Torch
     identity = run_identity(cfg, read_manifest(cfg.data.prepared_dir).get("fingerprint"))
     name = cfg.train.run_name = cfg.train.run_name or f"{cfg.name}-{identity['hash'][:8]}"
     storage = storage_root(cfg)
-    check_or_record(run_folder(cfg), identity, allow_change=cfg.train.allow_config_change,
-                    code=code_version())
-    check_epoch_cap(cfg)
+    folder = run_folder(cfg)
+    status, stored = check_identity(folder, identity, allow_change=cfg.train.allow_config_change)
+    check_epoch_cap(cfg)                       # both refusals before anything is written
+    record_identity(folder, identity, status, stored, code=code_version())
     ensure_ray()
     use_gpu = {"auto": cluster_has_gpus(), "true": True, "false": False}[cfg.train.use_gpu]
     return TorchTrainer(

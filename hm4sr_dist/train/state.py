@@ -111,9 +111,14 @@ def load_worker_files(folder: Path, rank: int) -> tuple[TrainState, dict | None,
 
 
 def stored_train_state(run_dir: str) -> TrainState | None:
-    """Rank 0's progress in the run folder's newest checkpoint (local path or URI), or None for a
-    run with no checkpoint: what a resume would start from, read before Ray starts."""
+    """Rank 0's progress in the checkpoint a resume would start from (local path or URI), or None
+    for a run with no readable checkpoint; read in the driver, before Ray Train starts.
+
+    Ray resumes from the latest reported checkpoint, which its `checkpoint_manager_snapshot.json`
+    names; without a readable snapshot, the newest by folder name. A checkpoint still being
+    written (no or a truncated `train_state.pt`) is passed over for the one before it."""
     import io
+    import json
     import posixpath
 
     import pyarrow.fs as pafs
@@ -122,13 +127,20 @@ def stored_train_state(run_dir: str) -> TrainState | None:
 
     fs, path = run_filesystem(run_dir)
     found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    # Ray names checkpoints checkpoint_<YYYY-mm-dd_HH-MM-SS.ffffff>: newest last in name order.
-    for name in sorted((i.base_name for i in found if i.base_name.startswith("checkpoint_")), reverse=True):
-        file = posixpath.join(path, name, "train_state.pt")
-        if fs.get_file_info(file).type != pafs.FileType.File:
-            continue                                   # a checkpoint still being written
-        with fs.open_input_stream(file) as stream:
-            return TrainState(**torch.load(io.BytesIO(stream.read()), weights_only=False))
+    # checkpoint_<YYYY-mm-dd_HH-MM-SS.ffffff>: newest last in name order
+    names = sorted((i.base_name for i in found if i.base_name.startswith("checkpoint_")), reverse=True)
+    try:
+        with fs.open_input_stream(posixpath.join(path, "checkpoint_manager_snapshot.json")) as stream:
+            latest = json.loads(stream.read())["latest_checkpoint_result"]["checkpoint_dir_name"]
+        names = [latest] + [n for n in names if n != latest]
+    except Exception:  # noqa: BLE001 - no snapshot, or a Ray version that writes it otherwise
+        pass
+    for name in names:
+        try:
+            with fs.open_input_stream(posixpath.join(path, name, "train_state.pt")) as stream:
+                return TrainState(**torch.load(io.BytesIO(stream.read()), weights_only=False))
+        except (OSError, RuntimeError, EOFError, TypeError):
+            continue                                   # missing or half-written: an older one
     return None
 
 

@@ -49,6 +49,23 @@ def test_fig3_drops_ablations_the_data_cannot_support_with_a_note():
         assert dropped not in labels and any(n.startswith(dropped) for n in plan.notes)
 
 
+def test_a_trial_that_would_resume_a_longer_train_run_is_refused_before_ray(tmp_path):
+    from hm4sr_dist.study.runner import check_epoch_caps
+    from hm4sr_dist.train.state import TrainState, save_worker_files
+
+    plan = _plan("table1", [f"train.storage_path={tmp_path / 'ray'}"], seeds=[1])
+    check_epoch_caps(plan, tmp_path / "study")                # nothing trained yet: fine
+    shared = plan.trials[0].config["train"]["run_name"]       # another study's 3-epoch Train run
+    folder = tmp_path / "ray" / shared / "checkpoint_2026-01-01_00-00-00.000000"
+    folder.mkdir(parents=True)
+    save_worker_files(folder, 0, TrainState(epoch=3, best_epoch=2), None)
+    with pytest.raises(ConfigError, match=f"1 trial.*{plan.trials[0].run}: optim.epochs=2: run {shared} "
+                                          "has already trained 3 epochs") as err:
+        check_epoch_caps(plan, tmp_path / "study")
+    assert err.value.key == "optim.epochs"
+    assert not (tmp_path / "study").exists()                  # refused before anything was written
+
+
 def test_user_errors_name_the_key():
     with pytest.raises(ConfigError, match="loss.idcl_weigth"):
         parse_setting("loss.idcl_weigth=0.5")

@@ -5,12 +5,13 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from hm4sr_dist.compare import Run
 from hm4sr_dist.config import load_config
 from hm4sr_dist.study.report import code_versions_note
 from hm4sr_dist.train.code_version import code_version, describe, fingerprint
-from hm4sr_dist.train.identity import check_or_record, read_identity, run_identity
+from hm4sr_dist.train.identity import RunIdentityError, check_or_record, read_identity, run_identity
 
 
 def _package(root: Path) -> Path:
@@ -35,23 +36,47 @@ def test_fingerprint_follows_computing_code_only(tmp_path):
     assert fingerprint(pkg) != changed
 
 
+def _git_repo(root: Path) -> list[str]:
+    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    return git
+
+
 def test_git_commit_and_modified_flag(tmp_path):
     pkg = _package(tmp_path)
     outside = code_version(pkg)
     assert outside["git"] is None and outside["dirty"] is None
     assert describe(outside) == outside["fingerprint"]
-    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "init", "-q"], check=True)
+    git = _git_repo(tmp_path)
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-qm", "x"], check=True)
     code_version.cache_clear()
     clean = code_version(pkg)
     assert clean["git"] and clean["dirty"] is False and f"(git {clean['git']})" in describe(clean)
+    (pkg / "study" / "report.py").write_text("Y = 3\n")          # reporting code: not "modified"
+    (tmp_path / "notes.txt").write_text("outside the package\n")
+    code_version.cache_clear()
+    assert code_version(pkg)["dirty"] is False
+    (pkg / "model" / "new.py").write_text("W = 1\n")             # an untracked computing file
+    code_version.cache_clear()
+    assert code_version(pkg)["dirty"] is True
+    (pkg / "model" / "new.py").unlink()
     (pkg / "model" / "enc.py").write_text("X = 3\n")
     code_version.cache_clear()
     assert code_version(pkg)["dirty"] is True and "modified" in describe(code_version(pkg))
     code_version.cache_clear()
     assert describe(None) == describe({}) == "an unrecorded version"
+
+
+def test_a_package_untracked_inside_another_repository_has_no_commit(tmp_path):
+    git = _git_repo(tmp_path)
+    (tmp_path / "README").write_text("someone else's project\n")
+    subprocess.run([*git, "add", "README"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    pkg = _package(tmp_path / "venv")                              # e.g. site-packages in a checkout
+    code_version.cache_clear()
+    assert code_version(pkg)["git"] is None and code_version(pkg)["dirty"] is None
+    code_version.cache_clear()
 
 
 def test_identity_records_the_code_and_a_resume_by_other_code_says_so(tmp_path, capsys):
@@ -69,6 +94,40 @@ def test_identity_records_the_code_and_a_resume_by_other_code_says_so(tmp_path, 
     stored = read_identity(run_dir)
     assert stored["code"] == new and stored["code_history"] == [old]
     assert stored["hash"] == ident["hash"]                       # the identity itself is unchanged
+
+
+def test_a_refused_resume_by_other_code_writes_and_says_nothing(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    old = {"fingerprint": "aaaaaaaaaaaa"}
+    check_or_record(run_dir, run_identity(load_config("configs/hm4sr_paper.yaml", []), "data"), code=old)
+    before = (tmp_path / "run" / "run_identity.json").read_bytes()
+    clash = run_identity(load_config("configs/hm4sr_paper.yaml", ["optim.lr=0.01"]), "data")
+    with pytest.raises(RunIdentityError):
+        check_or_record(run_dir, clash, code={"fingerprint": "bbbbbbbbbbbb"})
+    assert (tmp_path / "run" / "run_identity.json").read_bytes() == before
+    assert capsys.readouterr().err == ""
+
+
+def test_recording_without_a_code_version_keeps_the_stored_one(tmp_path):
+    run_dir = str(tmp_path / "run")
+    ident = run_identity(load_config("configs/hm4sr_paper.yaml", []), "data")
+    a = {"fingerprint": "aaaaaaaaaaaa"}
+    check_or_record(run_dir, ident, code=a)
+    check_or_record(run_dir, ident)
+    assert read_identity(run_dir)["code"] == a
+    changed = run_identity(load_config("configs/hm4sr_paper.yaml", ["optim.lr=0.01"]), "data")
+    assert check_or_record(run_dir, changed, allow_change=True) == "changed"
+    assert read_identity(run_dir)["code"] == a and read_identity(run_dir)["previous"]["hash"] == ident["hash"]
+
+
+def test_an_older_run_adopted_on_purpose_records_an_unrecorded_past(tmp_path, capsys):
+    (tmp_path / "old" / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
+    ident = run_identity(load_config("configs/hm4sr_paper.yaml", []), "data")
+    code = {"fingerprint": "bbbbbbbbbbbb"}
+    assert check_or_record(str(tmp_path / "old"), ident, allow_change=True, code=code) == "new"
+    stored = read_identity(str(tmp_path / "old"))
+    assert stored["code"] == code and stored["code_history"] == [None]
+    assert "an unrecorded version" in capsys.readouterr().err
 
 
 def _run(tmp_path: Path, name: str, code, history=()) -> Run:
@@ -91,3 +150,11 @@ def test_study_note_names_each_code_version_and_its_runs(tmp_path):
     assert note.startswith("runs trained by 3 code versions")
     assert "aaaaaaaaaaaa: x seed 1, y seed 1" in note and "bbbbbbbbbbbb: y seed 1" in note
     assert "an unrecorded version: y seed 2" in note
+    # commits that changed no computing file are one version; a job without .git is the same code
+    one = {"x__seed1": _run(tmp_path, "1", {"fingerprint": "f" * 12, "git": "111"}),
+           "y__seed1": _run(tmp_path, "2", {"fingerprint": "f" * 12, "git": "222"}),
+           "y__seed2": _run(tmp_path, "3", {"fingerprint": "f" * 12, "git": None})}
+    assert code_versions_note(status, one) == []
+    one["y__seed2"] = _run(tmp_path, "3", {"fingerprint": "e" * 12, "git": None})
+    (note,) = code_versions_note(status, one)
+    assert f"{'f' * 12} (git 111, 222): x seed 1, y seed 1" in note and f"{'e' * 12}: y seed 2" in note

@@ -5,9 +5,12 @@ trains a new run, an unchanged re-run resumes without training, and a reused nam
 config stops before Ray starts.
 """
 
+import json
+
 import pytest
 
 from hm4sr_dist.config import load_config
+from hm4sr_dist.data.manifest import read_manifest
 from hm4sr_dist.train.identity import RunIdentityError, check_or_record, run_identity
 from hm4sr_dist.train.launcher import run_training
 
@@ -58,14 +61,43 @@ def test_epoch_cap_is_read_from_the_newest_checkpoint_before_ray(tmp_path):
         folder.mkdir(parents=True)
         save_worker_files(folder, 0, TrainState(epoch=epoch, best_epoch=1), None)
     (run_dir / "checkpoint_2026-01-01_00-09-00.000000").mkdir()       # being written: no state yet
+    half = run_dir / "checkpoint_2026-01-01_00-08-00.000000"
+    half.mkdir()
+    (half / "train_state.pt").write_bytes(b"PK\x03\x04 truncated")    # being written: half a file
     state = stored_train_state(str(run_dir))
     assert state.epoch == 3 and state.best_epoch == 1
     assert stored_train_state(f"file://{run_dir}").epoch == 3          # a URI reads the same
+    # Ray's snapshot names the checkpoint a resume starts from: it wins over folder-name order
+    (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-00.000000"}}))
+    assert stored_train_state(str(run_dir)).epoch == 2
+    (run_dir / "checkpoint_manager_snapshot.json").unlink()
     cfg = config("optim.epochs=2", "train.run_name=r")
     assert "optim.epochs=2: run r has already trained 3 epochs (best validation epoch 1)" in \
         epoch_cap_error(cfg, state)
     assert epoch_cap_error(config("optim.epochs=3"), state) is None    # equal or longer: continues
     assert epoch_cap_error(cfg, None) is None
+
+
+def test_epoch_cap_refusal_comes_before_ray_and_writes_nothing(prepared_sequences, tmp_path, capsys):
+    from hm4sr_dist.config import ConfigError
+    from hm4sr_dist.train.launcher import build_trainer
+    from hm4sr_dist.train.state import TrainState, save_worker_files
+
+    cfg = config(f"data.prepared_dir={prepared_sequences}", f"train.storage_path={tmp_path}",
+                 "train.run_name=r", "optim.epochs=3")
+    run_dir = tmp_path / "r"
+    ident = run_identity(cfg, read_manifest(prepared_sequences).get("fingerprint"))
+    check_or_record(str(run_dir), ident, code={"fingerprint": "aaaaaaaaaaaa"})
+    folder = run_dir / "checkpoint_2026-01-01_00-00-00.000000"
+    folder.mkdir()
+    save_worker_files(folder, 0, TrainState(epoch=3, best_epoch=2), None)
+    before = (run_dir / "run_identity.json").read_bytes()
+    cfg.optim.epochs = 2
+    with pytest.raises(ConfigError, match="optim.epochs=2: run r has already trained 3 epochs"):
+        build_trainer(cfg)
+    assert (run_dir / "run_identity.json").read_bytes() == before   # no code version recorded
+    assert "trained so far" not in capsys.readouterr().err
 
 
 @pytest.mark.slow
