@@ -191,15 +191,13 @@ def check_epoch_caps(plan: StudyPlan, study_dir: Path) -> None:
     """Before Ray starts: no trial that will train may resume a Train run (shared across studies by
     identity) that already trained more epochs than the trial's `optim.epochs`."""
     from hm4sr_dist.config import ConfigError, ExperimentConfig, from_dict
-    from hm4sr_dist.train.launcher import run_folder
-    from hm4sr_dist.train.state import epoch_cap_error, stored_train_state
+    from hm4sr_dist.train.launcher import epoch_cap_refusal
 
     refused = []
     for t in plan.trials:
         if finished_run(study_dir / "runs" / t.run, t.key) is not None:
             continue                                   # reported from its run folder, not trained
-        cfg = from_dict(ExperimentConfig, t.config)
-        message = epoch_cap_error(cfg, stored_train_state(run_folder(cfg)))
+        message = epoch_cap_refusal(from_dict(ExperimentConfig, t.config))
         if message:
             refused.append(f"{t.run}: {message}")
     if refused:

@@ -154,11 +154,10 @@ def check_identity(run_dir: str, identity: dict, allow_change: bool = False) -> 
 def record_identity(run_dir: str, identity: dict, status: str, stored: dict | None,
                     code: dict | None = None) -> None:
     """Write what `check_identity` accepted (nothing when it is unchanged)."""
-    adopted = stored is None and _has_run(run_dir)       # an older version's run, resumed on purpose
-    new_code = code is not None and (adopted or stored is None or _fingerprint(stored.get("code"))
-                                     != _fingerprint(code) or "code" not in stored)
-    if status == "same" and stored["hash"] == identity["hash"] and not new_code:
+    if (status == "same" and stored["hash"] == identity["hash"]
+            and (code is None or _fingerprint(stored.get("code")) == _fingerprint(code))):
         return
+    adopted = stored is None and _has_run(run_dir)       # an older version's run, resumed on purpose
     record = dict(identity)
     if stored is not None and stored["hash"] != identity["hash"]:
         record["previous"] = stored

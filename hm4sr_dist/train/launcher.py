@@ -53,9 +53,14 @@ def trained_by(cfg: ExperimentConfig) -> dict:
     return {"code": stored.get("code"), "code_history": stored.get("code_history", [])}
 
 
+def epoch_cap_refusal(cfg: ExperimentConfig) -> str | None:
+    """Why the stored run cannot continue under `optim.epochs` (it already trained more), or None."""
+    return epoch_cap_error(cfg, stored_train_state(run_folder(cfg)))
+
+
 def check_epoch_cap(cfg: ExperimentConfig) -> None:
     """Refuse a too-short epoch cap before Ray Train starts (the worker checks again on resume)."""
-    message = epoch_cap_error(cfg, stored_train_state(run_folder(cfg)))
+    message = epoch_cap_refusal(cfg)
     if message:
         raise ConfigError(message)
 
