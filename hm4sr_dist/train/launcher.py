@@ -42,8 +42,10 @@ def storage_root(cfg: ExperimentConfig) -> str:
 
 def run_folder(cfg: ExperimentConfig) -> str:
     """The Train run's folder (local path or URI) under the storage path, once `train.run_name` is set."""
-    storage = storage_root(cfg)
-    name = cfg.train.run_name
+    return run_folder_in(storage_root(cfg), cfg.train.run_name)
+
+
+def run_folder_in(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}" if "://" in storage else os.path.join(storage, name)
 
 

@@ -1,6 +1,7 @@
 """Run a sweep with Ray Tune and tabulate it: each trial fits a TorchTrainer (hm4sr_dist.tune.trial),
 Tune keeps `best_valid` (validation NDCG@5 of the best epoch, mode max), and the table of
-overrides -> best_valid and test metrics goes to `sweep_results.json`.
+overrides -> best_valid, test metrics and the code version that trained each run goes to
+`sweep_results.json`.
 
 Resources: a trial's TorchTrainer starts its own `train.num_workers` workers (one GPU each on a
 GPU cluster), so at most cluster GPUs // num_workers trials can train at once; `max_concurrent`
@@ -24,7 +25,8 @@ import ray.tune
 
 from hm4sr_dist.config import ExperimentConfig, from_dict, to_dict
 from hm4sr_dist.feasibility import DataOffer
-from hm4sr_dist.train.launcher import ensure_ray, storage_root
+from hm4sr_dist.train.identity import read_identity
+from hm4sr_dist.train.launcher import ensure_ray, run_folder_in, storage_root
 from hm4sr_dist.tune.resources import fit_concurrency
 from hm4sr_dist.tune.space import trial_run_name
 from hm4sr_dist.tune.trial import OVERRIDES, hm4sr_trial, trial_overrides
@@ -76,7 +78,7 @@ def run_sweep(base: ExperimentConfig, sweep: str, *, trials: Sequence[Mapping] |
                                       failure_config=ray.tune.FailureConfig(max_failures=0)),
     )
     grid_result = tuner.fit()
-    rows = [_row(r, sweep) for r in grid_result]
+    rows = [_row(r, sweep, storage) for r in grid_result]
     done = [r for r in rows if _finite(r["best_valid"])]
     table = {
         "sweep": sweep, "metric": f"{METRIC} (validation {base.eval.valid_metric} of the best epoch)",
@@ -118,12 +120,13 @@ def from_base(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-def _row(result, sweep: str) -> dict:
+def _row(result, sweep: str, storage: str) -> dict:
     overrides = trial_overrides(result.config or {})
     metrics = dict(result.metrics or {})
+    run_name = trial_run_name(sweep, overrides)
     return {
         "overrides": overrides,
-        "run_name": trial_run_name(sweep, overrides),
+        "run_name": run_name,
         "best_valid": metrics.get(METRIC),
         "best_epoch": metrics.get("best_epoch"),
         "epochs_run": metrics.get("epochs_run"),
@@ -131,4 +134,10 @@ def _row(result, sweep: str) -> dict:
         "finished": bool(metrics.get("finished")),
         "error": repr(result.error) if result.error else None,
         "trial_path": result.path,
+        # which code trained the run (a finished trial may have been trained by an earlier version)
+        "code": _trained_by(storage, run_name),
     }
+
+
+def _trained_by(storage: str, run_name: str) -> dict | None:
+    return (read_identity(run_folder_in(storage, run_name)) or {}).get("code")

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from hm4sr_dist.train.code_version import fingerprint
 from hm4sr_dist.tune.space import (FIG4_PARAMS, PAPER_GRID, fig4_trials, grid_size, grid_space,
                                    grid_trials, override_strings, parse_values, resolve_param,
                                    trial_run_name)
@@ -103,6 +104,7 @@ def test_tiny_sweep_runs_two_trials_and_writes_the_table(prepared_sequences, tmp
         assert row["test"]["count"] == 60 and 0 <= row["test"]["ndcg@5"] <= 1
         # each trial was its own Ray Train run, with its own checkpoints and TensorBoard events
         assert (tmp_path / "runs" / row["run_name"] / "tensorboard").is_dir()
+        assert row["code"]["fingerprint"] == fingerprint()    # which code trained it
     assert written["best"]["best_valid"] == max(r["best_valid"] for r in rows.values())
 
 
