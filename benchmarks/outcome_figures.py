@@ -7,19 +7,46 @@
         --seed-bands docs/figures/beauty_valid_ndcg5_seeds.png --recbole-reference
 
 Each run folder holds the `results.json` a study writes (its `history` has one row per epoch, its
-`diagnostics` the last validation pass's MoE routing). `--recbole-reference` adds RecBole 1.2.1's
-SASRec on Beauty after epochs 0-7, as quoted in issue 9 (its README's run; epochs 0-4 reproduced on
-this machine on 2026-11-23, the rest not: its epochs take ~4 minutes and it cannot resume).
+`diagnostics` the last validation pass's MoE routing). `--recbole-log LOG` adds the validation curve
+of a RecBole 1.2.1 SASRec run of `../shared/tools/recbole-reference` (the output of its
+`--valid-every-epoch`); `--recbole-reference` adds the curve quoted in issue 9 (epochs 0-7).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 # RecBole 1.2.1 SASRec, Beauty, paper settings, seed 2025: validation NDCG@5 after epochs 0-7.
 RECBOLE_SASREC_BEAUTY = [0.0066, 0.0129, 0.0157, 0.0206, 0.0234, 0.0257, 0.0261, 0.0278]
+
+
+# "epoch 3 valid: NDCG@5=0.0206 NDCG@10=0.0281 MRR@5=0.0161 Hit@10=0.0447", printed by the
+# reference tool after every epoch with --valid-every-epoch.
+_RECBOLE_VALID = re.compile(r"^epoch (\d+) valid: (.*)$")
+
+
+def read_recbole_curve(log: Path, metric: str = "valid/ndcg@5") -> list[float]:
+    """Validation values per epoch (0, 1, ...) from a reference-tool log; `metric` in our spelling."""
+    name = metric.split("/", 1)[-1].lower()
+    curve: dict[int, float] = {}
+    for lineno, line in enumerate(log.read_text().splitlines(), 1):
+        match = _RECBOLE_VALID.match(line.strip())
+        if not match:
+            continue
+        values = {k.lower(): v for k, _, v in (f.partition("=") for f in match.group(2).split())}
+        if name not in values:
+            raise SystemExit(f"error: {log}:{lineno}: no {name} in the validation line {line.strip()!r}")
+        curve[int(match.group(1))] = float(values[name])
+    if not curve:
+        raise SystemExit(f"error: {log}: no 'epoch N valid: ...' lines (run the reference tool "
+                         "with --valid-every-epoch)")
+    missing = sorted(set(range(max(curve) + 1)) - set(curve))
+    if missing:
+        raise SystemExit(f"error: {log}: validation lines missing for epochs {missing}")
+    return [curve[e] for e in range(max(curve) + 1)]
 
 
 def load_runs(folder: Path) -> dict[str, dict]:
@@ -31,7 +58,7 @@ def load_runs(folder: Path) -> dict[str, dict]:
     return runs
 
 
-def plot_curves(runs: dict[str, dict], out: Path, metric: str, recbole: bool) -> None:
+def plot_curves(runs: dict[str, dict], out: Path, metric: str, recbole: tuple[str, list] | None) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4), dpi=100)
@@ -47,7 +74,8 @@ def plot_curves(runs: dict[str, dict], out: Path, metric: str, recbole: bool) ->
             "Beauty (IDs + time): validation curves to early stopping (patience 10)")
 
 
-def plot_seed_bands(runs: dict[str, dict], out: Path, metric: str, recbole: bool, title: str) -> None:
+def plot_seed_bands(runs: dict[str, dict], out: Path, metric: str, recbole: tuple[str, list] | None,
+                    title: str) -> None:
     """One line per setting (run folders `<setting>__seed<seed>`): the mean over its seeds per epoch
     while every seed still trains, a band from the lowest to the highest seed, and each seed's best
     epoch as a dot."""
@@ -74,11 +102,12 @@ def plot_seed_bands(runs: dict[str, dict], out: Path, metric: str, recbole: bool
             "epoch (mean over seeds until the first seed stops; dots: each seed's best)", title)
 
 
-def _finish(fig, ax, out: Path, metric: str, recbole: bool, xlabel: str, title: str) -> None:
-    """The RecBole reference line (optional), labels, legend, and the PNG."""
+def _finish(fig, ax, out: Path, metric: str, recbole: tuple[str, list] | None, xlabel: str,
+            title: str) -> None:
+    """The RecBole reference line (optional: (label, values per epoch)), labels, legend, the PNG."""
     if recbole:
-        ax.plot(range(len(RECBOLE_SASREC_BEAUTY)), RECBOLE_SASREC_BEAUTY, "k--", marker="x",
-                label="RecBole 1.2.1 SASRec (reference, epochs 0-7)")
+        label, values = recbole
+        ax.plot(range(len(values)), values, "k--", marker="x", markersize=4, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.set_title(title)
@@ -108,15 +137,24 @@ def main() -> None:
     ap.add_argument("--metric", default="valid/ndcg@5")
     ap.add_argument("--seed-bands", type=Path, help="PNG: per setting, the mean curve over seeds with a min-max band")
     ap.add_argument("--title", default="Beauty (IDs + time): validation NDCG@5, to early stopping")
-    ap.add_argument("--recbole-reference", action="store_true")
+    ap.add_argument("--recbole-reference", action="store_true",
+                    help="add RecBole's SASRec curve as quoted in issue 9 (epochs 0-7)")
+    ap.add_argument("--recbole-log", type=Path,
+                    help="add the validation curve of a recbole-reference run (its printed output)")
     ap.add_argument("--routing", help="run folder name whose routing heatmap to draw")
     ap.add_argument("--routing-out", type=Path)
     args = ap.parse_args()
     runs = load_runs(args.runs)
+    recbole = None
+    if args.recbole_log:
+        values = read_recbole_curve(args.recbole_log, args.metric)
+        recbole = (f"RecBole 1.2.1 SASRec (reference, epochs 0-{len(values) - 1})", values)
+    elif args.recbole_reference:
+        recbole = ("RecBole 1.2.1 SASRec (reference, epochs 0-7)", RECBOLE_SASREC_BEAUTY)
     if args.curves:
-        plot_curves(runs, args.curves, args.metric, args.recbole_reference)
+        plot_curves(runs, args.curves, args.metric, recbole)
     if args.seed_bands:
-        plot_seed_bands(runs, args.seed_bands, args.metric, args.recbole_reference, args.title)
+        plot_seed_bands(runs, args.seed_bands, args.metric, recbole, args.title)
     if args.routing:
         if args.routing not in runs:
             raise SystemExit(f"error: --routing: {args.routing} not among {sorted(runs)}")
