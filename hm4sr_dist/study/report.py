@@ -8,7 +8,8 @@ listed under the table, never silently dropped, and never enter its means.
 
 Figures (matplotlib, Agg, PNG): `curves_<setting>.png` (loss terms and validation NDCG@5 per epoch,
 one line per seed), `bars.png` (test metrics per setting with std error bars: Table 1 / Fig. 3 /
-Fig. 5), `fig4.png` (one panel per swept hyper-parameter), `routing_<setting>.png` (Temporal-MoE
+Fig. 5), `diffs.png` (each setting's change vs the baseline in %, with the paired-bootstrap 95% CI:
+the evidence bar, meaningful with one seed too), `fig4.png` (one panel per swept hyper-parameter), `routing_<setting>.png` (Temporal-MoE
 gate weight per expert and interval range, Interactive-MoE gate weight per expert and modality).
 """
 
@@ -86,6 +87,7 @@ def tabulate(study_dir: Path, n_boot: int = 2000) -> list[dict]:
         diff = comparison.comparison_for(lab) if comparison else None
         row = {"setting": lab, "baseline": bool(comparison) and lab == comparison.baseline,
                "runs": f"{len(fin)}/{len(mine)}", "seeds": " ".join(str(r["seed"]) for r in fin),
+               "test_users": summary.n_users if summary else 0,
                "failed": "; ".join(not_finished(r) for r in mine if r["status"] != "finished")}
         for m in METRICS:
             ms = summary.metrics[m] if summary else None
@@ -241,11 +243,52 @@ def plot_bars(study_dir: Path, plan: dict, rows: list[dict]) -> Path:
         ax.bar(x + (i - (len(METRICS) - 1) / 2) * width, means, width, yerr=errs, capsize=3,
                label=metric_label(m))
     ax.set_xticks(x, [r["setting"] for r in rows], rotation=30, ha="right")
-    ax.set(title=f"{plan['name']}: test metrics per setting (mean ± std over seeds)", ylabel="test metric",
+    one_seed = all(math.isnan(r[f"{m}_std"]) for r in rows for m in METRICS)
+    spread = "one seed per setting: no error bars" if one_seed else "mean ± std over seeds"
+    ax.set(title=f"{plan['name']}: test metrics per setting ({spread})", ylabel="test metric",
            xlabel="setting")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     path = study_dir / "bars.png"
+    _save(fig, path)
+    return path
+
+
+def relative_changes(rows: list[dict]) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """{setting: {metric: (change, CI low, CI high)}} in % of the baseline row's mean: the paired
+    per-user difference and its bootstrap CI divided by the baseline mean. Empty without a baseline
+    (or with a baseline mean of 0)."""
+    baseline = next((r for r in rows if r["baseline"]), None)
+    if baseline is None or any(not baseline[f"{m}_mean"] > 0 for m in METRICS):
+        return {}
+    return {r["setting"]: {m: tuple(100 * r[f"{m}_{k}"] / baseline[f"{m}_mean"]
+                                    for k in ("diff", "ci_low", "ci_high")) for m in METRICS}
+            for r in rows if not r["baseline"] and not math.isnan(r[f"{METRICS[0]}_diff"])}
+
+
+def plot_differences(study_dir: Path, plan: dict, rows: list[dict]) -> Path | None:
+    """Per setting, the change of each test metric vs the baseline with its paired-bootstrap 95% CI
+    (`relative_changes`), so "which part helps, and how sure" is one picture."""
+    changes = relative_changes(rows)
+    if not changes:
+        return None
+    baseline = next(r for r in rows if r["baseline"])
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(changes) * len(METRICS) / 2), 4.5))
+    x = np.arange(len(changes))
+    width = 0.8 / len(METRICS)
+    for i, m in enumerate(METRICS):
+        rel, lo, hi = (np.array(v) for v in zip(*(c[m] for c in changes.values())))
+        ax.bar(x + (i - (len(METRICS) - 1) / 2) * width, rel, width, yerr=[rel - lo, hi - rel],
+               capsize=3, label=metric_label(m))
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, list(changes), rotation=30, ha="right")
+    ax.set(title=f"{plan['name']}: test change vs {baseline['setting']} "
+                 f"(paired-bootstrap 95% CI over {baseline['test_users']} users)",
+           ylabel=f"% of {baseline['setting']}'s mean", xlabel="setting")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    path = study_dir / "diffs.png"
     _save(fig, path)
     return path
 
@@ -318,6 +361,9 @@ def report(study_dir: Path, n_boot: int = 2000) -> dict:
     figures = plot_curves(study_dir, plan, runs, status)
     if any(not math.isnan(r[f"{METRICS[0]}_mean"]) for r in rows):
         figures.append(plot_bars(study_dir, plan, rows))
+        differences = plot_differences(study_dir, plan, rows)
+        if differences:
+            figures.append(differences)
     sweep = plot_sweeps(study_dir, plan, rows) if plan["study"] == "fig4" else None
     if sweep:
         figures.append(sweep)

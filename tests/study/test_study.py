@@ -135,7 +135,7 @@ def test_study_is_killed_resumed_and_tabulated(prepared_sequences, local_ray, tm
     assert sum(line.startswith("| hm4sr ") or line.startswith("| sasrec ") for line in md.splitlines()) == 2
     # 4. figures: curves per setting, bars, routing heatmap for HM4SR (SASRec has no MoE)
     names = {Path(f).name for f in result["figures"]}
-    assert {"curves_hm4sr.png", "curves_sasrec.png", "bars.png", "routing_hm4sr.png"} <= names
+    assert {"curves_hm4sr.png", "curves_sasrec.png", "bars.png", "diffs.png", "routing_hm4sr.png"} <= names
     for f in result["figures"]:
         with Image.open(f) as im:
             assert im.size[0] >= 400 and im.size[1] >= 300
@@ -166,7 +166,7 @@ def test_report_tables_and_figures_from_run_folders(tmp_path):
     from PIL import Image
 
     from hm4sr_dist.study.plan import write_plan
-    from hm4sr_dist.study.report import report
+    from hm4sr_dist.study.report import relative_changes, report
 
     plan = _plan("fig4", params=["k1"], seeds=[1, 2])
     write_plan(plan, tmp_path)
@@ -193,7 +193,16 @@ def test_report_tables_and_figures_from_run_folders(tmp_path):
     assert ahead["default"] == "" and ahead["k1=2"] in {"0/2", "1/2", "2/2"} and ahead["k1=12"] in {"0/1", "1/1"}
     assert f"ahead in {ahead['k1=2']} seeds" in md                    # the seed pairing beside the CI
     names = {Path(f).name for f in made["figures"]}
-    assert {"fig4.png", "bars.png", "curves_default.png", "routing_default.png"} <= names
+    assert {"fig4.png", "bars.png", "diffs.png", "curves_default.png", "routing_default.png"} <= names
     for f in made["figures"]:
         with Image.open(f) as im:
             assert im.size[0] >= 400 and im.size[1] >= 300
+    # diffs.png plots each paired difference and its CI as % of the baseline's mean
+    changes = relative_changes(made["rows"])
+    base = made["rows"][0]
+    assert base["baseline"] and set(changes) == set(labels[1:])
+    for row in made["rows"][1:]:
+        for m in ("ndcg@5", "mrr@10"):
+            rel, low, high = changes[row["setting"]][m]
+            assert rel == pytest.approx(100 * (row[f"{m}_mean"] - base[f"{m}_mean"]) / base[f"{m}_mean"])
+            assert low <= rel <= high and low == pytest.approx(100 * row[f"{m}_ci_low"] / base[f"{m}_mean"])
