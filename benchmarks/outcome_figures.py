@@ -148,7 +148,8 @@ def main() -> None:
     recbole = None
     if args.recbole_log:
         values = read_recbole_curve(args.recbole_log, args.metric)
-        recbole = (f"RecBole 1.2.1 SASRec (reference, epochs 0-{len(values) - 1})", values)
+        best = max(range(len(values)), key=values.__getitem__)
+        recbole = (f"RecBole 1.2.1 SASRec (reference): best {values[best]:.4f} @ {best}", values)
     elif args.recbole_reference:
         recbole = ("RecBole 1.2.1 SASRec (reference, epochs 0-7)", RECBOLE_SASREC_BEAUTY)
     if args.curves:
