@@ -9,8 +9,9 @@ listed under the table, never silently dropped, and never enter its means.
 Figures (matplotlib, Agg, PNG): `curves_<setting>.png` (loss terms and validation NDCG@5 per epoch,
 one line per seed), `bars.png` (test metrics per setting with std error bars: Table 1 / Fig. 3 /
 Fig. 5), `diffs.png` (each setting's change vs the baseline in %, with the paired-bootstrap 95% CI:
-the evidence bar, meaningful with one seed too), `fig4.png` (one panel per swept hyper-parameter), `routing_<setting>.png` (Temporal-MoE
-gate weight per expert and interval range, Interactive-MoE gate weight per expert and modality).
+the evidence bar, meaningful with one seed too), `fig4.png` (one panel per swept hyper-parameter),
+`routing_<setting>.png` (Temporal-MoE gate weight per expert and interval range, Interactive-MoE
+gate weight per expert and modality).
 """
 
 from __future__ import annotations
