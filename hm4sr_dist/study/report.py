@@ -246,7 +246,7 @@ def plot_bars(study_dir: Path, plan: dict, rows: list[dict]) -> Path:
     ax.set_xticks(x, [r["setting"] for r in rows], rotation=30, ha="right")
     one_seed = all(math.isnan(r[f"{m}_std"]) for r in rows for m in METRICS)
     spread = "one seed per setting: no error bars" if one_seed else "mean ± std over seeds"
-    ax.set(title=f"{plan['name']}: test metrics per setting ({spread})", ylabel="test metric",
+    ax.set(title=f"{plan['name']}: test metrics per setting\n({spread})", ylabel="test metric",
            xlabel="setting")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
@@ -284,7 +284,7 @@ def plot_differences(study_dir: Path, plan: dict, rows: list[dict]) -> Path | No
                capsize=3, label=metric_label(m))
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(x, list(changes), rotation=30, ha="right")
-    ax.set(title=f"{plan['name']}: test change vs {baseline['setting']} "
+    ax.set(title=f"{plan['name']}: test change vs {baseline['setting']}\n"
                  f"(paired-bootstrap 95% CI over {baseline['test_users']} users)",
            ylabel=f"% of {baseline['setting']}'s mean", xlabel="setting")
     ax.legend()
