@@ -232,27 +232,35 @@ def _save(fig, path: Path) -> None:
     _plt().close(fig)
 
 
-def plot_bars(study_dir: Path, plan: dict, rows: list[dict]) -> Path:
+def _grouped_bars(path: Path, settings: list[str], bars: dict[str, tuple], title: str, ylabel: str,
+                  zero_line: bool = False) -> Path:
+    """One group of bars per setting, one bar per metric: `bars[metric] = (heights, yerr)`, yerr as
+    matplotlib takes it (symmetric values, or [below, above])."""
     plt = _plt()
-    rows = [r for r in rows if not math.isnan(r[f"{METRICS[0]}_mean"])]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) * len(METRICS) / 2), 4.5))
-    x = np.arange(len(rows))
-    width = 0.8 / len(METRICS)
-    for i, m in enumerate(METRICS):
-        means = [r[f"{m}_mean"] for r in rows]
-        errs = [0 if math.isnan(r[f"{m}_std"]) else r[f"{m}_std"] for r in rows]
-        ax.bar(x + (i - (len(METRICS) - 1) / 2) * width, means, width, yerr=errs, capsize=3,
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(settings) * len(bars) / 2), 4.5))
+    x = np.arange(len(settings))
+    width = 0.8 / len(bars)
+    for i, (m, (heights, yerr)) in enumerate(bars.items()):
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, heights, width, yerr=yerr, capsize=3,
                label=metric_label(m))
-    ax.set_xticks(x, [r["setting"] for r in rows], rotation=30, ha="right")
-    one_seed = all(math.isnan(r[f"{m}_std"]) for r in rows for m in METRICS)
-    spread = "one seed per setting: no error bars" if one_seed else "mean ± std over seeds"
-    ax.set(title=f"{plan['name']}: test metrics per setting\n({spread})", ylabel="test metric",
-           xlabel="setting")
+    if zero_line:
+        ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, settings, rotation=30, ha="right")
+    ax.set(title=title, ylabel=ylabel, xlabel="setting")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    path = study_dir / "bars.png"
     _save(fig, path)
     return path
+
+
+def plot_bars(study_dir: Path, plan: dict, rows: list[dict]) -> Path:
+    rows = [r for r in rows if not math.isnan(r[f"{METRICS[0]}_mean"])]
+    bars = {m: ([r[f"{m}_mean"] for r in rows],
+                [0 if math.isnan(r[f"{m}_std"]) else r[f"{m}_std"] for r in rows]) for m in METRICS}
+    one_seed = all(math.isnan(r[f"{m}_std"]) for r in rows for m in METRICS)
+    spread = "one seed per setting: no error bars" if one_seed else "mean ± std over seeds"
+    return _grouped_bars(study_dir / "bars.png", [r["setting"] for r in rows], bars,
+                         f"{plan['name']}: test metrics per setting\n({spread})", "test metric")
 
 
 def relative_changes(rows: list[dict]) -> dict[str, dict[str, tuple[float, float, float]]]:
@@ -274,24 +282,15 @@ def plot_differences(study_dir: Path, plan: dict, rows: list[dict]) -> Path | No
     if not changes:
         return None
     baseline = next(r for r in rows if r["baseline"])
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(changes) * len(METRICS) / 2), 4.5))
-    x = np.arange(len(changes))
-    width = 0.8 / len(METRICS)
-    for i, m in enumerate(METRICS):
+    bars = {}
+    for m in METRICS:
         rel, lo, hi = (np.array(v) for v in zip(*(c[m] for c in changes.values())))
-        ax.bar(x + (i - (len(METRICS) - 1) / 2) * width, rel, width, yerr=[rel - lo, hi - rel],
-               capsize=3, label=metric_label(m))
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x, list(changes), rotation=30, ha="right")
-    ax.set(title=f"{plan['name']}: test change vs {baseline['setting']}\n"
-                 f"(paired-bootstrap 95% CI over {baseline['test_users']} users)",
-           ylabel=f"% of {baseline['setting']}'s mean", xlabel="setting")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    path = study_dir / "diffs.png"
-    _save(fig, path)
-    return path
+        bars[m] = (rel, [rel - lo, hi - rel])
+    name = baseline["setting"]
+    return _grouped_bars(study_dir / "diffs.png", list(changes), bars,
+                         f"{plan['name']}: test change vs {name}\n"
+                         f"(paired-bootstrap 95% CI over {baseline['test_users']} users)",
+                         f"% of {name}'s mean", zero_line=True)
 
 
 def plot_sweeps(study_dir: Path, plan: dict, rows: list[dict]) -> Path | None:

@@ -51,7 +51,12 @@ def run_folder_in(storage: str, name: str) -> str:
 
 def trained_by(cfg: ExperimentConfig) -> dict:
     """`{"code": ..., "code_history": [...]}` of the run (`code_version`), for its results.json."""
-    stored = read_identity(run_folder(cfg)) or {}
+    return trained_by_folder(run_folder(cfg))
+
+
+def trained_by_folder(run_dir: str) -> dict:
+    """`trained_by` of the Train run in `run_dir` (a local path or URI)."""
+    stored = read_identity(run_dir) or {}
     return {"code": stored.get("code"), "code_history": stored.get("code_history", [])}
 
 

@@ -25,8 +25,7 @@ import ray.tune
 
 from hm4sr_dist.config import ExperimentConfig, from_dict, to_dict
 from hm4sr_dist.feasibility import DataOffer
-from hm4sr_dist.train.identity import read_identity
-from hm4sr_dist.train.launcher import ensure_ray, run_folder_in, storage_root
+from hm4sr_dist.train.launcher import ensure_ray, run_folder_in, storage_root, trained_by_folder
 from hm4sr_dist.tune.resources import fit_concurrency
 from hm4sr_dist.tune.space import trial_run_name
 from hm4sr_dist.tune.trial import OVERRIDES, hm4sr_trial, trial_overrides
@@ -135,9 +134,5 @@ def _row(result, sweep: str, storage: str) -> dict:
         "error": repr(result.error) if result.error else None,
         "trial_path": result.path,
         # which code trained the run (a finished trial may have been trained by an earlier version)
-        "code": _trained_by(storage, run_name),
+        **trained_by_folder(run_folder_in(storage, run_name)),
     }
-
-
-def _trained_by(storage: str, run_name: str) -> dict | None:
-    return (read_identity(run_folder_in(storage, run_name)) or {}).get("code")
