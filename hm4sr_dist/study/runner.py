@@ -9,7 +9,8 @@ Resuming, at three levels:
   the trial function reports the stored metrics and returns without building a trainer (this also
   covers a trial finished just before a kill that Tune's saved state still shows as running);
 - a trial that does train uses a Ray Train run named by its identity (`<dataset>-<hash>`), which
-  resumes from its last checkpoint (or, finished in an earlier study, returns at once).
+  resumes from its last checkpoint; when another study already ran that Train run to the end, the
+  trial reads its final checkpoint without starting Ray Train (`reuse` in trials.jsonl).
 
 Each finished trial writes a run folder for `hm4sr_dist.compare` (results.json with the resolved
 config, test metrics, best epoch, per-epoch history; per_user_test.npz) from its final checkpoint.
@@ -82,7 +83,7 @@ def _history(folder: Path) -> list[dict]:
 
 
 def write_run_folder(run_dir: Path, result, trial: dict, config: dict, plan_info: dict,
-                     wall_seconds: float, code: dict | None = None) -> dict:
+                     wall_seconds: float, code: dict | None = None, extra: dict | None = None) -> dict:
     """results.json + per_user_test.npz of one finished trial, from the Train run's final checkpoint;
     for a trial stopped early, stopped.json alone (with `stopped_by`, `epochs_run`, `epochs`)."""
     if result.checkpoint is None:
@@ -110,6 +111,7 @@ def write_run_folder(run_dir: Path, result, trial: dict, config: dict, plan_info
         "data_manifest": {"path": config["data"]["prepared_dir"], "fingerprint": plan_info["fingerprint"]},
         "checkpoint": result.checkpoint.path,
         **(code or {"code": None, "code_history": []}),     # which code trained it (code_version)
+        **(extra or {}),
         "config": config,
     }
     if stopped:    # its test metrics are of an under-trained run: kept for reading, out of the tables
@@ -149,14 +151,19 @@ def study_trial(config: dict, *, configs: dict, study_dir: str, plan_info: dict)
     if done is not None:                      # finished before (a restored or re-run study)
         _log(folder, event="skip", key=trial["key"], run=trial["run"],
              trained_by=describe(done.get("code")), current_code=describe(code_version()))
-        ray.tune.report({"best_valid": done.get("best_valid"), valid_key: done.get("best_valid"),
-                         "best_epoch": done.get("best_epoch"),
-                         **{f"test/{k}": v for k, v in done["test"].items()}, "finished": True,
-                         "from_run_folder": True})
+        _report_stored(done, valid_key)
         return
-    _log(folder, event="start", key=trial["key"], run=trial["run"])
     started = time.time()
     cfg = from_dict(ExperimentConfig, configs[trial["key"]]).validate()
+    earlier = _finished_train_run(cfg, trial["key"])
+    if earlier is not None:                   # trained to the end by another study: read, not resumed
+        summary = write_run_folder(run_dir, earlier, trial, configs[trial["key"]], plan_info,
+                                   time.time() - started, code=trained_by(cfg), extra={"reused": True})
+        _log(folder, event="reuse", key=trial["key"], run=trial["run"], train_run=cfg.train.run_name,
+             trained_by=describe(summary.get("code")))
+        _report_stored(summary, valid_key)
+        return
+    _log(folder, event="start", key=trial["key"], run=trial["run"])
     trainer = build_trainer(cfg, callbacks=[_report_callback(valid_key)])
     clear_stop(stop_file(storage_root(cfg), cfg.train.run_name))   # a request meant an earlier trial
     result = trainer.fit()
@@ -164,6 +171,31 @@ def study_trial(config: dict, *, configs: dict, study_dir: str, plan_info: dict)
                                time.time() - started, code=trained_by(cfg))
     _log(folder, event="stopped" if summary.get("status") == "stopped" else "end", key=trial["key"],
          run=trial["run"], seconds=time.time() - started, epochs_run=summary.get("epochs_run"))
+
+
+def _report_stored(results: dict, valid_key: str) -> None:
+    """Report a finished run's stored results to Tune, as the last report of a trained one."""
+    ray.tune.report({"best_valid": results.get("best_valid"), valid_key: results.get("best_valid"),
+                     "best_epoch": results.get("best_epoch"),
+                     **{f"test/{k}": v for k, v in results["test"].items()}, "finished": True,
+                     "from_run_folder": True})
+
+
+def _finished_train_run(cfg, key: str):
+    """A `Result`-like (`.checkpoint`) of the trial's Train run when it holds this identity and has
+    nothing left to train (another study ran it to the end), else None. Resuming it would only load
+    the checkpoint on every worker and evaluate test again (minutes on Beauty), and add a checkpoint."""
+    from types import SimpleNamespace
+
+    from hm4sr_dist.train.identity import read_identity
+    from hm4sr_dist.train.launcher import run_folder
+    from hm4sr_dist.train.state import finished_checkpoint
+
+    folder = run_folder(cfg)
+    if (read_identity(folder) or {}).get("hash") != key:
+        return None                           # new, or another config: build_trainer decides
+    checkpoint = finished_checkpoint(folder, cfg.optim.epochs, cfg.eval.patience)
+    return SimpleNamespace(checkpoint=checkpoint) if checkpoint is not None else None
 
 
 class _ExitAfter(ray.tune.Callback):

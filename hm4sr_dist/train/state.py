@@ -112,7 +112,38 @@ def load_worker_files(folder: Path, rank: int) -> tuple[TrainState, dict | None,
 
 def stored_train_state(run_dir: str) -> TrainState | None:
     """Rank 0's progress in the checkpoint a resume would start from (local path or URI), or None
-    for a run with no readable checkpoint; read in the driver, before Ray Train starts.
+    for a run with no readable checkpoint; read in the driver, before Ray Train starts."""
+    found = _resume_checkpoint(run_dir)
+    return found[2] if found else None
+
+
+def finished_checkpoint(run_dir: str, epochs: int, patience: int):
+    """The Train run's final checkpoint (a `ray.train.Checkpoint`) when resuming it would train
+    nothing (its last checkpoint is the final one, of a run that reached `epochs` or early-stopped
+    with `patience`), else None: a caller can read its results without starting Ray Train."""
+    import json
+    import posixpath
+
+    import ray.train
+
+    found = _resume_checkpoint(run_dir)
+    if found is None:
+        return None
+    fs, folder, state = found
+    if state.epoch < epochs and state.epochs_without_improvement < patience:
+        return None
+    try:
+        with fs.open_input_stream(posixpath.join(folder, "final_metrics.json")) as stream:
+            final = json.loads(stream.read())
+    except (OSError, ValueError):
+        return None                                    # an epoch checkpoint, or one half-written
+    if not final.get("finished") or final.get("stopped_early"):
+        return None
+    return ray.train.Checkpoint(folder, filesystem=fs)
+
+
+def _resume_checkpoint(run_dir: str):
+    """(filesystem, checkpoint folder, its TrainState) of the checkpoint a resume would start from.
 
     Ray resumes from the latest reported checkpoint, which its `checkpoint_manager_snapshot.json`
     names; without a readable snapshot, the newest by folder name. A checkpoint still being
@@ -136,9 +167,10 @@ def stored_train_state(run_dir: str) -> TrainState | None:
     except Exception:  # noqa: BLE001 - no snapshot, or a Ray version that writes it otherwise
         pass
     for name in names:
+        folder = posixpath.join(path, name)
         try:
-            with fs.open_input_stream(posixpath.join(path, name, "train_state.pt")) as stream:
-                return TrainState(**torch.load(io.BytesIO(stream.read()), weights_only=False))
+            with fs.open_input_stream(posixpath.join(folder, "train_state.pt")) as stream:
+                return fs, folder, TrainState(**torch.load(io.BytesIO(stream.read()), weights_only=False))
         except (OSError, RuntimeError, EOFError, TypeError):
             continue                                   # missing or half-written: an older one
     return None

@@ -139,6 +139,20 @@ def test_study_is_killed_resumed_and_tabulated(prepared_sequences, local_ray, tm
     for f in result["figures"]:
         with Image.open(f) as im:
             assert im.size[0] >= 400 and im.size[1] >= 300
+
+    # 5. another study with a setting the first one trained: read from its Train run, not re-trained
+    train_run = tmp_path / "ray" / trained["config"]["train"]["run_name"]
+    checkpoints = sorted(train_run.glob("checkpoint_*"))
+    other = tmp_path / "other"
+    main(["--prepared-dir", str(prepared_sequences), "--study", "custom", "--variant-list", first[0]["run"].split("__")[0],
+          "--seeds", first[0]["run"].rsplit("seed", 1)[1], "--output", str(other), "--trial-cpus", "0.5",
+          "--bootstrap", "200", *TINY, f"train.storage_path={tmp_path / 'ray'}"])
+    events = [json.loads(line) for line in (other / "trials.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["reuse"] and events[0]["train_run"] == train_run.name
+    reused = json.loads((other / "runs" / first[0]["run"] / "results.json").read_text())
+    assert reused["reused"] and reused["test"] == trained["test"] and reused["history"] == trained["history"]
+    assert (other / "runs" / first[0]["run"] / "per_user_test.npz").is_file()
+    assert sorted(train_run.glob("checkpoint_*")) == checkpoints      # the Train run is untouched
     print(f"study test: {time.time() - started:.0f} s")
 
 
