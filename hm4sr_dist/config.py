@@ -232,7 +232,8 @@ class TrainConfig:
     allow_config_change: bool = _f(False, "resume a run whose stored config differs (on purpose, e.g. a "
                                    "lower lr); by default a clash stops with the differing keys")
     log_every_steps: int = _f(20, "steps between progress lines and TensorBoard scalars", min=1)
-    tensorboard_dir: str = _f("", "TensorBoard event folder ('' = <storage>/<run>/tensorboard)")
+    tensorboard_dir: str = _f("", "TensorBoard event folder ('' = <storage>/<run>/tensorboard); "
+                                  "a sweep or study trial writes into <folder>/<run>")
     fail_at_step: int = _f(-1, "fault injection for tests: worker rank 1 dies once at this global step", min=-1)
 
 

@@ -160,8 +160,13 @@ def main(argv: list[str] | None = None) -> dict:
         for r in rows:
             if r["status"] != "finished":
                 say(f"  {r['setting']}: {not_finished(r)}")
-    elif not (out / "trials.json").is_file():
-        raise ConfigError(f"{out} holds no study results to report on", key="--report-only")
+    elif not (out / "study_plan.json").is_file():
+        raise ConfigError(f"{out} holds no study to report on (no study_plan.json)", key="--report-only")
+    elif not (out / "trials.json").is_file():      # the driver was killed before the study ended
+        from hm4sr_dist.study.runner import write_trial_statuses
+        rows = write_trial_statuses(study, out)
+        say(f"no trials.json (an interrupted study): statuses from the run folders, "
+            f"{sum(r['status'] == 'finished' for r in rows)}/{len(rows)} finished")
     made = report(out, n_boot=args.bootstrap)
     say((out / "study.md").read_text())
     say(f"wrote {out / 'study.csv'}, {out / 'study.md'} and {len(made['figures'])} figures in {out}")

@@ -24,7 +24,8 @@ from hm4sr_dist.config import (ConfigError, ExperimentConfig, apply_variant, che
                                parse_override, to_dict)
 from hm4sr_dist.feasibility import DataOffer, resolve
 from hm4sr_dist.train.identity import run_identity
-from hm4sr_dist.tune.space import FIG4_PARAMS, PAPER_GRID, check_sweep, resolve_param, trial_config
+from hm4sr_dist.tune.space import (FIG4_PARAMS, PAPER_GRID, check_sweep, resolve_param, run_tensorboard_dir,
+                                   trial_config)
 
 STUDIES = ("table1", "fig3", "fig4", "fig5", "custom")
 ABLATIONS = ("-IMoE", "-TMoE", "-CP", "-IDCL", "-PCL", "-Text", "-Image")
@@ -65,10 +66,11 @@ class StudyPlan:
 
     @property
     def experiment(self) -> str:
-        """The Tune experiment's name: changes when the set of trials changes (new seeds, settings),
-        so an equal re-run restores the same experiment and a changed one starts a new one (its
-        finished trials are still found in the study's run folders and not re-run)."""
-        digest = hashlib.sha1(" ".join(sorted(t.key for t in self.trials)).encode()).hexdigest()[:8]
+        """The Tune experiment's name: changes when the set of trials changes (new seeds, settings,
+        epoch cap), so an equal re-run restores the same experiment and a changed one starts a new one
+        (its finished trials are still found in the study's run folders and not re-run)."""
+        trials = sorted(f"{t.key}:{t.config['optim']['epochs']}" for t in self.trials)
+        digest = hashlib.sha1(" ".join(trials).encode()).hexdigest()[:8]
         return f"{self.name}-{digest}"
 
 
@@ -152,6 +154,12 @@ def plan_study(study: str, base: ExperimentConfig, seeds: list[int], *, dataset:
     if len(set(seeds)) < len(seeds):
         raise ConfigError(key="--seeds", expected="distinct seeds", got=" ".join(map(str, seeds)))
     settings = study_settings(study, variants, params, custom)
+    by_folder: dict[str, Setting] = {}
+    for s in settings:             # run folders and table rows are named by the label
+        other = by_folder.setdefault(slug(s.label), s)
+        if (other.variant, other.overrides) != (s.variant, s.overrides):
+            raise ConfigError(f"two settings share the run-folder name {slug(s.label)!r} ({other.label!r} "
+                              f"and {s.label!r}); name them apart with LABEL:key=value", key="--setting")
     notes: list[str] = []
     if study in ("fig4", "fig5"):       # drop panels without effect on this config/data, with a note
         keep, dropped = [], set()
@@ -194,6 +202,7 @@ def plan_study(study: str, base: ExperimentConfig, seeds: list[int], *, dataset:
             run = f"{slug(s.label)}__seed{seed}"
             cfg.name = f"{dataset}-{study}-{slug(s.label)}"
             cfg.train.run_name = f"{dataset}-{key[:12]}"     # one Train run per identity, across studies
+            cfg.train.tensorboard_dir = run_tensorboard_dir(base.train.tensorboard_dir, cfg.train.run_name)
             t = Trial(key, s.label, seed, run, to_dict(cfg))
             trials.append(t)
             by_key[key] = t

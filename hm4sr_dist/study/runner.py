@@ -5,9 +5,9 @@ fits it), then tables and figures (`hm4sr_dist.study.report`).
 Resuming, at three levels:
 - the Tune experiment (`<storage>/<study>-<trials digest>`) is restored with `Tuner.restore` when
   `Tuner.can_restore` finds it, so a killed driver picks up the trials it had not finished;
-- a trial whose run folder `<study dir>/runs/<run>/results.json` holds its identity is finished:
-  the trial function reports the stored metrics and returns without building a trainer (this also
-  covers a trial finished just before a kill that Tune's saved state still shows as running);
+- a trial whose run folder `<study dir>/runs/<run>/results.json` holds its identity (and epoch cap)
+  is finished: the trial function reports the stored metrics and returns without building a trainer
+  (this also covers a trial finished just before a kill that Tune's saved state still shows as running);
 - a trial that does train uses a Ray Train run named by its identity (`<dataset>-<hash>`), which
   resumes from its last checkpoint; when another study already ran that Train run to the end, the
   trial reads its final checkpoint without starting Ray Train (`reuse` in trials.jsonl).
@@ -49,14 +49,21 @@ def _log(study_dir: Path, **event) -> None:
         f.write(json.dumps({"time": time.time(), **event}) + "\n")
 
 
-def finished_run(run_dir: Path, key: str) -> dict | None:
-    """The run folder's results.json when it holds the finished trial `key`, else None."""
+def finished_run(run_dir: Path, key: str, config: dict) -> dict | None:
+    """The run folder's results.json when it holds the finished trial `key` trained under the trial's
+    epoch cap, else None. The cap is not part of the run identity (a longer cap continues a Train
+    run), so a run folder of a 5-epoch study is not the result of the same study at 20 epochs."""
     try:
         results = json.loads((run_dir / "results.json").read_text())
     except (OSError, ValueError):
         return None
-    ok = results.get("identity") == key and (run_dir / PER_USER_FILE).is_file()
+    ok = (results.get("identity") == key and (run_dir / PER_USER_FILE).is_file()
+          and _epoch_cap(results.get("config")) == _epoch_cap(config))
     return results if ok else None
+
+
+def _epoch_cap(config: dict | None):
+    return ((config or {}).get("optim") or {}).get("epochs")
 
 
 def stopped_run(run_dir: Path, key: str) -> dict | None:
@@ -147,7 +154,7 @@ def study_trial(config: dict, *, configs: dict, study_dir: str, plan_info: dict)
     trial, folder = config["trial"], Path(study_dir)
     valid_key = f"valid/{configs[trial['key']]['eval']['valid_metric']}"
     run_dir = folder / "runs" / trial["run"]
-    done = finished_run(run_dir, trial["key"])
+    done = finished_run(run_dir, trial["key"], configs[trial["key"]])
     if done is not None:                      # finished before (a restored or re-run study)
         _log(folder, event="skip", key=trial["key"], run=trial["run"],
              trained_by=describe(done.get("code")), current_code=describe(code_version()))
@@ -171,6 +178,29 @@ def study_trial(config: dict, *, configs: dict, study_dir: str, plan_info: dict)
                                time.time() - started, code=trained_by(cfg))
     _log(folder, event="stopped" if summary.get("status") == "stopped" else "end", key=trial["key"],
          run=trial["run"], seconds=time.time() - started, epochs_run=summary.get("epochs_run"))
+
+
+LAUNCH_FILE = "tune_launch.json"               # the flags each Tune experiment was started with
+
+
+def _record_launch(study_dir: Path, experiment: str, launch: dict) -> None:
+    file = study_dir / LAUNCH_FILE
+    stored = json.loads(file.read_text()) if file.is_file() else {}
+    file.write_text(json.dumps(stored | {experiment: launch}, indent=2))
+
+
+def _note_changed_launch(study_dir: Path, experiment: str, launch: dict) -> None:
+    """A restored Tune experiment keeps the scheduler, concurrency and FailureConfig it was started
+    with (Tuner.restore takes none of them): say so when the re-run asked for others."""
+    file = study_dir / LAUNCH_FILE
+    first = (json.loads(file.read_text()) if file.is_file() else {}).get(experiment)
+    changed = {k: v for k, v in launch.items() if first is not None and first.get(k) != v}
+    if changed:
+        was = " ".join(f"{k}={first.get(k)}" for k in changed)
+        asked = " ".join(f"{k}={v}" for k, v in changed.items())
+        print(f"note: the resumed Tune experiment keeps the settings it was started with ({was}); "
+              f"this run's {asked} do not apply to it (a new --output starts a new study; finished "
+              "Train runs are reused from the storage)", flush=True)
 
 
 def _report_stored(results: dict, valid_key: str) -> None:
@@ -227,7 +257,7 @@ def check_epoch_caps(plan: StudyPlan, study_dir: Path) -> None:
 
     refused = []
     for t in plan.trials:
-        if finished_run(study_dir / "runs" / t.run, t.key) is not None:
+        if finished_run(study_dir / "runs" / t.run, t.key, t.config) is not None:
             continue                                   # reported from its run folder, not trained
         message = epoch_cap_refusal(from_dict(ExperimentConfig, t.config))
         if message:
@@ -261,10 +291,14 @@ def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, tria
     path = (f"{storage.rstrip('/')}/{plan.experiment}" if "://" in storage
             else os.path.join(storage, plan.experiment))
     callbacks = [_ExitAfter()]
+    launch = {"--asha": asha, "--asha-grace": asha_grace, "--asha-reduction": asha_reduction,
+              "--max-concurrent": max_concurrent, "--max-failures": max_failures}
     if ray.tune.Tuner.can_restore(path):
         print(f"study {plan.name}: resuming the Tune experiment {path}", flush=True)
+        _note_changed_launch(study_dir, plan.experiment, launch)
         tuner = ray.tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     else:
+        _record_launch(study_dir, plan.experiment, launch)
         scheduler = None
         if asha:
             from hm4sr_dist.tune.asha import GracefulASHA
@@ -296,9 +330,16 @@ def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, tria
         spec = (r.config or {}).get("trial") or {}
         if r.error is not None and spec:
             errors[spec["key"]] = " ".join(repr(r.error).split())[:300]
+    return write_trial_statuses(plan, study_dir, errors)
+
+
+def write_trial_statuses(plan: StudyPlan, study_dir: Path, errors: dict | None = None) -> list[dict]:
+    """trials.json: every planned trial's status from its run folder (`errors`: trial key -> the
+    error of a trial Tune gave up on)."""
+    errors = errors or {}
     rows = []
     for t in plan.trials:
-        done = finished_run(study_dir / "runs" / t.run, t.key)
+        done = finished_run(study_dir / "runs" / t.run, t.key, t.config)
         stopped = None if done else stopped_run(study_dir / "runs" / t.run, t.key)
         status = ("finished" if done else "failed" if t.key in errors else
                   "stopped" if stopped else "unfinished")

@@ -146,7 +146,15 @@ def trial_config(base: dict, overrides: Mapping, sweep: str, offer: DataOffer | 
                            source=SWEEP_SOURCE, sources=sources)
     cfg = from_dict(ExperimentConfig, data, sources=sources).validate(sources)
     cfg.train.run_name = trial_run_name(sweep, overrides)
+    cfg.train.tensorboard_dir = run_tensorboard_dir(base["train"]["tensorboard_dir"], cfg.train.run_name)
     return resolve(cfg, offer, sources).config
+
+
+def run_tensorboard_dir(root: str, run_name: str) -> str:
+    """A trial's event folder under a user-given `train.tensorboard_dir` (a path or a URI): one per
+    run, else every trial writes into one folder and the HParams tab cannot tell the runs apart.
+    '' stays '' (the worker's default, `<storage>/<run>/tensorboard`, is per run already)."""
+    return f"{root.rstrip('/')}/{run_name}" if root else ""
 
 
 MAX_CHECKED_COMBOS = 2000       # a larger full grid is checked one key at a time

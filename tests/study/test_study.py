@@ -66,6 +66,56 @@ def test_a_trial_that_would_resume_a_longer_train_run_is_refused_before_ray(tmp_
     assert not (tmp_path / "study").exists()                  # refused before anything was written
 
 
+def test_a_run_folder_of_another_epoch_cap_is_not_a_result(tmp_path):
+    """optim.epochs is not part of the run identity (a longer cap continues the same Train run), so
+    the study must not answer a 20-epoch request with a 5-epoch study's run folder or Tune state."""
+    from hm4sr_dist.study.runner import finished_run
+
+    five = _plan("table1", ["optim.epochs=5"], seeds=[1])
+    twenty = _plan("table1", ["optim.epochs=20"], seeds=[1])
+    assert [t.key for t in five.trials] == [t.key for t in twenty.trials]       # the same Train runs
+    assert five.experiment != twenty.experiment                                 # not the same Tune state
+    t5, t20 = five.trials[0], twenty.trials[0]
+    _fake_run(tmp_path / t5.run, t5.setting, t5.seed, t5.config, [1, 2, 30], t5.key)
+    assert finished_run(tmp_path / t5.run, t5.key, t5.config)["identity"] == t5.key
+    assert finished_run(tmp_path / t5.run, t20.key, t20.config) is None
+
+
+def test_settings_whose_run_folders_would_collide_are_refused():
+    one, two = parse_setting("wide:model.hidden_size=16"), parse_setting("wide:model.hidden_size=32")
+    with pytest.raises(ConfigError, match="run-folder name 'wide'") as err:
+        _plan("custom", custom=[one, two])
+    assert err.value.key == "--setting"
+    again = _plan("custom", variants=["hm4sr", "hm4sr"], seeds=[1])      # the same setting twice: runs once
+    assert len(again.trials) == 1
+
+
+def test_each_trial_gets_its_own_tensorboard_folder_under_a_given_one(tmp_path):
+    from hm4sr_dist.tune.space import trial_config
+
+    plan = _plan("table1", [f"train.tensorboard_dir={tmp_path / 'tb'}"], seeds=[1, 2])
+    folders = [t.config["train"]["tensorboard_dir"] for t in plan.trials]
+    assert folders == [str(tmp_path / "tb" / t.config["train"]["run_name"]) for t in plan.trials]
+    assert len(set(folders)) == len(plan.trials)
+    assert _plan("table1", seeds=[1]).trials[0].config["train"]["tensorboard_dir"] == ""   # default: per run
+    config = plan.trials[0].config
+    base = config | {"train": config["train"] | {"tensorboard_dir": "s3://b/tb"}}
+    cfg = trial_config(base, {"loss.idcl_weight": 0.5}, "sweep")                  # a Tune sweep's trial
+    assert cfg.train.tensorboard_dir == f"s3://b/tb/{cfg.train.run_name}"
+
+
+def test_a_study_larger_than_the_threshold_needs_yes(prepared_sequences):
+    sys.path.insert(0, str(ROOT))
+    from jobs.study import plan
+
+    argv = ["--prepared-dir", str(prepared_sequences), "--study", "fig4", "--seeds", "1", "2", "3", *TINY]
+    with pytest.raises(ConfigError, match=r"the study has \d+ trials .* more than 24; pass --yes") as err:
+        plan(argv)
+    assert err.value.key == "--yes"
+    assert len(plan(argv + ["--yes"])["study"].trials) > 24
+    assert len(plan(argv + ["--max-trials", "100"])["study"].trials) > 24
+
+
 def test_user_errors_name_the_key():
     with pytest.raises(ConfigError, match="loss.idcl_weigth"):
         parse_setting("loss.idcl_weigth=0.5")
@@ -92,7 +142,7 @@ def test_overrides_may_follow_the_seed_and_variant_lists():
 
 
 @pytest.mark.slow
-def test_study_is_killed_resumed_and_tabulated(prepared_sequences, local_ray, tmp_path):
+def test_study_is_killed_resumed_and_tabulated(prepared_sequences, local_ray, tmp_path, capsys):
     from PIL import Image
 
     from jobs.study import main
@@ -114,9 +164,18 @@ def test_study_is_killed_resumed_and_tabulated(prepared_sequences, local_ray, tm
     trained = json.loads((out / "runs" / first[0]["run"] / "results.json").read_text())
     assert trained["code"]["fingerprint"] == fingerprint() and trained["code_history"] == []
     assert not (out / "study.md").exists()
+    # the interrupted study's tables so far: statuses from the run folders (no trials.json yet)
+    capsys.readouterr()
+    main(argv + ["--report-only"])
+    assert "statuses from the run folders, 1/4 finished" in capsys.readouterr().out
+    assert sorted(r["runs"] for r in csv.DictReader(open(out / "study.csv"))) == ["0/2", "1/2"]
 
     # 2. the same command again: the Tune experiment is restored, the finished trial is not re-run
-    result = main(argv)
+    capsys.readouterr()
+    result = main(argv + ["--max-failures", "3"])
+    printed = capsys.readouterr().out
+    assert "resuming the Tune experiment" in printed                    # Tuner.restore, not a new one
+    assert "keeps the settings it was started with (--max-failures=1); this run's --max-failures=3" in printed
     events = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     starts = [e["run"] for e in events if e["event"] == "start"]
     assert starts.count(first[0]["run"]) == 1
@@ -144,8 +203,9 @@ def test_study_is_killed_resumed_and_tabulated(prepared_sequences, local_ray, tm
     train_run = tmp_path / "ray" / trained["config"]["train"]["run_name"]
     checkpoints = sorted(train_run.glob("checkpoint_*"))
     other = tmp_path / "other"
-    main(["--prepared-dir", str(prepared_sequences), "--study", "custom", "--variant-list", first[0]["run"].split("__")[0],
-          "--seeds", first[0]["run"].rsplit("seed", 1)[1], "--output", str(other), "--trial-cpus", "0.5",
+    setting, seed = first[0]["run"].split("__seed")
+    main(["--prepared-dir", str(prepared_sequences), "--study", "custom", "--variant-list", setting,
+          "--seeds", seed, "--output", str(other), "--trial-cpus", "0.5",
           "--bootstrap", "200", *TINY, f"train.storage_path={tmp_path / 'ray'}"])
     events = [json.loads(line) for line in (other / "trials.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["reuse"] and events[0]["train_run"] == train_run.name

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from hm4sr_dist.config import ConfigError, load_config
 from hm4sr_dist.diagnostics import ROUTING_DPI, ROUTING_PANEL_INCHES
@@ -92,6 +93,13 @@ def test_run_reports_test_metrics_weights_and_tensorboard(uninterrupted):
         png = Image.open(io.BytesIO(im.encoded_image_string))
         assert png.format == "PNG" and png.size == (im.width, im.height) == (2 * width, height)
         assert len(png.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 20   # drawn, not blank
+    # hparams for the HParams tab: this run's config keys -> its final metrics, in <logdir>/hparams
+    hparams = EventAccumulator(str(logdir / "hparams")).Reload()
+    assert {"hparam/test/ndcg@10", "hparam/best_valid"} <= set(hparams.Tags()["scalars"])
+    session = HParamsPluginData.FromString(
+        hparams.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+    assert session.hparams["optim.epochs"].number_value == 3
+    assert session.hparams["model.modalities"].string_value.startswith("[")
 
 
 def test_stopped_and_resumed_run_ends_like_the_uninterrupted_one(uninterrupted, prepared_sequences):
