@@ -7,9 +7,10 @@
         --seed-bands docs/figures/beauty_valid_ndcg5_seeds.png --recbole-reference
 
 Each run folder holds the `results.json` a study writes (its `history` has one row per epoch, its
-`diagnostics` the last validation pass's MoE routing). `--recbole-log LOG` adds the validation curve
-of a RecBole 1.2.1 SASRec run of `../shared/tools/recbole-reference` (the output of its
-`--valid-every-epoch`); `--recbole-reference` adds the curve quoted in issue 9 (epochs 0-7).
+`diagnostics` the MoE routing over the test users, with the best validation epoch's weights).
+`--recbole-log LOG` adds the validation curve of a RecBole 1.2.1 SASRec run of
+`../shared/tools/recbole-reference` (the output of its `--valid-every-epoch`); `--recbole-reference`
+adds the curve quoted in issue 9 (epochs 0-7).
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def main() -> None:
         if args.routing not in runs:
             raise SystemExit(f"error: --routing: {args.routing} not among {sorted(runs)}")
         plot_routing(runs[args.routing], args.routing_out or Path(f"{args.routing}_routing.png"),
-                     f"{args.routing}: gate weights, last validation pass")
+                     f"{args.routing}: gate weights on the test users (best validation epoch's weights)")
 
 
 if __name__ == "__main__":
