@@ -195,9 +195,12 @@ def test_study_is_killed_resumed_and_tabulated(prepared_sequences, local_ray, tm
     # 4. figures: curves per setting, bars, routing heatmap for HM4SR (SASRec has no MoE)
     names = {Path(f).name for f in result["figures"]}
     assert {"curves_hm4sr.png", "curves_sasrec.png", "bars.png", "diffs.png", "routing_hm4sr.png"} <= names
+    expected = {"curves_hm4sr.png": (1100, 400), "curves_sasrec.png": (1100, 400), "bars.png": (600, 450),
+                "diffs.png": (600, 450), "routing_hm4sr.png": (1200, 400)}     # figsize x 100 dpi
     for f in result["figures"]:
         with Image.open(f) as im:
-            assert im.size[0] >= 400 and im.size[1] >= 300
+            im.load()                                         # decodes: a truncated PNG fails here
+            assert im.size == expected.get(Path(f).name, im.size) and min(im.size) >= 300, f
 
     # 5. another study with a setting the first one trained: read from its Train run, not re-trained
     train_run = tmp_path / "ray" / trained["config"]["train"]["run_name"]
