@@ -217,7 +217,8 @@ def load_run(path: str | Path, check: bool = True, tol: float = 1e-9) -> Run:
 def expand_runs(patterns: Iterable[str | Path]) -> list[Path]:
     """Run folders from folders, globs or results.json paths, in the order given, without repeats.
 
-    A folder without results.json stands for its direct subfolders that have one (a study folder).
+    A folder without results.json stands for its direct subfolders that have one (a study folder),
+    except hidden ones (`.<run>.tmp`: a run folder the study runner had not finished writing).
     """
     out: list[Path] = []
     patterns = [str(p) for p in patterns]
@@ -234,7 +235,8 @@ def expand_runs(patterns: Iterable[str | Path]) -> list[Path]:
             elif (m / RESULTS_FILE).is_file():
                 found.append(m)
             elif m.is_dir():
-                found += sorted(d for d in m.iterdir() if (d / RESULTS_FILE).is_file())
+                found += sorted(d for d in m.iterdir()
+                                if not d.name.startswith(".") and (d / RESULTS_FILE).is_file())
             elif not glob.has_magic(pattern):
                 raise CompareError(f"{m}: no such run folder")
         if not found:

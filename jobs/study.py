@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
             say(f"  {t.setting:30s} seed {t.seed}  run {t.run}  identity {t.key}")
         return {"study": study.name, "n_trials": len(study.trials)}
     from hm4sr_dist.study.report import not_finished, report
+    failed = 0
     if not args.report_only:
         from hm4sr_dist.study.runner import run_study
         write_plan(study, out)
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         for r in rows:
             if r["status"] != "finished":
                 say(f"  {r['setting']}: {not_finished(r)}")
+        failed = sum(r["status"] == "failed" for r in rows)
     elif not (out / "study_plan.json").is_file():
         raise ConfigError(f"{out} holds no study to report on (no study_plan.json)", key="--report-only")
     elif not (out / "trials.json").is_file():      # the driver was killed before the study ended
@@ -170,11 +172,16 @@ def main(argv: list[str] | None = None) -> dict:
     made = report(out, n_boot=args.bootstrap)
     say((out / "study.md").read_text())
     say(f"wrote {out / 'study.csv'}, {out / 'study.md'} and {len(made['figures'])} figures in {out}")
-    return {"study": study.name, "out": str(out), **made}
+    if failed:
+        say(f"error: {failed} trial(s) failed after --max-failures={args.max_failures} retries (see above "
+            f"and {out / 'trials.json'}); the tables leave them out")
+    return {"study": study.name, "out": str(out), "failed_trials": failed, **made}
 
 
 def cli() -> None:
-    exit_on_user_error(lambda: main(sys.argv[1:]))
+    result = exit_on_user_error(lambda: main(sys.argv[1:]))
+    if result and result.get("failed_trials"):
+        sys.exit(1)                 # tables and figures are written; a script still sees the failure
 
 
 if __name__ == "__main__":

@@ -200,3 +200,15 @@ def test_cli_writes_one_row_per_setting(study, tmp_path, capsys):
     proc = subprocess.run([sys.executable, "-m", "hm4sr_dist.compare", str(tmp_path / "missing")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "missing: no such run folder" in proc.stderr
+
+
+def test_a_study_folder_stands_for_its_finished_runs_only(tmp_path):
+    """`hm4sr-compare runs/`: the run folders, not a half-written `.<run>.tmp` left by a killed study."""
+    from hm4sr_dist.compare import expand_runs
+
+    for name in ("a__seed1", "b__seed1", ".b__seed2.tmp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text("{}")
+    (tmp_path / "notes").mkdir()
+    assert expand_runs([tmp_path]) == [tmp_path / "a__seed1", tmp_path / "b__seed1"]
+    assert expand_runs([tmp_path / "*"]) == [tmp_path / "a__seed1", tmp_path / "b__seed1"]

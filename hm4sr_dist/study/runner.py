@@ -95,7 +95,7 @@ def write_run_folder(run_dir: Path, result, trial: dict, config: dict, plan_info
     for a trial stopped early, stopped.json alone (with `stopped_by`, `epochs_run`, `epochs`)."""
     if result.checkpoint is None:
         raise RuntimeError(f"trial {trial['run']}: the Train run left no checkpoint")
-    tmp = run_dir.with_name(run_dir.name + ".tmp")
+    tmp = run_dir.with_name(f".{run_dir.name}.tmp")    # hidden: hm4sr-compare runs/ passes it over
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     with result.checkpoint.as_directory() as folder:

@@ -126,6 +126,21 @@ def test_user_errors_name_the_key():
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "manifest.json" in r.stderr
 
 
+def test_failed_trials_make_the_command_exit_1_after_the_report(monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    import jobs.study
+
+    for failed, code in ((0, None), (2, 1)):
+        monkeypatch.setattr(jobs.study, "main", lambda argv, n=failed: {"failed_trials": n})
+        monkeypatch.setattr(sys, "argv", ["study.py"])
+        if code is None:
+            jobs.study.cli()
+        else:
+            with pytest.raises(SystemExit) as err:
+                jobs.study.cli()
+            assert err.value.code == code
+
+
 def test_overrides_may_follow_the_seed_and_variant_lists():
     """`--seeds 2020 2021 optim.epochs=50` and `--variant-list hm4sr -TMoE key=value`: each list ends at
     the first key=value, which is an override of the base config (as the docs write it)."""
