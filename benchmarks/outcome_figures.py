@@ -53,7 +53,8 @@ def read_recbole_curve(log: Path, metric: str = "valid/ndcg@5") -> list[float]:
 def load_runs(folder: Path) -> dict[str, dict]:
     runs = {}
     for path in sorted(folder.glob("*/results.json")):
-        runs[path.parent.name] = json.loads(path.read_text())
+        if not path.parent.name.startswith("."):     # .<run>.tmp: a run folder being written
+            runs[path.parent.name] = json.loads(path.read_text())
     if not runs:
         raise SystemExit(f"error: --runs: no */results.json under {folder}")
     return runs

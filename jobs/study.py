@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 from pathlib import Path
 
 from hm4sr_dist.config import ConfigError, command_line_keys, load_tracked
 from hm4sr_dist.feasibility import DataOffer, resolve
-from hm4sr_dist.study.plan import DEFAULT_MAX_TRIALS, STUDIES, parse_setting, plan_study, write_plan
+from hm4sr_dist.study.plan import (DEFAULT_MAX_TRIALS, STUDIES, parse_setting, plan_mismatch, plan_study,
+                                   write_plan)
 from jobs.common import JobArgumentParser, exit_on_user_error
 
 say = functools.partial(print, flush=True)
@@ -164,11 +166,16 @@ def main(argv: list[str] | None = None) -> dict:
         failed = sum(r["status"] == "failed" for r in rows)
     elif not (out / "study_plan.json").is_file():
         raise ConfigError(f"{out} holds no study to report on (no study_plan.json)", key="--report-only")
-    elif not (out / "trials.json").is_file():      # the driver was killed before the study ended
+    else:       # statuses from the run folders: trials.json is stale or absent after a killed driver
         from hm4sr_dist.study.runner import write_trial_statuses
-        rows = write_trial_statuses(study, out)
-        say(f"no trials.json (an interrupted study): statuses from the run folders, "
-            f"{sum(r['status'] == 'finished' for r in rows)}/{len(rows)} finished")
+        mismatch = plan_mismatch(study, out)
+        if mismatch:
+            raise ConfigError(f"this command's trials are not those of the study in {out} ({mismatch}); "
+                              "give the seeds, settings and overrides it was run with", key="--report-only")
+        old = json.loads((out / "trials.json").read_text()) if (out / "trials.json").is_file() else []
+        rows = write_trial_statuses(study, out, {r["key"]: r["error"] for r in old if r.get("error")})
+        say(f"statuses from the run folders: {sum(r['status'] == 'finished' for r in rows)}/{len(rows)} "
+            "finished")
     made = report(out, n_boot=args.bootstrap)
     say((out / "study.md").read_text())
     say(f"wrote {out / 'study.csv'}, {out / 'study.md'} and {len(made['figures'])} figures in {out}")

@@ -160,6 +160,7 @@ def plan_study(study: str, base: ExperimentConfig, seeds: list[int], *, dataset:
         if (other.variant, other.overrides) != (s.variant, s.overrides):
             raise ConfigError(f"two settings share the run-folder name {slug(s.label)!r} ({other.label!r} "
                               f"and {s.label!r}); name them apart with LABEL:key=value", key="--setting")
+    settings = list(by_folder.values())          # a setting given twice (`hm4sr hm4sr`) is one row
     notes: list[str] = []
     if study in ("fig4", "fig5"):       # drop panels without effect on this config/data, with a note
         keep, dropped = [], set()
@@ -212,6 +213,22 @@ def plan_study(study: str, base: ExperimentConfig, seeds: list[int], *, dataset:
                      kept[0].label)
 
 
+def plan_mismatch(plan: StudyPlan, folder: Path) -> str | None:
+    """How `plan` differs from the one the study in `folder` was run with (`study_plan.json`: its
+    trials' runs, identities and epoch caps), or None when it is the same."""
+    stored = json.loads((folder / "study_plan.json").read_text())["trials"]
+    mine = {t.run: (t.key, t.config["optim"]["epochs"]) for t in plan.trials}
+    theirs = {t["run"]: (t["key"], t.get("epochs", mine.get(t["run"], (0, None))[1])) for t in stored}
+    if mine == theirs:
+        return None
+    missing, extra = sorted(set(theirs) - set(mine)), sorted(set(mine) - set(theirs))
+    changed = sorted(r for r in set(mine) & set(theirs) if mine[r] != theirs[r])
+    parts = [f"{label} {', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''}"
+             for label, runs in (("not in this command:", missing), ("not in the study:", extra),
+                                 ("another config or epoch cap:", changed)) if runs]
+    return "; ".join(parts)
+
+
 def write_plan(plan: StudyPlan, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     data = {"study": plan.study, "name": plan.name, "experiment": plan.experiment, "dataset": plan.dataset,
@@ -219,5 +236,6 @@ def write_plan(plan: StudyPlan, folder: Path) -> None:
             "settings": [{"label": s.label, "variant": s.variant, "overrides": s.overrides,
                           "axis": list(s.axis) if s.axis else None} for s in plan.settings],
             "trials": [{"key": t.key, "setting": t.setting, "seed": t.seed, "run": t.run,
-                        "train_run": t.config["train"]["run_name"]} for t in plan.trials]}
+                        "train_run": t.config["train"]["run_name"], "epochs": t.config["optim"]["epochs"]}
+                       for t in plan.trials]}
     (folder / "study_plan.json").write_text(json.dumps(data, indent=2, default=str))

@@ -18,7 +18,8 @@ A trial that ASHA stops (`--asha`, `hm4sr_dist.tune.asha.GracefulASHA`) is asked
 epochs, ends its Train run like a finished one and leaves `runs/<run>/stopped.json` instead (the
 same summary without per-user ranks, so neither the tables nor hm4sr-compare take it as a result).
 On a cluster the study folder must be on storage every node sees (like train.storage_path).
-`trials.jsonl` in the study folder logs every training start, end, stop and skip (used by the tests).
+`trials.jsonl` in the study folder logs every training start, end, stop, skip and reuse (used by the
+tests).
 """
 
 from __future__ import annotations
@@ -66,13 +67,15 @@ def _epoch_cap(config: dict | None):
     return ((config or {}).get("optim") or {}).get("epochs")
 
 
-def stopped_run(run_dir: Path, key: str) -> dict | None:
-    """The run folder's stopped.json when it holds the trial `key` stopped early, else None."""
+def stopped_run(run_dir: Path, key: str, config: dict) -> dict | None:
+    """The run folder's stopped.json when it holds the trial `key` stopped early under the trial's
+    epoch cap, else None."""
     try:
         summary = json.loads((run_dir / STOPPED_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return summary if summary.get("identity") == key else None
+    ok = summary.get("identity") == key and _epoch_cap(summary.get("config")) == _epoch_cap(config)
+    return summary if ok else None
 
 
 def _history(folder: Path) -> list[dict]:
@@ -189,7 +192,7 @@ def _record_launch(study_dir: Path, experiment: str, launch: dict) -> None:
     file.write_text(json.dumps(stored | {experiment: launch}, indent=2))
 
 
-def _note_changed_launch(study_dir: Path, experiment: str, launch: dict) -> None:
+def _note_changed_launch(study_dir: Path, path: str, experiment: str, launch: dict) -> None:
     """A restored Tune experiment keeps the scheduler, concurrency and FailureConfig it was started
     with (Tuner.restore takes none of them): say so when the re-run asked for others."""
     file = study_dir / LAUNCH_FILE
@@ -199,8 +202,8 @@ def _note_changed_launch(study_dir: Path, experiment: str, launch: dict) -> None
         was = " ".join(f"{k}={first.get(k)}" for k in changed)
         asked = " ".join(f"{k}={v}" for k, v in changed.items())
         print(f"note: the resumed Tune experiment keeps the settings it was started with ({was}); "
-              f"this run's {asked} do not apply to it (a new --output starts a new study; finished "
-              "Train runs are reused from the storage)", flush=True)
+              f"this run's {asked} do not apply to it. To start it afresh with them, delete {path} "
+              "(finished trials are kept in the run folders, trained epochs in the Train runs)", flush=True)
 
 
 def _report_stored(results: dict, valid_key: str) -> None:
@@ -278,6 +281,9 @@ def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, tria
     base = plan.trials[0].config
     ensure_ray()
     shapes = [(t.config["train"]["num_workers"], t.config["train"]["cpus_per_worker"]) for t in plan.trials]
+    launch = {"--max-concurrent": max_concurrent, "--max-failures": max_failures, "--asha": asha}
+    if asha:
+        launch |= {"--asha-grace": asha_grace, "--asha-reduction": asha_reduction}
     max_concurrent, note = fit_concurrency(max_concurrent, shapes, trial_cpus)
     if note:
         print(f"note: {note}", flush=True)
@@ -291,11 +297,9 @@ def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, tria
     path = (f"{storage.rstrip('/')}/{plan.experiment}" if "://" in storage
             else os.path.join(storage, plan.experiment))
     callbacks = [_ExitAfter()]
-    launch = {"--asha": asha, "--asha-grace": asha_grace, "--asha-reduction": asha_reduction,
-              "--max-concurrent": max_concurrent, "--max-failures": max_failures}
     if ray.tune.Tuner.can_restore(path):
         print(f"study {plan.name}: resuming the Tune experiment {path}", flush=True)
-        _note_changed_launch(study_dir, plan.experiment, launch)
+        _note_changed_launch(study_dir, path, plan.experiment, launch)
         tuner = ray.tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     else:
         _record_launch(study_dir, plan.experiment, launch)
@@ -340,7 +344,7 @@ def write_trial_statuses(plan: StudyPlan, study_dir: Path, errors: dict | None =
     rows = []
     for t in plan.trials:
         done = finished_run(study_dir / "runs" / t.run, t.key, t.config)
-        stopped = None if done else stopped_run(study_dir / "runs" / t.run, t.key)
+        stopped = None if done else stopped_run(study_dir / "runs" / t.run, t.key, t.config)
         status = ("finished" if done else "failed" if t.key in errors else
                   "stopped" if stopped else "unfinished")
         info = done or stopped or {}

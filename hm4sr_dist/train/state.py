@@ -130,6 +130,8 @@ def finished_checkpoint(run_dir: str, epochs: int, patience: int):
     if found is None:
         return None
     fs, folder, state = found
+    if state.epoch > epochs:                           # trained longer: the epoch-cap refusal's case
+        return None
     if state.epoch < epochs and state.epochs_without_improvement < patience:
         return None
     try:

@@ -26,6 +26,10 @@ class GracefulASHA(ASHAScheduler):
         if trial.trial_id in self.requested:
             # Stopping already: the epoch it is finishing must not enter ASHA's rungs as a survivor.
             return TrialScheduler.CONTINUE
+        if result.get("from_run_folder"):
+            # A finished run's stored result (a study re-run, or a Train run another study finished):
+            # its best score at iteration 1 would raise the first rung's cut-off for every other trial.
+            return TrialScheduler.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)
         if action != TrialScheduler.STOP:
             return action

@@ -86,8 +86,8 @@ def test_settings_whose_run_folders_would_collide_are_refused():
     with pytest.raises(ConfigError, match="run-folder name 'wide'") as err:
         _plan("custom", custom=[one, two])
     assert err.value.key == "--setting"
-    again = _plan("custom", variants=["hm4sr", "hm4sr"], seeds=[1])      # the same setting twice: runs once
-    assert len(again.trials) == 1
+    again = _plan("custom", variants=["hm4sr", "hm4sr"], seeds=[1])      # the same setting twice: one row
+    assert len(again.trials) == 1 and [s.label for s in again.settings] == ["hm4sr"] and not again.aliases
 
 
 def test_each_trial_gets_its_own_tensorboard_folder_under_a_given_one(tmp_path):
@@ -182,8 +182,13 @@ def test_study_is_killed_resumed_and_tabulated(prepared_sequences, local_ray, tm
     # the interrupted study's tables so far: statuses from the run folders (no trials.json yet)
     capsys.readouterr()
     main(argv + ["--report-only"])
-    assert "statuses from the run folders, 1/4 finished" in capsys.readouterr().out
+    assert "statuses from the run folders: 1/4 finished" in capsys.readouterr().out
     assert sorted(r["runs"] for r in csv.DictReader(open(out / "study.csv"))) == ["0/2", "1/2"]
+    other_seeds = [a if a != "2" else "3" for a in argv]                 # a report of another study
+    with pytest.raises(ConfigError, match=r"not in this command: hm4sr__seed2, sasrec__seed2; not in the "
+                                          r"study: hm4sr__seed3, sasrec__seed3") as err:
+        main(other_seeds + ["--report-only"])
+    assert err.value.key == "--report-only"
 
     # 2. the same command again: the Tune experiment is restored, the finished trial is not re-run
     capsys.readouterr()

@@ -79,6 +79,35 @@ def test_epoch_cap_is_read_from_the_newest_checkpoint_before_ray(tmp_path):
     assert epoch_cap_error(cfg, None) is None
 
 
+def test_a_finished_run_is_read_only_when_resuming_it_would_train_nothing(tmp_path):
+    """`finished_checkpoint`: what lets a study read another study's finished Train run instead of
+    resuming it. Its last checkpoint must be the final one, of a run that reached the cap or ran out
+    of patience; a run stopped by a Tune stop request, or capped lower, or longer, is resumed."""
+    from hm4sr_dist.train.state import TrainState, finished_checkpoint, save_worker_files
+
+    def checkpoint(stamp, final=None, **state):
+        folder = tmp_path / "run" / f"checkpoint_2026-01-01_00-{stamp:02d}-00.000000"
+        folder.mkdir(parents=True)
+        save_worker_files(folder, 0, TrainState(**state), None)
+        if final is not None:
+            (folder / "final_metrics.json").write_text(json.dumps(final))
+        return folder
+
+    run = str(tmp_path / "run")
+    assert finished_checkpoint(run, epochs=5, patience=10) is None                 # no run
+    checkpoint(1, epoch=4)                                                         # an epoch checkpoint
+    assert finished_checkpoint(run, epochs=4, patience=10) is None                 # not the final one
+    final = checkpoint(2, {"finished": True, "test/ndcg@5": 0.1}, epoch=4)
+    assert finished_checkpoint(run, epochs=4, patience=10).path == str(final)       # reached the cap
+    assert finished_checkpoint(f"file://{run}", epochs=4, patience=10).path == str(final)
+    assert finished_checkpoint(run, epochs=6, patience=10) is None                 # a longer cap trains on
+    assert finished_checkpoint(run, epochs=3, patience=10) is None                 # trained longer than asked
+    patient = checkpoint(3, {"finished": True}, epoch=4, epochs_without_improvement=10)
+    assert finished_checkpoint(run, epochs=300, patience=10).path == str(patient)  # early-stopped
+    checkpoint(4, {"finished": True, "stopped_early": True, "stopped_by": "asha"}, epoch=5)
+    assert finished_checkpoint(run, epochs=300, patience=10) is None               # Tune-stopped: resumes
+
+
 def test_epoch_cap_refusal_comes_before_ray_and_writes_nothing(prepared_sequences, tmp_path, capsys):
     from hm4sr_dist.config import ConfigError
     from hm4sr_dist.train.launcher import build_trainer
