@@ -214,6 +214,12 @@ def _report_stored(results: dict, valid_key: str) -> None:
                      "from_run_folder": True})
 
 
+def _nothing_to_train(t, study_dir: Path) -> bool:
+    from hm4sr_dist.config import ExperimentConfig, from_dict
+    return (finished_run(study_dir / "runs" / t.run, t.key, t.config) is not None
+            or _finished_train_run(from_dict(ExperimentConfig, t.config), t.key) is not None)
+
+
 def _finished_train_run(cfg, key: str):
     """A `Result`-like (`.checkpoint`) of the trial's Train run when it holds this identity and has
     nothing left to train (another study ran it to the end), else None. Resuming it would only load
@@ -280,7 +286,9 @@ def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, tria
     (study_dir / "runs").mkdir(parents=True, exist_ok=True)
     base = plan.trials[0].config
     ensure_ray()
-    shapes = [(t.config["train"]["num_workers"], t.config["train"]["cpus_per_worker"]) for t in plan.trials]
+    # Only trials that will train start workers: a finished or reusable one needs its driver alone.
+    shapes = [(t.config["train"]["num_workers"], t.config["train"]["cpus_per_worker"])
+              for t in plan.trials if not _nothing_to_train(t, study_dir)] or [(0, 0.0)]
     launch = {"--max-concurrent": max_concurrent, "--max-failures": max_failures, "--asha": asha}
     if asha:
         launch |= {"--asha-grace": asha_grace, "--asha-reduction": asha_reduction}
