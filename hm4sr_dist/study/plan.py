@@ -216,13 +216,17 @@ def plan_study(study: str, base: ExperimentConfig, seeds: list[int], *, dataset:
 def plan_mismatch(plan: StudyPlan, folder: Path) -> str | None:
     """How `plan` differs from the one the study in `folder` was run with (`study_plan.json`: its
     trials' runs, identities and epoch caps), or None when it is the same."""
-    stored = json.loads((folder / "study_plan.json").read_text())["trials"]
-    mine = {t.run: (t.key, t.config["optim"]["epochs"]) for t in plan.trials}
-    theirs = {t["run"]: (t["key"], t.get("epochs", mine.get(t["run"], (0, None))[1])) for t in stored}
-    if mine == theirs:
-        return None
+    theirs = {t["run"]: t for t in json.loads((folder / "study_plan.json").read_text())["trials"]}
+    mine = {t.run: t for t in plan.trials}
     missing, extra = sorted(set(theirs) - set(mine)), sorted(set(mine) - set(theirs))
-    changed = sorted(r for r in set(mine) & set(theirs) if mine[r] != theirs[r])
+
+    def differs(run: str) -> bool:          # a plan written before "epochs" was stored: its key only
+        epochs = mine[run].config["optim"]["epochs"]
+        return theirs[run]["key"] != mine[run].key or theirs[run].get("epochs", epochs) != epochs
+
+    changed = sorted(r for r in set(mine) & set(theirs) if differs(r))
+    if not (missing or extra or changed):
+        return None
     parts = [f"{label} {', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''}"
              for label, runs in (("not in this command:", missing), ("not in the study:", extra),
                                  ("another config or epoch cap:", changed)) if runs]

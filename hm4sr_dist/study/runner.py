@@ -54,28 +54,25 @@ def finished_run(run_dir: Path, key: str, config: dict) -> dict | None:
     """The run folder's results.json when it holds the finished trial `key` trained under the trial's
     epoch cap, else None. The cap is not part of the run identity (a longer cap continues a Train
     run), so a run folder of a 5-epoch study is not the result of the same study at 20 epochs."""
-    try:
-        results = json.loads((run_dir / "results.json").read_text())
-    except (OSError, ValueError):
-        return None
-    ok = (results.get("identity") == key and (run_dir / PER_USER_FILE).is_file()
-          and _epoch_cap(results.get("config")) == _epoch_cap(config))
-    return results if ok else None
-
-
-def _epoch_cap(config: dict | None):
-    return ((config or {}).get("optim") or {}).get("epochs")
+    results = _summary_of(run_dir / "results.json", key, config)
+    return results if results is not None and (run_dir / PER_USER_FILE).is_file() else None
 
 
 def stopped_run(run_dir: Path, key: str, config: dict) -> dict | None:
     """The run folder's stopped.json when it holds the trial `key` stopped early under the trial's
     epoch cap, else None."""
+    return _summary_of(run_dir / STOPPED_FILE, key, config)
+
+
+def _summary_of(file: Path, key: str, config: dict) -> dict | None:
+    """A run folder's summary (results.json or stopped.json) when it is of trial `key` under the
+    trial's epoch cap, else None."""
     try:
-        summary = json.loads((run_dir / STOPPED_FILE).read_text())
+        summary = json.loads(file.read_text())
     except (OSError, ValueError):
         return None
-    ok = summary.get("identity") == key and _epoch_cap(summary.get("config")) == _epoch_cap(config)
-    return summary if ok else None
+    epochs = ((summary.get("config") or {}).get("optim") or {}).get("epochs")
+    return summary if summary.get("identity") == key and epochs == config["optim"]["epochs"] else None
 
 
 def _history(folder: Path) -> list[dict]:
