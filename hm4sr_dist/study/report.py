@@ -293,33 +293,44 @@ def plot_differences(study_dir: Path, plan: dict, rows: list[dict]) -> Path | No
                          f"% of {name}'s mean", zero_line=True)
 
 
-def plot_sweeps(study_dir: Path, plan: dict, rows: list[dict]) -> Path | None:
-    """Fig. 4: one panel per swept key; the default point comes from the baseline (or its alias)."""
-    plt = _plt()
+def sweep_points(plan: dict, rows: list[dict]) -> dict[str, list[tuple]]:
+    """Fig. 4 panels: swept key -> [(value, row, is_baseline)] sorted by value, rows with a test mean
+    only. The baseline sits at its own value of the key: a grid value equal to it is an alias of the
+    baseline row, and a value outside the grid (`model.k1=3` on the command line) is added."""
     by_label = {r["setting"]: r for r in rows}
-    for alias, owner in plan.get("aliases", {}).items():
-        by_label.setdefault(alias, by_label.get(owner))
-    axes_keys = list(dict.fromkeys(s["axis"][0] for s in plan["settings"] if s["axis"]))
-    alias_axes = {}
-    for alias in plan.get("aliases", {}):
-        key, _, value = alias.partition("=")
-        alias_axes[alias] = (key, value)
-    if not axes_keys:
-        return None
+    base_row = by_label.get(plan["baseline"])
+    base_values = plan.get("baseline_values", {})      # absent from plans written before it was stored
     m = METRICS[0]
-    fig, axes = plt.subplots(1, len(axes_keys), figsize=(max(6.5, 4.5 * len(axes_keys)), 4), squeeze=False)
-    for ax, key in zip(axes[0], axes_keys):
+    panels = {}
+    for key in dict.fromkeys(s["axis"][0] for s in plan["settings"] if s["axis"]):
         points = [(s["axis"][1], by_label.get(s["label"])) for s in plan["settings"]
                   if s["axis"] and s["axis"][0] == key]
-        points += [(json.loads(v), by_label.get(a)) for a, (k, v) in alias_axes.items()
-                   if _short(key) == k]
-        points = sorted([(v, r) for v, r in points if r and not math.isnan(r[f"{m}_mean"])],
-                        key=lambda p: p[0])
+        points += [(json.loads(alias.partition("=")[2]), by_label.get(owner))
+                   for alias, owner in plan.get("aliases", {}).items() if alias.partition("=")[0] == _short(key)]
+        if key in base_values and base_values[key] not in [v for v, _ in points]:
+            points.append((base_values[key], base_row))
+        panels[key] = sorted([(v, r, r is base_row) for v, r in points
+                              if r and not math.isnan(r[f"{m}_mean"])], key=lambda p: p[0])
+    return panels
+
+
+def plot_sweeps(study_dir: Path, plan: dict, rows: list[dict]) -> Path | None:
+    """Fig. 4: one panel per swept key, the baseline's point marked (`sweep_points`)."""
+    plt = _plt()
+    panels = sweep_points(plan, rows)
+    if not panels:
+        return None
+    m = METRICS[0]
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.5, 4.5 * len(panels)), 4), squeeze=False)
+    for ax, (key, points) in zip(axes[0], panels.items()):
         if points:
-            xs = [p[0] for p in points]
-            ax.errorbar(xs, [p[1][f"{m}_mean"] for p in points],
-                        yerr=[0 if math.isnan(p[1][f"{m}_std"]) else p[1][f"{m}_std"] for p in points],
+            std = [0 if math.isnan(r[f"{m}_std"]) else r[f"{m}_std"] for _, r, _ in points]
+            ax.errorbar([v for v, _, _ in points], [r[f"{m}_mean"] for _, r, _ in points], yerr=std,
                         marker="o", capsize=3, label=f"test {metric_label(m)}")
+            base = [(v, r[f"{m}_mean"]) for v, r, is_base in points if is_base]
+            if base:
+                ax.plot(*zip(*base), linestyle="none", marker="*", markersize=14, color="tab:red",
+                        label=f"{plan['baseline']} (baseline)")
         ax.set(title=f"{_short(key)} ({key})", xlabel=key, ylabel=f"test {metric_label(m)}")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

@@ -41,6 +41,24 @@ def test_fig4_default_point_runs_once_and_inert_panels_are_left_out():
     assert plan.baseline == "default" and plan.trials[0].setting == "default"
 
 
+@pytest.mark.parametrize("base_k1, xs", [(None, [2, 4, 6, 8, 12]), (3, [2, 3, 4, 6, 8, 12])])
+def test_fig4_panel_places_the_baseline_at_its_value_in_or_outside_the_grid(tmp_path, base_k1, xs):
+    from hm4sr_dist.study.plan import write_plan
+    from hm4sr_dist.study.report import sweep_points
+
+    overrides = [f"model.n_interactive_experts={base_k1}"] if base_k1 else []
+    plan = _plan("fig4", overrides, params=["k1"], seeds=[1])
+    write_plan(plan, tmp_path)
+    written = json.loads((tmp_path / "study_plan.json").read_text())
+    assert written["baseline_values"] == {"model.n_interactive_experts": base_k1 or 4}
+    rows = [{"setting": s.label, "ndcg@5_mean": 0.1 + i / 100, "ndcg@5_std": 0.0}
+            for i, s in enumerate(plan.settings)]
+    [(key, points)] = sweep_points(written, rows).items()
+    assert key == "model.n_interactive_experts" and [v for v, _, _ in points] == xs
+    assert [v for v, _, is_base in points if is_base] == [base_k1 or 4]
+    assert all(r["setting"] == "default" for _, r, is_base in points if is_base)
+
+
 def test_fig3_drops_ablations_the_data_cannot_support_with_a_note():
     plan = _plan("fig3", seeds=[1])
     labels = [s.label for s in plan.settings]
