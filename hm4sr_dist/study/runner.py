@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import shutil
 import time
@@ -358,9 +357,6 @@ def write_trial_statuses(plan: StudyPlan, study_dir: Path, errors: dict | None =
                      "wall_seconds": info.get("wall_seconds"), "train_seconds": info.get("train_seconds"),
                      "best_valid": info.get("best_valid"), "epochs_run": info.get("epochs_run"),
                      "epochs": t.config["optim"]["epochs"], "stopped_by": (stopped or {}).get("stopped_by")})
-    (study_dir / "trials.json").write_text(json.dumps(rows, indent=2, default=_json_default))
+    (study_dir / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
     return rows
 
-
-def _json_default(x):
-    return None if isinstance(x, float) and math.isnan(x) else str(x)
