@@ -38,6 +38,8 @@ from hm4sr_dist.study.plan import (DEFAULT_MAX_TRIALS, STUDIES, parse_setting, p
                                    write_plan)
 from jobs.common import JobArgumentParser, exit_on_user_error
 
+MIN_BOOTSTRAP = 100         # paired-bootstrap resamples below which a 95% CI means little
+
 say = functools.partial(print, flush=True)
 
 
@@ -66,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--asha-grace", type=int, default=1, help="--asha: epochs before a trial can be stopped")
     p.add_argument("--asha-reduction", type=float, default=2.0,
                    help="--asha: reduction factor (> 1; higher stops more trials at each rung)")
-    p.add_argument("--bootstrap", type=int, default=2000, help="paired-bootstrap resamples")
+    p.add_argument("--bootstrap", type=int, default=2000, help=f"paired-bootstrap resamples (>= {MIN_BOOTSTRAP})")
     p.add_argument("--dry-run", action="store_true", help="print the trials and exit")
     p.add_argument("--report-only", action="store_true", help="rebuild tables and figures, train nothing")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides of the base config")
@@ -86,9 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         else:
             in_list = None
             rest.append(a)
-    if seeds is not None:
-        rest[:0] = ["--seeds", *seeds] if seeds else ["--seeds"]
-    args = p.parse_args(rest)
+    if seeds is not None:         # at the end: nothing after the list for argparse to take as a seed
+        rest += ["--seeds", *seeds] if seeds else ["--seeds"]
+    args = p.parse_intermixed_args(rest)     # overrides may sit between flags
     if variants is not None and not variants:
         p.error("--variant-list: expected at least one variant")
     args.variant_list = variants
@@ -108,6 +110,12 @@ def plan(argv: list[str] | None) -> dict:
         raise ConfigError(key="--asha-grace", expected="an int >= 1", got=args.asha_grace)
     if not args.asha_reduction > 1:
         raise ConfigError(key="--asha-reduction", expected="a number > 1", got=args.asha_reduction)
+    if args.bootstrap < MIN_BOOTSTRAP:
+        raise ConfigError(key="--bootstrap", expected=f"an int >= {MIN_BOOTSTRAP}", got=args.bootstrap,
+                          why="fewer resamples give no usable 95% CI")
+    if args.variant_list and args.study in ("fig4", "fig5"):
+        raise ConfigError(f"{args.study} sweeps the default HM4SR; use --study custom for variants",
+                          key="--variant-list")
     if args.param and args.study != "fig4":
         raise ConfigError("only fig4 takes --param", key="--param")
     if args.setting and args.study != "custom":
@@ -132,6 +140,10 @@ def plan(argv: list[str] | None) -> dict:
                        fingerprint=manifest.get("fingerprint") or "", offer=offer, explicit=explicit,
                        variants=args.variant_list, params=args.param or None, custom=custom)
     study.notes[:0] = notes
+    metrics = sorted({t.config["eval"]["valid_metric"] for t in study.trials})
+    if args.asha and len(metrics) > 1:
+        raise ConfigError(f"ASHA compares trials on one validation metric, but the settings select on "
+                          f"eval.valid_metric {' and '.join(metrics)}", key="--asha")
     n = len(study.trials)
     if n > args.max_trials and not (args.yes or args.dry_run or args.report_only):
         raise ConfigError(f"the study has {n} trials ({len(study.settings)} settings x "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,14 +65,28 @@ class StudyPlan:
     notes: list[str]
     baseline: str
 
-    @property
-    def experiment(self) -> str:
-        """The Tune experiment's name: changes when the set of trials changes (new seeds, settings,
-        epoch cap), so an equal re-run restores the same experiment and a changed one starts a new one
-        (its finished trials are still found in the study's run folders and not re-run)."""
-        trials = sorted(f"{t.key}:{t.config['optim']['epochs']}" for t in self.trials)
-        digest = hashlib.sha1(" ".join(trials).encode()).hexdigest()[:8]
-        return f"{self.name}-{digest}"
+    def experiment_in(self, folder: Path) -> str:
+        """The Tune experiment's name for the study in `folder`: changes when the set of trials
+        changes (new seeds, settings, labels, epoch cap) or the study folder is another one (its
+        `study_id`), so an equal re-run restores the same experiment and any other starts a new one
+        (its finished trials are still found in the study's run folders and not re-run). Without the
+        folder's id, a study re-run into another --output, or after its folder was deleted, would
+        restore an experiment whose trials Tune holds done, and write no result."""
+        trials = sorted(f"{t.key}:{t.config['optim']['epochs']}:{t.run}" for t in self.trials)
+        text = " ".join([study_id(folder), *trials])
+        return f"{self.name}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+STUDY_ID_FILE = "study_id"
+
+
+def study_id(folder: Path) -> str:
+    """The study folder's random id, written on first use: a new or re-created folder is a new study."""
+    file = Path(folder) / STUDY_ID_FILE
+    if not file.is_file():
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(uuid.uuid4().hex + "\n")
+    return file.read_text().strip()
 
 
 def slug(text: str) -> str:
@@ -140,7 +155,8 @@ def _setting_config(base: ExperimentConfig, s: Setting, seed: int, offer: DataOf
     """base + variant + overrides + seed, validated and fitted to the data (swept keys and the
     command line's keys are requests: an infeasible one is a ConfigError, never silently dropped)."""
     cfg = apply_variant(base, s.variant, explicit=explicit, resolve=False)
-    cfg = trial_config(to_dict(cfg), {**s.overrides, "optim.seed": seed}, "study", offer, explicit)
+    cfg = trial_config(to_dict(cfg), {**s.overrides, "optim.seed": seed}, "study", offer, explicit,
+                       source="--param" if s.axis else "--setting")
     if s.variant != "hm4sr":      # what the variant makes infeasible (-TMoE: PCL) goes, as in the jobs
         cfg = resolve(cfg, offer, {**explicit, **{k: "--setting" for k in s.overrides}}).config
     return cfg
@@ -249,8 +265,8 @@ def baseline_values(plan: StudyPlan) -> dict:
 
 def write_plan(plan: StudyPlan, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    data = {"study": plan.study, "name": plan.name, "experiment": plan.experiment, "dataset": plan.dataset,
-            "baseline": plan.baseline, "baseline_values": baseline_values(plan), "notes": plan.notes,
+    data = {"study": plan.study, "name": plan.name, "experiment": plan.experiment_in(folder),
+            "dataset": plan.dataset, "baseline": plan.baseline, "baseline_values": baseline_values(plan), "notes": plan.notes,
             "aliases": plan.aliases,
             "settings": [{"label": s.label, "variant": s.variant, "overrides": s.overrides,
                           "axis": list(s.axis) if s.axis else None} for s in plan.settings],

@@ -285,7 +285,7 @@ def plot_differences(study_dir: Path, plan: dict, rows: list[dict]) -> Path | No
     bars = {}
     for m in METRICS:
         rel, lo, hi = (np.array(v) for v in zip(*(c[m] for c in changes.values())))
-        bars[m] = (rel, [rel - lo, hi - rel])
+        bars[m] = (rel, np.clip([rel - lo, hi - rel], 0, None))   # a percentile CI may miss its mean
     name = baseline["setting"]
     return _grouped_bars(study_dir / "diffs.png", list(changes), bars,
                          f"{plan['name']}: test change vs {name}\n"

@@ -3,8 +3,9 @@ pattern: the trial function builds the launcher's TorchTrainer with `HM4SRTuneRe
 fits it), then tables and figures (`hm4sr_dist.study.report`).
 
 Resuming, at three levels:
-- the Tune experiment (`<storage>/<study>-<trials digest>`) is restored with `Tuner.restore` when
-  `Tuner.can_restore` finds it, so a killed driver picks up the trials it had not finished;
+- the Tune experiment (`<storage>/<study>-<digest of the trials and the study_id>`) is restored with
+  `Tuner.restore` when `Tuner.can_restore` finds it, so a killed driver picks up the trials it had
+  not finished;
 - a trial whose run folder `<study dir>/runs/<run>/results.json` holds its identity (and epoch cap)
   is finished: the trial function reports the stored metrics and returns without building a trainer
   (this also covers a trial finished just before a kill that Tune's saved state still shows as running);
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import shutil
 import time
@@ -298,15 +300,16 @@ def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, tria
         ray.tune.with_parameters(study_trial, configs={t.key: t.config for t in plan.trials},
                                  study_dir=str(study_dir), plan_info=plan_info),
         {"cpu": trial_cpus})
-    path = (f"{storage.rstrip('/')}/{plan.experiment}" if "://" in storage
-            else os.path.join(storage, plan.experiment))
+    experiment = plan.experiment_in(study_dir)
+    path = (f"{storage.rstrip('/')}/{experiment}" if "://" in storage
+            else os.path.join(storage, experiment))
     callbacks = [_ExitAfter()]
     if ray.tune.Tuner.can_restore(path):
         print(f"study {plan.name}: resuming the Tune experiment {path}", flush=True)
-        _note_changed_launch(study_dir, path, plan.experiment, launch)
+        _note_changed_launch(study_dir, path, experiment, launch)
         tuner = ray.tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        _record_launch(study_dir, plan.experiment, launch)
+        _record_launch(study_dir, experiment, launch)
         scheduler = None
         if asha:
             from hm4sr_dist.tune.asha import GracefulASHA
@@ -328,7 +331,7 @@ def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, tria
                 [{"key": t.key, "setting": t.setting, "seed": t.seed, "run": t.run} for t in plan.trials])},
             tune_config=ray.tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=scheduler,
                                             trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
-            run_config=ray.tune.RunConfig(name=plan.experiment, storage_path=storage, verbose=1,
+            run_config=ray.tune.RunConfig(name=experiment, storage_path=storage, verbose=1,
                                           callbacks=callbacks,
                                           failure_config=ray.tune.FailureConfig(max_failures=max_failures)),
         )
@@ -357,6 +360,13 @@ def write_trial_statuses(plan: StudyPlan, study_dir: Path, errors: dict | None =
                      "wall_seconds": info.get("wall_seconds"), "train_seconds": info.get("train_seconds"),
                      "best_valid": info.get("best_valid"), "epochs_run": info.get("epochs_run"),
                      "epochs": t.config["optim"]["epochs"], "stopped_by": (stopped or {}).get("stopped_by")})
-    (study_dir / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
+    strict = [{k: _finite_or_none(v) for k, v in row.items()} for row in rows]
+    (study_dir / "trials.json").write_text(json.dumps(strict, indent=2, default=str, allow_nan=False))
     return rows
+
+
+def _finite_or_none(value):
+    """NaN and ±inf (a run whose validation was never finite keeps best_valid = -inf) as null, so
+    trials.json is strict JSON."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 

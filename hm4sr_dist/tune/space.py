@@ -137,13 +137,14 @@ def trial_run_name(sweep: str, overrides: Mapping[str, object]) -> str:
 
 
 def trial_config(base: dict, overrides: Mapping, sweep: str, offer: DataOffer | None = None,
-                 explicit: Mapping[str, str] | None = None) -> ExperimentConfig:
+                 explicit: Mapping[str, str] | None = None, source: str = SWEEP_SOURCE) -> ExperimentConfig:
     """The base config tree (a dict) + `key.path=value` overrides, validated and fitted to the data
     (`hm4sr_dist.feasibility.resolve`, with the swept keys and the base's command-line keys
-    `explicit` as requests that may not be switched off), with a run name unique to the trial."""
+    `explicit` as requests that may not be switched off), with a run name unique to the trial.
+    `source` is the flag an error names for an override (a study's `--setting`)."""
     sources = dict(explicit or {})
     data = merge_overrides(copy.deepcopy(base), override_strings(overrides), cls=ExperimentConfig,
-                           source=SWEEP_SOURCE, sources=sources)
+                           source=source, sources=sources)
     cfg = from_dict(ExperimentConfig, data, sources=sources).validate(sources)
     cfg.train.run_name = trial_run_name(sweep, overrides)
     cfg.train.tensorboard_dir = run_tensorboard_dir(base["train"]["tensorboard_dir"], cfg.train.run_name)

@@ -40,7 +40,7 @@ def test_asha_stops_a_weak_trial_between_epochs_and_cleans_up(prepared_sequences
     result = main(["--prepared-dir", str(prepared_sequences), "--study", "custom",
                    "--setting", "learns:optim.lr=0.01", "--setting", "frozen:optim.lr=0.0000001",
                    "--seeds", "1", "--asha", "--asha-grace", "1", "--asha-reduction", "4",
-                   "--output", str(out), "--trial-cpus", "0.5", "--bootstrap", "50", *TINY,
+                   "--output", str(out), "--trial-cpus", "0.5", "--bootstrap", "100", *TINY,
                    f"train.storage_path={storage}"])
     print(f"asha study: {time.time() - started:.0f} s")
 

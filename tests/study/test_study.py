@@ -92,11 +92,46 @@ def test_a_run_folder_of_another_epoch_cap_is_not_a_result(tmp_path):
     five = _plan("table1", ["optim.epochs=5"], seeds=[1])
     twenty = _plan("table1", ["optim.epochs=20"], seeds=[1])
     assert [t.key for t in five.trials] == [t.key for t in twenty.trials]       # the same Train runs
-    assert five.experiment != twenty.experiment                                 # not the same Tune state
+    assert five.experiment_in(tmp_path) != twenty.experiment_in(tmp_path)      # not the same Tune state
     t5, t20 = five.trials[0], twenty.trials[0]
     _fake_run(tmp_path / t5.run, t5.setting, t5.seed, t5.config, [1, 2, 30], t5.key)
     assert finished_run(tmp_path / t5.run, t5.key, t5.config)["identity"] == t5.key
     assert finished_run(tmp_path / t5.run, t20.key, t20.config) is None
+
+
+def test_trials_json_is_strict_json_when_a_run_never_had_a_finite_validation(tmp_path):
+    from hm4sr_dist.study.runner import STOPPED_FILE, write_trial_statuses
+
+    plan = _plan("table1", seeds=[1])
+    t = plan.trials[0]
+    (tmp_path / "runs" / t.run).mkdir(parents=True)
+    (tmp_path / "runs" / t.run / STOPPED_FILE).write_text(json.dumps(
+        {"identity": t.key, "config": t.config, "best_valid": float("-inf"), "best_epoch": -1}))
+    rows = write_trial_statuses(plan, tmp_path)
+    assert rows[0]["status"] == "stopped"
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    written = json.loads((tmp_path / "trials.json").read_text(), parse_constant=refuse)
+    assert written[0]["best_valid"] is None and written[0]["best_epoch"] == -1
+
+
+def test_another_or_recreated_study_folder_gets_its_own_tune_experiment(tmp_path):
+    """A finished Tune experiment restored for a study folder that lacks its results would run
+    nothing and write nothing: the experiment belongs to one study folder (its study_id)."""
+    import shutil
+
+    plan = _plan("table1", seeds=[1])
+    first = plan.experiment_in(tmp_path / "a")
+    assert plan.experiment_in(tmp_path / "a") == first                   # a re-run restores it
+    assert plan.experiment_in(tmp_path / "b") != first                   # another --output
+    shutil.rmtree(tmp_path / "a")
+    assert plan.experiment_in(tmp_path / "a") != first                   # the folder deleted, re-created
+    named = [_plan("custom", custom=[parse_setting(f"{label}:loss.idcl_weight=0.2")], seeds=[1])
+             for label in ("low", "weak")]
+    assert named[0].trials[0].key == named[1].trials[0].key                # one config, two run folders
+    assert named[0].experiment_in(tmp_path / "c") != named[1].experiment_in(tmp_path / "c")
 
 
 def test_settings_whose_run_folders_would_collide_are_refused():
@@ -134,11 +169,32 @@ def test_a_study_larger_than_the_threshold_needs_yes(prepared_sequences):
     assert len(plan(argv + ["--max-trials", "100"])["study"].trials) > 24
 
 
+def test_asha_refuses_settings_that_select_on_different_validation_metrics(prepared_sequences):
+    sys.path.insert(0, str(ROOT))
+    from jobs.study import plan
+
+    argv = ["--prepared-dir", str(prepared_sequences), "--study", "custom", "--variant-list", "hm4sr",
+            "--setting", "eval.valid_metric=mrr@10", "--seeds", "1", *TINY]
+    assert len(plan(argv)["study"].trials) == 2                     # fine without ASHA
+    with pytest.raises(ConfigError, match="mrr@10 and ndcg@5") as err:
+        plan(argv + ["--asha"])
+    assert err.value.key == "--asha"
+
+
 def test_user_errors_name_the_key():
     with pytest.raises(ConfigError, match="loss.idcl_weigth"):
         parse_setting("loss.idcl_weigth=0.5")
     with pytest.raises(ConfigError, match="--variant"):
         _plan("table1", variants=["hm4sr", "-TMOE"])
+    with pytest.raises(ConfigError, match=r"loss.pcl_weight \(--setting\)"):     # PCL needs text or images
+        _plan("custom", custom=[parse_setting("loss.pcl_weight=0.5")], seeds=[1])
+    sys.path.insert(0, str(ROOT))
+    from jobs.study import plan
+
+    for flags, key in ((["--bootstrap", "5"], "--bootstrap"), (["--variant-list", "sasrec"], "--variant-list")):
+        with pytest.raises(ConfigError) as err:          # checked before the data is even read
+            plan(["--prepared-dir", str(ROOT), "--study", "fig5", *flags])
+        assert err.value.key == key
     r = subprocess.run([sys.executable, "jobs/study.py", "--prepared-dir", str(ROOT), "--study", "table1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "manifest.json" in r.stderr
@@ -170,6 +226,10 @@ def test_overrides_may_follow_the_seed_and_variant_lists():
     assert args.seeds == [2020, 2021] and args.variant_list == ["hm4sr", "-TMoE"] and args.dry_run
     assert args.overrides == ["optim.epochs=50", "train.num_workers=1"]
     assert parse_args(["--prepared-dir", "d", "--study", "table1"]).seeds == [2020]      # the default
+    for argv in (["--seeds", "1", "2", "optim.epochs=5", "--prepared-dir", "d", "--study", "fig5"],
+                 ["optim.epochs=5", "--study", "fig5", "--seeds", "1", "2", "--prepared-dir", "d", "eval.k=[5]"]):
+        args = parse_args(argv)                     # the lists and overrides in any order
+        assert args.seeds == [1, 2] and args.overrides[0] == "optim.epochs=5" and args.study == "fig5"
     with pytest.raises(SystemExit):
         parse_args(["--prepared-dir", "d", "--study", "table1", "--seeds", "x1"])      # not an int
 
