@@ -11,7 +11,7 @@ trials that are Ray Train runs, then CSV/Markdown tables and PNG figures.
 Studies: table1 (HM4SR vs SASRec), fig3 (-IMoE -TMoE -CP -IDCL -PCL -Text -Image, those the data
 supports), fig4 (one-at-a-time k1, k2, l2, l3, beta over the paper grids; --param picks panels),
 fig5 (the five time embeddings and the default), custom (--variant-list and --setting). Every
-`key.path=value` after the flags changes the base config of every trial.
+`key.path=value` (anywhere on the command line) changes the base config of every trial.
 
 Before Ray starts, every trial's config is built and checked (an unknown key or bad value is one
 `error: ...` line, exit 2), what the data cannot support is left out with a note, settings that
@@ -44,7 +44,9 @@ say = functools.partial(print, flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: `--variant` (the training jobs' flag) must not silently become --variant-list
+    p = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                          allow_abbrev=False)
     p.add_argument("--prepared-dir", required=True, help="prepared shards (folder with manifest.json)")
     p.add_argument("--study", required=True, choices=STUDIES)
     p.add_argument("--seeds", nargs="+", type=int, default=[2020], help="optim.seed of each repeat")
@@ -63,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-failures", type=int, default=1,
                    help="retries of a failed trial (Tune FailureConfig)")
     p.add_argument("--asha", action="store_true",
-                   help="stop weak trials early: ASHA on valid NDCG@5 per epoch; a stopped trial ends "
+                   help="stop weak trials early: ASHA on the validation metric per epoch; a stopped trial ends "
                         "its Train run cleanly after the epoch under way (docs/studies.md)")
     p.add_argument("--asha-grace", type=int, default=1, help="--asha: epochs before a trial can be stopped")
     p.add_argument("--asha-reduction", type=float, default=2.0,
@@ -77,10 +79,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, variants, seeds, in_list = [], None, None, None
     for a in argv:
-        if a == "--variant-list" or a.startswith("--variant-list="):
-            in_list, variants = "variants", (variants or []) + ([a.split("=", 1)[1]] if "=" in a else [])
-        elif a == "--seeds":
-            in_list, seeds = "seeds", seeds or []
+        flag, eq, value = a.partition("=")
+        if flag == "--variant-list":             # `--variant-list=-TMoE` or `--variant-list -TMoE ...`
+            in_list, variants = "variants", (variants or []) + ([value] if value else [])
+        elif flag == "--seeds":
+            in_list, seeds = "seeds", (seeds or []) + ([value] if value else [])
         elif in_list == "variants" and not a.startswith("--") and "=" not in a:
             variants.append(a)
         elif in_list == "seeds" and not a.startswith("-") and "=" not in a:

@@ -167,6 +167,8 @@ def plan_study(study: str, base: ExperimentConfig, seeds: list[int], *, dataset:
                params: list[str] | None = None, custom: list[Setting] | None = None) -> StudyPlan:
     if not seeds:
         raise ConfigError(key="--seeds", expected="at least one seed", got="nothing")
+    if any(seed < 0 for seed in seeds):
+        raise ConfigError(key="--seeds", expected="seeds >= 0", got=" ".join(map(str, seeds)))
     if len(set(seeds)) < len(seeds):
         raise ConfigError(key="--seeds", expected="distinct seeds", got=" ".join(map(str, seeds)))
     settings = study_settings(study, variants, params, custom)

@@ -186,6 +186,8 @@ def test_user_errors_name_the_key():
         parse_setting("loss.idcl_weigth=0.5")
     with pytest.raises(ConfigError, match="--variant"):
         _plan("table1", variants=["hm4sr", "-TMOE"])
+    with pytest.raises(ConfigError, match="--seeds"):
+        _plan("table1", seeds=[1, -1])
     with pytest.raises(ConfigError, match=r"loss.pcl_weight \(--setting\)"):     # PCL needs text or images
         _plan("custom", custom=[parse_setting("loss.pcl_weight=0.5")], seeds=[1])
     sys.path.insert(0, str(ROOT))
@@ -230,6 +232,11 @@ def test_overrides_may_follow_the_seed_and_variant_lists():
                  ["optim.epochs=5", "--study", "fig5", "--seeds", "1", "2", "--prepared-dir", "d", "eval.k=[5]"]):
         args = parse_args(argv)                     # the lists and overrides in any order
         assert args.seeds == [1, 2] and args.overrides[0] == "optim.epochs=5" and args.study == "fig5"
+    args = parse_args(["--prepared-dir", "d", "--study", "custom", "--variant-list=-TMoE", "hm4sr", "--seeds=3", "4"])
+    assert args.variant_list == ["-TMoE", "hm4sr"] and args.seeds == [3, 4]
+    for wrong in (["--variant=-TMoE"], ["--variant-list="]):     # the jobs' flag is not an abbreviation here
+        with pytest.raises(SystemExit):
+            parse_args(["--prepared-dir", "d", "--study", "table1", *wrong])
     with pytest.raises(SystemExit):
         parse_args(["--prepared-dir", "d", "--study", "table1", "--seeds", "x1"])      # not an int
 
