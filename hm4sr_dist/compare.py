@@ -487,19 +487,20 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return _no_nan(dataclasses.asdict(self))
+        return finite_or_null(dataclasses.asdict(self))
 
     def comparison_for(self, setting: str) -> PairedComparison | None:
         return next((c for c in self.comparisons if c.setting == setting), None)
 
 
-def _no_nan(x: Any) -> Any:
-    if isinstance(x, float) and math.isnan(x):
+def finite_or_null(x: Any) -> Any:
+    """`x` with every NaN or ±inf float (in dicts and lists too) as None, for strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _no_nan(v) for k, v in x.items()}
+        return {k: finite_or_null(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_no_nan(v) for v in x]
+        return [finite_or_null(v) for v in x]
     return x
 
 

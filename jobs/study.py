@@ -65,12 +65,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-failures", type=int, default=1,
                    help="retries of a failed trial (Tune FailureConfig)")
     p.add_argument("--asha", action="store_true",
-                   help="stop weak trials early: ASHA on the validation metric per epoch; a stopped trial ends "
-                        "its Train run cleanly after the epoch under way (docs/studies.md)")
+                   help="stop weak trials early: ASHA on the validation metric per epoch; a stopped trial "
+                        "ends its Train run cleanly after the epoch under way (docs/studies.md)")
     p.add_argument("--asha-grace", type=int, default=1, help="--asha: epochs before a trial can be stopped")
     p.add_argument("--asha-reduction", type=float, default=2.0,
                    help="--asha: reduction factor (> 1; higher stops more trials at each rung)")
-    p.add_argument("--bootstrap", type=int, default=2000, help=f"paired-bootstrap resamples (>= {MIN_BOOTSTRAP})")
+    p.add_argument("--bootstrap", type=int, default=2000,
+                   help=f"paired-bootstrap resamples (>= {MIN_BOOTSTRAP})")
     p.add_argument("--dry-run", action="store_true", help="print the trials and exit")
     p.add_argument("--report-only", action="store_true", help="rebuild tables and figures, train nothing")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides of the base config")
@@ -79,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, variants, seeds, in_list = [], None, None, None
     for a in argv:
-        flag, eq, value = a.partition("=")
+        flag, _, value = a.partition("=")
         if flag == "--variant-list":             # `--variant-list=-TMoE` or `--variant-list -TMoE ...`
             in_list, variants = "variants", (variants or []) + ([value] if value else [])
         elif flag == "--seeds":

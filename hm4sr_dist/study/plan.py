@@ -14,6 +14,7 @@ raises ConfigError (one line, exit 2 in the job). Nothing here imports Ray or to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -254,22 +255,16 @@ def plan_mismatch(plan: StudyPlan, folder: Path) -> str | None:
 def baseline_values(plan: StudyPlan) -> dict:
     """The baseline's value of every swept key (`axis`), so a sweep figure can place the baseline on
     each panel even when that value is not in the grid."""
-    base = next((t.config for t in plan.trials if t.setting == plan.baseline), None)
-    out = {}
-    for key in dict.fromkeys(s.axis[0] for s in plan.settings if s.axis):
-        node = base
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            out[key] = node
-    return out
+    base = next(t.config for t in plan.trials if t.setting == plan.baseline)
+    return {key: functools.reduce(lambda node, part: node[part], key.split("."), base)
+            for key in dict.fromkeys(s.axis[0] for s in plan.settings if s.axis)}
 
 
 def write_plan(plan: StudyPlan, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     data = {"study": plan.study, "name": plan.name, "experiment": plan.experiment_in(folder),
-            "dataset": plan.dataset, "baseline": plan.baseline, "baseline_values": baseline_values(plan), "notes": plan.notes,
-            "aliases": plan.aliases,
+            "dataset": plan.dataset, "baseline": plan.baseline, "baseline_values": baseline_values(plan),
+            "notes": plan.notes, "aliases": plan.aliases,
             "settings": [{"label": s.label, "variant": s.variant, "overrides": s.overrides,
                           "axis": list(s.axis) if s.axis else None} for s in plan.settings],
             "trials": [{"key": t.key, "setting": t.setting, "seed": t.seed, "run": t.run,

@@ -305,8 +305,10 @@ def sweep_points(plan: dict, rows: list[dict]) -> dict[str, list[tuple]]:
     for key in dict.fromkeys(s["axis"][0] for s in plan["settings"] if s["axis"]):
         points = [(s["axis"][1], by_label.get(s["label"])) for s in plan["settings"]
                   if s["axis"] and s["axis"][0] == key]
-        points += [(json.loads(alias.partition("=")[2]), by_label.get(owner))
-                   for alias, owner in plan.get("aliases", {}).items() if alias.partition("=")[0] == _short(key)]
+        for alias, owner in plan.get("aliases", {}).items():      # "k1=4": the same run as `owner`
+            short, _, value = alias.partition("=")
+            if short == _short(key):
+                points.append((json.loads(value), by_label.get(owner)))
         if key in base_values and base_values[key] not in [v for v, _ in points]:
             points.append((base_values[key], base_row))
         panels[key] = sorted([(v, r, r is base_row) for v, r in points

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import shutil
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import ray.tune
 
+from hm4sr_dist.compare import finite_or_null
 from hm4sr_dist.study.plan import StudyPlan
 from hm4sr_dist.train.code_version import code_version, describe
 from hm4sr_dist.train.launcher import ensure_ray, storage_root
@@ -360,13 +360,8 @@ def write_trial_statuses(plan: StudyPlan, study_dir: Path, errors: dict | None =
                      "wall_seconds": info.get("wall_seconds"), "train_seconds": info.get("train_seconds"),
                      "best_valid": info.get("best_valid"), "epochs_run": info.get("epochs_run"),
                      "epochs": t.config["optim"]["epochs"], "stopped_by": (stopped or {}).get("stopped_by")})
-    strict = [{k: _finite_or_none(v) for k, v in row.items()} for row in rows]
-    (study_dir / "trials.json").write_text(json.dumps(strict, indent=2, default=str, allow_nan=False))
+    # strict JSON: a run whose validation was never finite keeps best_valid = -inf
+    (study_dir / "trials.json").write_text(json.dumps(finite_or_null(rows), indent=2, default=str,
+                                                      allow_nan=False))
     return rows
-
-
-def _finite_or_none(value):
-    """NaN and ±inf (a run whose validation was never finite keeps best_valid = -inf) as null, so
-    trials.json is strict JSON."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 

@@ -193,7 +193,8 @@ def test_user_errors_name_the_key():
     sys.path.insert(0, str(ROOT))
     from jobs.study import plan
 
-    for flags, key in ((["--bootstrap", "5"], "--bootstrap"), (["--variant-list", "sasrec"], "--variant-list")):
+    for flags, key in ((["--bootstrap", "5"], "--bootstrap"),
+                       (["--variant-list", "sasrec"], "--variant-list")):
         with pytest.raises(ConfigError) as err:          # checked before the data is even read
             plan(["--prepared-dir", str(ROOT), "--study", "fig5", *flags])
         assert err.value.key == key
@@ -229,10 +230,12 @@ def test_overrides_may_follow_the_seed_and_variant_lists():
     assert args.overrides == ["optim.epochs=50", "train.num_workers=1"]
     assert parse_args(["--prepared-dir", "d", "--study", "table1"]).seeds == [2020]      # the default
     for argv in (["--seeds", "1", "2", "optim.epochs=5", "--prepared-dir", "d", "--study", "fig5"],
-                 ["optim.epochs=5", "--study", "fig5", "--seeds", "1", "2", "--prepared-dir", "d", "eval.k=[5]"]):
+                 ["optim.epochs=5", "--study", "fig5", "--seeds", "1", "2", "--prepared-dir", "d",
+                  "eval.k=[5]"]):
         args = parse_args(argv)                     # the lists and overrides in any order
         assert args.seeds == [1, 2] and args.overrides[0] == "optim.epochs=5" and args.study == "fig5"
-    args = parse_args(["--prepared-dir", "d", "--study", "custom", "--variant-list=-TMoE", "hm4sr", "--seeds=3", "4"])
+    args = parse_args(["--prepared-dir", "d", "--study", "custom", "--variant-list=-TMoE", "hm4sr",
+                       "--seeds=3", "4"])
     assert args.variant_list == ["-TMoE", "hm4sr"] and args.seeds == [3, 4]
     for wrong in (["--variant=-TMoE"], ["--variant-list="]):     # the jobs' flag is not an abbreviation here
         with pytest.raises(SystemExit):
