@@ -209,6 +209,11 @@ class DataConfig:
                                   "sorted by length (0 or 1 = off)", min=0)
     prefetch_batches: int = _f(4, "batches each worker's reader prepares ahead in a background thread "
                                "(same batches, exact resume; 0 = read on the training thread)", min=0)
+    length_widths: list = _f([], "sequence widths a batch is cut or padded to: the smallest that holds "
+                             "its longest sequence (a few static shapes for train.compile; outputs "
+                             "unchanged, dropout draws differ); [] = its longest sequence, or with "
+                             "train.compile on, powers of two and model.max_seq_len",
+                             item=int, min=1, unique=True)
 
 
 @dataclass
@@ -223,6 +228,9 @@ class TrainConfig:
     precision: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16' or 'fp16'",
                         choices=("auto", "fp32", "bf16", "fp16"))
     grad_accum_steps: int = _f(1, "micro-batches per optimiser step on each worker", min=1)
+    compile: str = _f("auto", "torch.compile the objective's forward (model + losses): 'true', 'false', "
+                      "or 'auto' = off (slower on the CPU, docs/scaling.md; on CUDA until a GPU "
+                      "run shows it helps)", choices=("auto", "true", "false"))
     storage_path: str = _f("outputs/ray_results", "Ray Train storage (shared path or URI on a cluster)")
     run_name: str = _f("", "Ray Train run name; re-running with the same name resumes it ('' = cfg.name)")
     max_failures: int = _f(2, "worker-group restarts from the last checkpoint before giving up", min=-1)
@@ -285,6 +293,10 @@ class ExperimentConfig:
                              f"train.num_workers = {t.num_workers})", t.grad_accum_steps)
             raise _error(blamed, sources, "a multiple of train.num_workers * train.grad_accum_steps "
                          f"= {per_step}", bs)
+        too_wide = [w for w in self.data.length_widths if w > m.max_seq_len]
+        if too_wide:
+            raise _error("data.length_widths", sources, f"widths <= model.max_seq_len = {m.max_seq_len}",
+                         self.data.length_widths)
         if self.loss.main_loss == "vocab_parallel":
             from hm4sr_dist.feasibility import check_vocab_parallel
             check_vocab_parallel(self, sources)

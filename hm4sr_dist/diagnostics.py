@@ -59,26 +59,30 @@ class MoEStats:
         """`out` an HM4SROutput; `temporal_weight` (k2, M*d) the experts W_i of eq. 16; `rows` (B,)
         bool keeps only those rows (evaluation batches pad with masked copies)."""
         real = out.real if rows is None else out.real & rows.bool().unsqueeze(1)
+        # Weighted by the (B, L) real-position mask rather than gathered by it: no data-dependent
+        # shapes, so adding a batch reads nothing back from the device.
+        keep = real.double()
         if out.interactive_gates is not None:
-            gates = out.interactive_gates[real]                                 # (n, M, k1)
-            self._add("interactive_gates", gates.sum(0))
-            self._add("interactive_entropy", _entropy(gates).sum(0))
-            self._add("interactive_count", torch.tensor(float(gates.shape[0])))
+            gates = out.interactive_gates.detach().double()                     # (B, L, M, k1)
+            weights = keep[..., None, None]
+            self._add("interactive_gates", (gates * weights).sum((0, 1)))
+            self._add("interactive_entropy", (_entropy(gates) * keep[..., None]).sum((0, 1)))
+            self._add("interactive_count", keep.sum())
         if out.temporal_gates is not None:
-            gates = out.temporal_gates[real]                                    # (n, k2)
-            which = interval_range_index(intervals(time_seq, out.real.long())[real])
-            per_range = torch.zeros(len(INTERVAL_RANGES), gates.shape[1], dtype=torch.float64,
-                                    device=gates.device)
-            per_range.index_add_(0, which, gates.double())
-            self._add("temporal_gates", per_range)
-            self._add("temporal_range_count", torch.bincount(which, minlength=len(INTERVAL_RANGES)))
-            self._add("temporal_entropy", _entropy(gates).sum())
-            self._add("temporal_count", torch.tensor(float(gates.shape[0])))
+            gates = out.temporal_gates.detach().double()                        # (B, L, k2)
+            k2 = gates.shape[-1]
+            which = interval_range_index(intervals(time_seq, out.real.long()))  # (B, L)
+            one_hot = torch.nn.functional.one_hot(which, len(INTERVAL_RANGES)).double() * keep[..., None]
+            self._add("temporal_gates", torch.einsum("blr,blk->rk", one_hot, gates))
+            self._add("temporal_range_count", one_hot.sum((0, 1)))
+            self._add("temporal_entropy", (_entropy(gates) * keep).sum())
+            self._add("temporal_count", keep.sum())
             if temporal_weight is not None:
-                mult = gates.double() @ temporal_weight.detach().double()      # (n, M*d)
-                self._add("mult_sum", mult.sum(0))
-                self._add("mult_sq", (mult * mult).sum(0))
-                self._add("mult_abs", mult.abs().sum(0))
+                mult = gates.reshape(-1, k2) @ temporal_weight.detach().double()   # (B*L, M*d)
+                w = keep.reshape(-1, 1)
+                self._add("mult_sum", (mult * w).sum(0))
+                self._add("mult_sq", (mult * mult * w).sum(0))
+                self._add("mult_abs", (mult.abs() * w).sum(0))
 
     def all_reduce(self) -> None:
         """Sum the statistics over ranks (every rank holds the same keys)."""

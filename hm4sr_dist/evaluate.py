@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from hm4sr_dist.batch import Batch
+from hm4sr_dist.data.placement import BatchPlacement
 from hm4sr_dist.metrics import add_sums, metric_sums, target_ranks
 from hm4sr_dist.model.hm4sr import HM4SR
 from hm4sr_dist.objective import ItemTable
@@ -30,15 +31,18 @@ def _unpack(entry) -> tuple[Batch, Tensor | None, Tensor | None]:
 
 @torch.no_grad()
 def evaluate_sums(model: HM4SR, batches: Iterable, ks: Iterable[int], item_chunk_size: int = 0,
-                  device: torch.device | str = "cpu", rows_out: list | None = None,
+                  device: torch.device | str | BatchPlacement = "cpu", rows_out: list | None = None,
                   observe: Callable | None = None, table: ItemTable | None = None,
                   id_rows: Tensor | None = None) -> dict[str, Tensor]:
     """Sum NDCG/MRR/Hit over every row. A batch may come with a (B,) weight (0 = padded row).
 
+    `device`: where to compute, or the `BatchPlacement` that takes each batch there (batches
+    a reader already placed pass unchanged).
     `rows_out`, a list, receives (user ids, ranks) of the real rows of every batch (the batch must
     carry `users`); `observe(out, batch, weight)` sees every forward pass (diagnostics). `table` and
     `id_rows`: a sharded item table and this worker's ID rows (module docstring)."""
     sharded = table is not None and table.sharded
+    place = device if isinstance(device, BatchPlacement) else BatchPlacement(device)
     was_training = model.training
     model.eval()
     try:
@@ -46,9 +50,7 @@ def evaluate_sums(model: HM4SR, batches: Iterable, ks: Iterable[int], item_chunk
         item_repr = model.item_representations(id_rows) if sharded else model.item_representations()
         sums = None
         for entry in batches:
-            batch, weight, users = _unpack(entry)
-            batch = batch.to(device).trimmed()
-            weight = None if weight is None else weight.to(device)
+            batch, weight, users = _unpack(place(entry))
             if sharded:
                 out = model(batch, item_repr=item_repr, lookup=table.lookup)
                 ranks = table.target_ranks(out.seq_repr, item_repr, batch.target, item_chunk_size)

@@ -12,6 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def full_precision(x: Tensor) -> Tensor:
+    """`x` in fp32 if it is in half precision (bf16 autocast), else unchanged (fp32, fp64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def main_loss(scores: Tensor, target: Tensor) -> Tensor:
     """Eq. 20: softmax cross-entropy over all items (scores (B, n_items + 1), padding column -inf).
 
@@ -19,32 +24,38 @@ def main_loss(scores: Tensor, target: Tensor) -> Tensor:
     item chunks (`loss.main_loss=chunked`) and a sampled softmax (`sampled`) are in
     `hm4sr_dist.catalog_loss` (docs/scaling.md).
     """
-    return F.cross_entropy(scores, target)
+    return F.cross_entropy(full_precision(scores), target)       # log-sum-exp in fp32 under bf16 autocast
 
 
 def category_loss(logits: Tensor, labels: Tensor, denominator: Tensor | float | None = None,
-                  reduction: str = "per_item") -> Tensor:
+                  reduction: str = "per_item", mask: Tensor | None = None) -> Tensor:
     """Eq. 21-22: binary cross-entropy of per-item category logits against multi-hot labels.
 
-    logits, labels: (n_real_items, C), one row per non-padding input position (padding never
-    reaches here). The summed BCE over every (item, category) pair, divided by `denominator`; by
-    default the number of items (`reduction="per_item"`: eq. 22's sum over categories, averaged
-    over the items as spec §3 says) or of (item, category) pairs (`"per_element"`). Under data
-    parallelism the caller passes the global count (see `HM4SRObjective`).
+    logits, labels: (..., C), one row per input position; `mask` (...,) bool keeps the real
+    positions (None: every row is real). The summed BCE over every real (item, category) pair,
+    divided by `denominator`; by default the number of real items (`reduction="per_item"`: eq. 22's
+    sum over categories, averaged over the items as spec §3 says) or of real (item, category) pairs
+    (`"per_element"`). Under data parallelism the caller passes the global count (see
+    `HM4SRObjective`). Computed in fp32 (also under bf16 autocast), with a mask rather than
+    boolean indexing, so no step reads a value back to the host.
     """
-    total = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="sum")
+    per_pair = F.binary_cross_entropy_with_logits(full_precision(logits), labels.to(full_precision(logits).dtype),
+                                                  reduction="none")
+    if mask is not None:
+        per_pair = per_pair * mask.unsqueeze(-1)
     if denominator is None:
-        denominator = max(category_count(logits, reduction), 1)
-    return total / denominator
+        denominator = category_count(logits, reduction, mask).clamp_min(1)
+    return per_pair.sum() / denominator
 
 
-def category_count(logits: Tensor, reduction: str) -> int:
-    """What category_loss averages over: items (`per_item`) or (item, category) pairs."""
-    if reduction == "per_item":
-        return logits.shape[0]
-    if reduction == "per_element":
-        return logits.numel()
-    raise ValueError(f"loss.cp_reduction: expected 'per_item' or 'per_element', got {reduction!r}")
+def category_count(logits: Tensor, reduction: str, mask: Tensor | None = None) -> Tensor:
+    """What category_loss averages over, as a float tensor on the logits' device: real items
+    (`per_item`) or real (item, category) pairs (`per_element`)."""
+    if reduction not in ("per_item", "per_element"):
+        raise ValueError(f"loss.cp_reduction: expected 'per_item' or 'per_element', got {reduction!r}")
+    items = (mask.sum(dtype=torch.float32) if mask is not None else
+             torch.tensor(float(logits[..., 0].numel()), device=logits.device))
+    return items * logits.shape[-1] if reduction == "per_element" else items
 
 
 def info_nce(queries: Tensor, keys: Tensor, positives: Tensor, query_ids: Tensor, key_ids: Tensor,
@@ -55,7 +66,10 @@ def info_nce(queries: Tensor, keys: Tensor, positives: Tensor, query_ids: Tensor
     positive key; query_ids (b,) and key_ids (N,) the target items: a key whose target equals the
     query's (other than its positive) is masked out, since it is not a true negative.
     """
-    sim = F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T / temperature      # (b, N)
+    # fp32 (also under bf16 autocast): the cosines are divided by a temperature below 1
+    with torch.autocast(queries.device.type, enabled=False):
+        sim = (F.normalize(full_precision(queries), dim=-1) @ F.normalize(full_precision(keys), dim=-1).T
+               / temperature)                                                             # (b, N)
     same_target = query_ids.unsqueeze(1) == key_ids.unsqueeze(0)
     rows = torch.arange(queries.shape[0], device=queries.device)
     same_target[rows, positives] = False

@@ -97,10 +97,17 @@ class LossTerms:
     pcl: Tensor | None = None
     output: HM4SROutput | None = None
 
+    NAMES = ("total", "main", "cp", "idcl", "pcl")
+
+    def detached(self) -> dict[str, Tensor]:
+        """The present terms, detached and still on their device (no host read: the epoch sums
+        them on the device, `hm4sr_dist.train.loop.EpochProgress`)."""
+        return {n: getattr(self, n).detach() for n in self.NAMES if getattr(self, n) is not None}
+
     def scalars(self) -> dict[str, float]:
-        """Detached values of the present terms, for logging."""
-        names = ("total", "main", "cp", "idcl", "pcl")
-        return {n: float(getattr(self, n).detach()) for n in names if getattr(self, n) is not None}
+        """Their values on the host, for logging (one read of the device per call)."""
+        values = self.detached()
+        return dict(zip(values, torch.stack([v.float() for v in values.values()]).tolist()))
 
 
 class HM4SRObjective(nn.Module):
@@ -146,10 +153,21 @@ class HM4SRObjective(nn.Module):
         # sampled: compute the item rows the step reads, not the catalogue (False: the whole table,
         # the same results; the reference of the tests)
         self.row_wise = getattr(loss_cfg, "main_loss", "full") == "sampled"
+        self.compute_dtype: torch.dtype | None = None     # autocast dtype of the forward (None: off)
 
     def forward(self, batch: Batch, id_rows: Tensor | None = None) -> LossTerms:
         """L of eq. 27 for this worker's rows. `id_rows`: the ID rows of the worker's table slice
-        (vocab_parallel only, where they are a parameter held outside this module)."""
+        (vocab_parallel only, where they are a parameter held outside this module).
+
+        With `compute_dtype` (bf16, `train.precision`; set by `hm4sr_dist.train.acceleration`) the
+        forward runs under autocast: matrix products in bf16, weights, gradients and every loss's
+        log-sum-exp in fp32 (`hm4sr_dist.losses` upcasts)."""
+        device_type = batch.item_seq.device.type
+        with torch.autocast(device_type, dtype=self.compute_dtype or torch.float32,
+                            enabled=self.compute_dtype is not None):
+            return self._terms(batch, id_rows)
+
+    def _terms(self, batch: Batch, id_rows: Tensor | None) -> LossTerms:
         model, cfg, ex, table = self.model, self.cfg, self.exchange, self.table
         if self.row_wise:                              # sampled: the batch's items' rows only
             table = GatheredRows(torch.cat([batch.item_seq.reshape(-1), batch.target]).unique())
@@ -176,8 +194,9 @@ class HM4SRObjective(nn.Module):
         if cfg.cp_weight > 0:
             labels = self.categories[out.cp_items]
             # Normalise by the GLOBAL count so that averaging over ranks gives the global mean.
-            local = torch.tensor(float(category_count(out.cp_logits, cfg.cp_reduction)), device=labels.device)
-            terms.cp = category_loss(out.cp_logits, labels, ex.all_sum(local) / ex.world_size)
+            local = category_count(out.cp_logits, cfg.cp_reduction, out.real)
+            terms.cp = category_loss(out.cp_logits, labels, ex.all_sum(local) / ex.world_size,
+                                     mask=out.real)
         if cfg.idcl_weight > 0:
             d, i = model.d, model.modalities.index("id")
             h_id = out.seq_repr[:, i * d:(i + 1) * d]

@@ -69,6 +69,7 @@ import numpy as np
 import torch
 
 from hm4sr_dist.batch import Batch
+from hm4sr_dist.data.placement import BatchPlacement
 from hm4sr_dist.data.prefetch import Prefetcher, Stopped
 from hm4sr_dist.data.manifest import (SHARD_DIR, DataLocation, ManifestError, read_manifest,
                                       verify_shards)
@@ -134,7 +135,8 @@ class ShardReader:
                  rank: int = 0, world_size: int = 1, shuffle: bool | None = None, seed: int = 0,
                  epoch: int = 0, shuffle_buffer: int = 20000, equalize: str = "pad",
                  max_len: int | None = None, backend: str = "tarfile", verify: str = "size",
-                 bucket_pool_batches: int = 64, prefetch_batches: int = 4, filesystem=None):
+                 bucket_pool_batches: int = 64, prefetch_batches: int = 4, filesystem=None,
+                 placement: BatchPlacement | None = None):
         if split not in SPLITS:
             raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
         if not 0 <= rank < world_size:
@@ -161,6 +163,7 @@ class ShardReader:
         self.max_len = int(max_len or self.manifest["max_len"])
         self.bucket_pool_batches = bucket_pool_batches
         self.prefetch_batches = prefetch_batches
+        self.placement = placement      # None: host batches at their full width
         self._fetcher: Callable[[], Prefetcher | None] = _NO_FETCHER  # weak: the live iteration's
         self._ahead: tuple[tuple, Prefetcher] | None = None  # the next epoch, started early
         self.shards = self.manifest["shards"]
@@ -267,9 +270,10 @@ class ShardReader:
         steps, b, epoch = len(self), self.batch_size, self.epoch
         if self.split != "train":
             if not self.prefetch_batches:
-                return self._eval_batches(mine, steps, b)
+                return map(self._place, self._eval_batches(mine, steps, b))
             shadow = self._shadow()
-            return self._consume(self._fetch(lambda stop: shadow._eval_batches(mine, steps, b)), None)
+            return self._consume(self._fetch(lambda stop: shadow._eval_batches(mine, steps, b, staged=True)),
+                                 self._place)
         if self.num_samples == 0:
             raise ManifestError(f"{self.dir}: rank {self.rank} got no training samples")
         start = self._resume or 0  # a loaded position, else the epoch's first batch
@@ -319,7 +323,16 @@ class ShardReader:
         self._position = k + 1  # counted as yielded once the consumer holds it
         if steps is not None and k + 1 == steps:
             self._read_ahead(epoch + 1)
-        return batch
+        return self._place(batch)
+
+    def _place(self, entry):
+        """On the consumer's thread: the placement's batch (a staged copy is waited for)."""
+        return entry if self.placement is None else self.placement(entry)
+
+    def _stage(self, entry):
+        """In a prefetch thread: shape and start copying to the GPU (a real one only)."""
+        placement = self.placement
+        return placement.stage(entry) if placement is not None and placement.stages_copies else entry
 
     def _read_ahead(self, epoch: int) -> None:
         """The consumer holds an epoch's last batch: start reading `epoch` (from its first batch)
@@ -366,7 +379,8 @@ class ShardReader:
                 if stop is not None and stop.is_set():
                     return
                 if k >= start:
-                    yield k, collate(rows, self.max_len)
+                    batch = collate(rows, self.max_len)
+                    yield k, (batch if stop is None else self._stage(batch))
         except Stopped:
             return
 
@@ -427,7 +441,10 @@ class ShardReader:
         for k in rng.permutation(n):
             yield [pool[i] for i in order[k * b:(k + 1) * b]]
 
-    def _eval_batches(self, mine: list[int], steps: int, b: int) -> Iterator[EvalBatch]:
+    def _eval_batches(self, mine: list[int], steps: int, b: int,
+                      staged: bool = False) -> Iterator[EvalBatch]:
+        """Every user of this rank once, in batches of `b` (masked padding rows); `staged`: in a
+        prefetch thread, start each batch's copy to the GPU (`_stage`)."""
         # (user id, sample) in shard order; a user id is its shard key u<id> (records.user_key)
         stream = ((int(key[1:]), sample) for key, items, times in self._user_stream(mine, keys=True)
                   for sample in user_samples(items, times, self.split))
@@ -449,7 +466,8 @@ class ShardReader:
             rows.extend([filler] * (b - real))
             mask = torch.zeros(b, dtype=torch.bool)
             mask[:real] = True
-            yield EvalBatch(collate(rows, self.max_len), mask, torch.from_numpy(users))
+            entry = EvalBatch(collate(rows, self.max_len), mask, torch.from_numpy(users))
+            yield self._stage(entry) if staged else entry
         if next(stream, None) is not None:
             raise ShardError(f"{self.dir}: rank {self.rank} has samples beyond its {steps} steps "
                              "(manifest counts are wrong)")

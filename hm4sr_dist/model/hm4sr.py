@@ -45,8 +45,10 @@ class HM4SROutput:
                                       # (of the worker's slice under vocabulary parallelism;
                                       # of the batch's items only under loss.main_loss=sampled)
     pcl_repr: dict[str, Tensor] = field(default_factory=dict)   # m -> (B, d), H^{m,1} (eq. 24)
-    cp_logits: Tensor | None = None   # (n_real, C) eq. 21 for every real input position
-    cp_items: Tensor | None = None    # (n_real,) the item at each of those positions
+    cp_logits: Tensor | None = None   # (B, L, C) eq. 21 at every input position (CP reads the
+                                      # real ones, `real`: a mask, not boolean indexing, keeps
+                                      # the step free of data-dependent shapes)
+    cp_items: Tensor | None = None    # (B, L) the item at each of those positions
     interactive_gates: Tensor | None = None   # (B, L, M, k1) g^m of eq. 9
     temporal_gates: Tensor | None = None      # (B, L, k2) g' of eq. 14
     real: Tensor | None = None                # (B, L) bool, real (non-padding) positions
@@ -180,8 +182,8 @@ class HM4SR(nn.Module):
                 augmented = torch.where(replace, self.placeholders[mod](time), seq[:, :, i])   # eq. 24
                 out.pcl_repr[mod] = self.encoders[mod](augmented, batch.seq_len)
         if self.cp_head is not None and categories:
-            out.cp_logits = self.cp_head(x[real])                                # eq. 21
-            out.cp_items = batch.item_seq[real]
+            out.cp_logits = self.cp_head(x)                                      # eq. 21
+            out.cp_items = batch.item_seq
         return out
 
     def parameter_count(self) -> int:

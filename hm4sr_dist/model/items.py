@@ -36,7 +36,13 @@ class FrozenFeatures:
     pickling a mapped table sends its path and the receiver maps the same file again.
     `window` = (start, stop, rows of the file) when `table` is only rows start..stop-1 of `source`
     (`rows`: a vocabulary-parallel worker's slice).
+
+    On an accelerator, a table of at most `DEVICE_COPY_BYTES` is copied there once, in its own
+    (narrow) dtype, and read from that copy: otherwise every forward and backward pass would copy
+    it across the bus again (twice the table per step). A larger table streams block by block.
     """
+
+    DEVICE_COPY_BYTES = 16 << 30
 
     def __init__(self, table: Tensor, source: str | None = None, block_rows: int = BLOCK_ROWS,
                  window: tuple[int, int, int] | None = None):
@@ -47,6 +53,19 @@ class FrozenFeatures:
         self.source = source
         self.block_rows = int(block_rows)
         self.window = window
+        self._copies: dict[torch.device, Tensor] = {}     # device -> the table there
+
+    def on(self, device) -> Tensor:
+        """The table where it is read from for `device`: itself on the CPU (and when too large
+        to copy), else its copy there, made on first use."""
+        device = torch.device(device)
+        if device.type == "cpu" or self.table.device == device:
+            return self.table
+        if device not in self._copies:
+            if self.table.numel() * self.table.element_size() > self.DEVICE_COPY_BYTES:
+                return self.table
+            self._copies[device] = self.table.to(device)
+        return self._copies[device]
 
     def rows(self, start: int, stop: int) -> "FrozenFeatures":
         """Rows start..stop-1 as a FrozenFeatures of their own: a view of the table (a mapped file
@@ -68,14 +87,15 @@ class FrozenFeatures:
     def block(self, start: int, stop: int, device, dtype: torch.dtype) -> Tensor:
         """Rows start..stop-1 as a (stop - start, w) tensor of `dtype` on `device`: a copy, or a
         view of the table when it already has that dtype and device (callers only read it)."""
-        part = self.table[start:stop]
+        part = self.on(device)[start:stop]
         if part.device != torch.device(device):
             part = part.to(device)         # copy the narrow dtype, upcast where it is used
         return part.to(dtype)
 
     def gather(self, ids: Tensor, device, dtype: torch.dtype) -> Tensor:
         """Rows `ids` (k,) as a (k, w) tensor of `dtype` on `device`; only those rows are read."""
-        part = self.table[ids.to(self.table.device)]
+        table = self.on(device)
+        part = table[ids.to(table.device)]
         return part.to(device).to(dtype)
 
     def __deepcopy__(self, memo) -> "FrozenFeatures":

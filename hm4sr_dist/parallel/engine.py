@@ -1,7 +1,10 @@
 """Wrap the HM4SR objective in a DeepSpeed engine (one per Ray Train worker).
 
 The engine gets a plain torch Adam (no fused-Adam JIT build), our gradient clipping, ZeRO stage and
-precision. fp32 on the CPU (bf16 is emulated and slow there), bf16 by default on GPUs.
+precision. fp32 on the CPU (bf16 is emulated and slow there), bf16 by default on GPUs: bf16 is
+autocast inside the objective's forward (`hm4sr_dist.train.acceleration.apply_precision`), so the
+engine keeps fp32 weights, gradients and Adam state (DeepSpeed's own bf16 mode stays off); fp16 is
+DeepSpeed's fp16 mode (fp16 weights with its loss scaler).
 
 Under `loss.main_loss=vocab_parallel` each rank's ID-table slice is NOT in the engine (it would be
 broadcast from rank 0 and averaged): `engine_step` hands it to the objective's forward through the
@@ -15,14 +18,7 @@ import torch
 
 from hm4sr_dist.config import ConfigError, ExperimentConfig
 from hm4sr_dist.objective import HM4SRObjective
-
-
-def resolve_precision(cfg: ExperimentConfig, on_gpu: bool) -> str:
-    if cfg.train.precision == "auto":
-        return "bf16" if on_gpu else "fp32"
-    if cfg.train.precision != "fp32" and not on_gpu:
-        raise ValueError(f"train.precision={cfg.train.precision} needs a GPU; use fp32 on the CPU")
-    return cfg.train.precision
+from hm4sr_dist.train.acceleration import resolve_precision
 
 
 def check_precision(cfg: ExperimentConfig, on_gpu: bool) -> str:
@@ -44,7 +40,7 @@ def deepspeed_config(cfg: ExperimentConfig, world_size: int, on_gpu: bool) -> di
         "gradient_accumulation_steps": cfg.train.grad_accum_steps,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.train.zero_stage},
-        "bf16": {"enabled": precision == "bf16"},
+        "bf16": {"enabled": False},          # bf16 = autocast in the objective, fp32 weights
         "fp16": {"enabled": precision == "fp16"},
         "steps_per_print": 1 << 30,          # our own progress lines instead
         "wall_clock_breakdown": False,
@@ -78,15 +74,17 @@ def engine_step(engine, table_shard=None):
         # The norm before clipping; under ZeRO gradients are sharded and only the engine knows it,
         # after its step has computed it.
         sharded = engine.zero_optimization_stage() > 0
-        norm = None if sharded else grad_norm(engine.module.parameters())
-        slice_sq = table_shard.grad_norm_sq() if table_shard is not None else 0.0
+        norm = None if sharded else grad_norm(engine.module.parameters())    # a device tensor
+        slice_sq = table_shard.grad_norm_sq() if table_shard is not None else None
         boundary = engine.is_gradient_accumulation_boundary()   # asked before step() advances it
         engine.step()
         if sharded:
             norm = engine.get_global_grad_norm()
+            norm = None if norm is None else torch.as_tensor(norm, dtype=torch.float64)
         if table_shard is not None:
             if boundary:
                 table_shard.step(lr=engine.get_lr()[0])
-            norm = (float(norm) ** 2 + slice_sq) ** 0.5 if norm is not None else None
-        return StepResult(terms, float(norm if norm is not None else float("nan")), boundary)
+            if norm is not None:
+                norm = (norm.double().to(slice_sq.device) ** 2 + slice_sq) ** 0.5
+        return StepResult(terms, float("nan") if norm is None else norm, boundary)
     return step

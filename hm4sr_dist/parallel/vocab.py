@@ -89,6 +89,13 @@ def _owned(target: Tensor, offset: int, n_local: int) -> Tensor:
     return (target >= offset) & (target < offset + n_local)
 
 
+def _owned_rows(ids: Tensor, offset: int, n_local: int) -> tuple[Tensor, Tensor]:
+    """(owned mask, slice row of each id, clamped into the slice). The callers weight by the mask
+    instead of indexing with it: no data-dependent shape, so a step reads nothing to the host.
+    Call only with n_local > 0."""
+    return _owned(ids, offset, n_local), (ids - offset).clamp(0, n_local - 1)
+
+
 # -- pure math: what one rank computes, no communication --------------------------------------------
 
 def slice_partials(queries: Tensor, items: Tensor, target: Tensor, offset: int,
@@ -106,9 +113,10 @@ def slice_partials(queries: Tensor, items: Tensor, target: Tensor, offset: int,
         block = _block_logits(queries, items, offset, start, stop, acc)
         lse = torch.logaddexp(lse, torch.logsumexp(block, 1))
         del block
-    own = _owned(target, offset, items.shape[0])
     y_t = torch.zeros(queries.shape[0], dtype=acc, device=queries.device)
-    y_t[own] = (queries[own] * items[target[own] - offset]).sum(-1).to(acc)
+    if items.shape[0]:
+        own, local_t = _owned_rows(target, offset, items.shape[0])
+        y_t = torch.where(own, (queries * items[local_t]).sum(-1).to(acc), y_t)
     return lse, y_t
 
 
@@ -135,10 +143,11 @@ def slice_backward(queries: Tensor, items: Tensor, target: Tensor, offset: int, 
         grad_q += (weight.to(items.dtype) @ items[start:stop]).to(acc)
         grad_x[start:stop] = weight.T.to(queries.dtype) @ queries           # each row written once
         del weight
-    own = _owned(target, offset, items.shape[0])                             # the -onehot part
-    local_t = target[own] - offset
-    grad_q[own] -= g[own].unsqueeze(1) * items[local_t].to(acc)
-    grad_x.index_add_(0, local_t, (-g[own].unsqueeze(1) * queries[own].to(acc)).to(items.dtype))
+    if items.shape[0]:                                                       # the -onehot part
+        own, local_t = _owned_rows(target, offset, items.shape[0])
+        g_own = (g * own).unsqueeze(1)                                       # 0 on rows not ours
+        grad_q -= g_own * items[local_t].to(acc)
+        grad_x.index_add_(0, local_t, (-g_own * queries.to(acc)).to(items.dtype))
     return grad_q.to(queries.dtype), grad_x
 
 
@@ -158,9 +167,10 @@ def slice_rank_counts(queries: Tensor, items: Tensor, target: Tensor, offset: in
 def slice_target_scores(queries: Tensor, items: Tensor, target: Tensor, offset: int) -> Tensor:
     """(B,) h_i . x_{t_i} for rows whose target is in the slice, 0 elsewhere (in the query dtype,
     computed as `metrics.target_ranks` does, so the comparison is the unsharded one)."""
-    own = _owned(target, offset, items.shape[0])
     score = torch.zeros(queries.shape[0], dtype=queries.dtype, device=queries.device)
-    score[own] = (queries[own] * items[target[own] - offset]).sum(-1)
+    if items.shape[0]:
+        own, local_t = _owned_rows(target, offset, items.shape[0])
+        score = torch.where(own, (queries * items[local_t]).sum(-1), score)
     return score
 
 
@@ -315,12 +325,13 @@ class ShardAdam:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def grad_norm_sq(self, group=None) -> float:
-        """||gradient||^2 summed over every rank's slice (one all-reduce; 0 before any gradient)."""
+    def grad_norm_sq(self, group=None) -> Tensor:
+        """||gradient||^2 summed over every rank's slice (one all-reduce; 0 before any gradient),
+        a float64 tensor on the slice's device (no host read)."""
         grad = self.weight.grad
         local = grad.detach().double().pow(2).sum() if grad is not None else \
             torch.zeros((), dtype=torch.float64, device=self.weight.device)
-        return float(_all_reduce(local.reshape(1), group)[0])
+        return _all_reduce(local.reshape(1), group)[0]
 
     def state_dict(self, best: Tensor | None = None) -> dict:
         """What a checkpoint keeps of this rank: the slice, its bounds, Adam's state, and the slice
@@ -454,9 +465,11 @@ class _VocabParallelLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ids: Tensor, items: Tensor, offset: int, group) -> Tensor:
-        own = _owned(ids, offset, items.shape[0])
         out = items.new_zeros(ids.shape + items.shape[1:])
-        out[own] = items[ids[own] - offset]
+        own = torch.zeros_like(ids, dtype=torch.bool)
+        if items.shape[0]:
+            own, local = _owned_rows(ids, offset, items.shape[0])
+            out = torch.where(own.unsqueeze(-1), items[local], out)
         ctx.save_for_backward(ids, own)
         ctx.offset, ctx.rows, ctx.group = offset, items.shape[0], group
         return _all_reduce(out, group)
@@ -468,7 +481,10 @@ class _VocabParallelLookup(torch.autograd.Function):
         # every rank's objective may use any looked-up row: sum, then keep the rows of our items
         grad = _all_reduce(grad.contiguous().clone(), ctx.group)
         grad_items = grad.new_zeros((ctx.rows,) + grad.shape[ids.dim():])
-        grad_items.index_add_(0, ids[own] - ctx.offset, grad[own])
+        if ctx.rows:
+            local = (ids - ctx.offset).clamp(0, ctx.rows - 1).reshape(-1)
+            kept = grad * own.unsqueeze(-1)                                   # 0 on rows not ours
+            grad_items.index_add_(0, local, kept.reshape((-1,) + grad.shape[ids.dim():]))
         return None, grad_items, None, None
 
 

@@ -20,14 +20,17 @@ from typing import Callable, Iterable
 
 import torch
 
+from torch import Tensor
+
 from hm4sr_dist.batch import Batch
+from hm4sr_dist.data.placement import BatchPlacement
 from hm4sr_dist.objective import HM4SRObjective, LossTerms
 
 
 @dataclass
 class StepResult:
     terms: LossTerms
-    grad_norm: float = float("nan")
+    grad_norm: Tensor | float = float("nan")   # a device tensor (read when logged, not per step)
     boundary: bool = True              # an optimiser step was taken (False inside accumulation)
 
 
@@ -38,26 +41,36 @@ class EpochProgress:
     batches: int = 0
     sequences: int = 0
     seconds: float = 0.0              # fetching + stepping (on_step time excluded)
-    sums: dict = field(default_factory=dict)
+    sums: dict = field(default_factory=dict)   # loss term -> running sum (a device tensor while
+                                               # training: no host read per step; floats once saved)
     data_wait_seconds: float = 0.0    # of `seconds`, blocked in next() on the batch iterator
 
     def add(self, terms: LossTerms, sequences: int) -> None:
-        for name, value in terms.scalars().items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
+        for name, value in terms.detached().items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.float()
         self.batches += 1
         self.sequences += sequences
+
+    def host_sums(self) -> dict[str, float]:
+        """The running sums on the host (one device read for all of them)."""
+        names = list(self.sums)
+        if not names:
+            return {}
+        return dict(zip(names, torch.stack([torch.as_tensor(self.sums[n], dtype=torch.float64).cpu()
+                                            for n in names]).tolist()))
 
     def means(self) -> dict[str, float]:
         """Mean loss terms over the epoch's batches, and `data_wait_fraction` (a ratio, not a
         mean: it rides here so every epoch report carries it as `epoch/data_wait_fraction`)."""
-        means = {name: value / max(self.batches, 1) for name, value in self.sums.items()}
+        means = {name: value / max(self.batches, 1) for name, value in self.host_sums().items()}
         return means | {"data_wait_fraction": self.data_wait_fraction()}
 
     def data_wait_fraction(self) -> float:
         return self.data_wait_seconds / self.seconds if self.seconds > 0 else 0.0
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Plain numbers (a mid-epoch checkpoint stores it)."""
+        return asdict(self) | {"sums": self.host_sums()}
 
 
 StepFn = Callable[[Batch], StepResult]
@@ -65,25 +78,30 @@ StepFn = Callable[[Batch], StepResult]
 
 def optimizer_step(objective: HM4SRObjective, optimizer: torch.optim.Optimizer,
                    grad_clip: float = 0.0) -> StepFn:
-    """A plain-PyTorch step: forward (all loss terms), backward, optional clipping, Adam."""
+    """A plain-PyTorch step: forward (all loss terms), backward, optional clipping, Adam. Reads
+    nothing back to the host (the gradient norm stays a device tensor)."""
     def step(batch: Batch) -> StepResult:
         terms = objective(batch)
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip if grad_clip > 0 else float("inf"))
         optimizer.step()
-        return StepResult(terms, float(norm))
+        return StepResult(terms, norm.detach())
     return step
 
 
 def run_epoch(step: StepFn, batches: Iterable[Batch], progress: EpochProgress | None = None,
               on_step: Callable[[StepResult, Batch, EpochProgress], None] | None = None,
-              sequences_per_batch: int | None = None) -> EpochProgress:
-    """Run `step` over `batches` (each trimmed to its longest sequence; `on_step` sees the trimmed
-    batch), continuing `progress`. The batch iterator is closed on the way out, so a reader's
-    prefetch thread stops even when a step raises.
+              sequences_per_batch: int | None = None,
+              placement: BatchPlacement | None = None) -> EpochProgress:
+    """Run `step` over `batches`, continuing `progress`. Each batch goes through `placement`
+    (default: the CPU, trimmed to its longest sequence); a reader built with the same placement
+    hands them over already on the device, and they pass unchanged. `on_step` sees the placed
+    batch. The batch iterator is closed on the way out, so a reader's prefetch thread stops even
+    when a step raises.
 
     `sequences_per_batch` counts the global batch (all ranks) instead of the local one."""
+    place = placement or BatchPlacement()
     progress = progress or EpochProgress()
     batch_iter = iter(batches)
     try:
@@ -95,7 +113,7 @@ def run_epoch(step: StepFn, batches: Iterable[Batch], progress: EpochProgress | 
                 break
             fetched = time.perf_counter()
             progress.data_wait_seconds += fetched - last
-            batch = batch.trimmed()
+            batch = place(batch)
             result = step(batch)
             now = time.perf_counter()
             progress.seconds += now - last
@@ -112,23 +130,32 @@ def run_epoch(step: StepFn, batches: Iterable[Batch], progress: EpochProgress | 
 
 
 def fit_in_process(cfg, catalog, train: Callable[[int], Iterable[Batch]], valid: Iterable, epochs: int,
-                   log: Callable[[str], None] = print) -> tuple[HM4SRObjective, list[dict]]:
-    """Train on one process with Adam at `cfg.optim` (tests, benchmarks); `train(epoch)` yields that
-    epoch's batches. The same `run_epoch` as the Ray Train worker, with a plain optimiser step."""
+                   log: Callable[[str], None] = print, device: torch.device | str = "cpu"
+                   ) -> tuple[HM4SRObjective, list[dict]]:
+    """Train on one process with Adam at `cfg.optim` (tests, benchmarks, the GPU acceptance script);
+    `train(epoch)` yields that epoch's batches. The same `run_epoch`, placement, precision and
+    compile settings as the Ray Train worker (`train.precision`, `train.compile`,
+    `data.length_widths`), with a plain optimiser step."""
     from hm4sr_dist.evaluate import evaluate_sums
     from hm4sr_dist.metrics import finalize
     from hm4sr_dist.objective import build_objective
+    from hm4sr_dist.train.acceleration import (apply_compile, apply_precision, compile_enabled,
+                                               placement_for, resolve_precision)
 
+    device = torch.device(device)
     torch.manual_seed(cfg.optim.seed)
-    objective = build_objective(cfg.model, cfg.loss, catalog)
+    objective = build_objective(cfg.model, cfg.loss, catalog).to(device)
+    apply_precision(objective, resolve_precision(cfg, device.type == "cuda"))
+    apply_compile(objective, compile_enabled(cfg, device))
+    placement = placement_for(cfg, device)
     optimizer = torch.optim.Adam(objective.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     step = optimizer_step(objective, optimizer, cfg.optim.grad_clip)
     history = []
     for epoch in range(epochs):
-        progress = run_epoch(step, train(epoch))
+        progress = run_epoch(step, train(epoch), placement=placement)
         stats = progress.means() | {"seconds": progress.seconds,
                                     "sequences_per_s": progress.sequences / max(progress.seconds, 1e-9)}
-        valid_sums = evaluate_sums(objective.model, valid, cfg.eval.ks, cfg.eval.item_chunk_size)
+        valid_sums = evaluate_sums(objective.model, valid, cfg.eval.ks, cfg.eval.item_chunk_size, placement)
         stats |= {f"valid/{k}": v for k, v in finalize(valid_sums, cfg.eval.ks).items()}
         history.append(stats | {"epoch": epoch})
         terms = "  ".join(f"{n} {stats[n]:.3f}" for n in ("main", "cp", "idcl", "pcl") if n in stats)

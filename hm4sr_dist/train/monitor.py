@@ -111,6 +111,8 @@ class Monitor:
 
 
 
-def grad_norm(parameters) -> float:
+def grad_norm(parameters) -> torch.Tensor | None:
+    """The global norm of the gradients, a tensor on their device (read it when logging); None
+    before any gradient."""
     norms = [p.grad.detach().norm() for p in parameters if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else float("nan")
+    return torch.stack(norms).norm() if norms else None

@@ -87,27 +87,27 @@ def load_table_shard(folder: Path, rank: int, world_size: int) -> dict:
 
     own = Path(folder) / TABLE_FILE.format(rank)
     if own.exists():
-        state = torch.load(own, weights_only=False)
+        state = torch.load(own, map_location="cpu", weights_only=False)
         if state["world_size"] == world_size:
             return state
     files = sorted(Path(folder).glob(TABLE_FILE.format("*")))
     if not files:
         raise ValueError(f"{folder} has no item-table slices ({TABLE_FILE.format('<r>')}): the run was "
                          "not trained with loss.main_loss=vocab_parallel and cannot be resumed with it")
-    return reslice_states([torch.load(f, weights_only=False) for f in files], rank, world_size)
+    return reslice_states([torch.load(f, map_location="cpu", weights_only=False) for f in files], rank, world_size)
 
 
 def load_worker_files(folder: Path, rank: int) -> tuple[TrainState, dict | None, dict | None]:
     """(progress, best weights, this rank's reader state or None); restores this rank's RNG."""
-    state = TrainState(**torch.load(folder / "train_state.pt", weights_only=False))
+    state = TrainState(**torch.load(folder / "train_state.pt", map_location="cpu", weights_only=False))
     reader_state = None
     rank_file = folder / f"rank{rank}.pt"
     if rank_file.exists():                      # a resize of the worker group has no file for new ranks
-        saved = torch.load(rank_file, weights_only=False)
+        saved = torch.load(rank_file, map_location="cpu", weights_only=False)
         set_rng_state(saved["rng"])
         reader_state = saved.get("reader")
     best = folder / "best_model.pt"
-    return state, (torch.load(best, weights_only=True) if best.exists() else None), reader_state
+    return state, (torch.load(best, map_location="cpu", weights_only=True) if best.exists() else None), reader_state
 
 
 def stored_train_state(run_dir: str) -> TrainState | None:
@@ -172,7 +172,8 @@ def _resume_checkpoint(run_dir: str):
         folder = posixpath.join(path, name)
         try:
             with fs.open_input_stream(posixpath.join(folder, "train_state.pt")) as stream:
-                return fs, folder, TrainState(**torch.load(io.BytesIO(stream.read()), weights_only=False))
+                return fs, folder, TrainState(**torch.load(io.BytesIO(stream.read()), map_location="cpu",
+                                                                  weights_only=False))
         except (OSError, RuntimeError, EOFError, TypeError):
             continue                                   # missing or half-written: an older one
     return None

@@ -38,6 +38,8 @@ from hm4sr_dist.parallel import DistributedExchange
 from hm4sr_dist.parallel.engine import build_engine, engine_step
 from hm4sr_dist.parallel.evaluation import distributed_metrics
 from hm4sr_dist.parallel.vocab import build_vocab_parallel, gather_table
+from hm4sr_dist.train.acceleration import (apply_compile, apply_precision, compile_enabled, placement_for,
+                                           resolve_precision)
 from hm4sr_dist.train.loop import EpochProgress, run_epoch
 from hm4sr_dist.train.monitor import Monitor, say
 from hm4sr_dist.train.state import (TrainState, epoch_cap_error, has_table_shards, load_table_shard,
@@ -70,13 +72,14 @@ def _all_ranks_agree(flag: bool, device) -> bool:
     return bool(value.item())
 
 
-def evaluate(model, reader, cfg: ExperimentConfig, device, per_user: bool = False, table=None, id_rows=None):
-    """Metrics (and MoE diagnostics) of the whole split, summed over ranks. `table`, `id_rows`: the
+def evaluate(model, reader, cfg: ExperimentConfig, placement, per_user: bool = False, table=None, id_rows=None):
+    """Metrics (and MoE diagnostics) of the whole split, summed over ranks; `placement` takes the
+    batches to the device (`BatchPlacement`; the reader's already did). `table`, `id_rows`: the
     sharded item table and this rank's ID rows under loss.main_loss=vocab_parallel."""
     stats = MoEStats(model.modalities)
     weight = model.temporal_moe.expert_weight if model.temporal_moe is not None else None
     observe = lambda out, batch, w: stats.add(out, batch.time_seq, weight, w)     # noqa: E731
-    metrics, rows = distributed_metrics(model, reader, cfg.eval.ks, cfg.eval.item_chunk_size, device,
+    metrics, rows = distributed_metrics(model, reader, cfg.eval.ks, cfg.eval.item_chunk_size, placement,
                                         per_user=per_user, observe=observe, table=table, id_rows=id_rows)
     stats.all_reduce()
     return metrics, stats.result() | moe_parameters(model), rows
@@ -120,7 +123,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         table, table_shard = build_vocab_parallel(cfg.model, cfg.optim, cfg.loss.item_chunk_size,
                                                   catalog.n_items, exchange, device)
     objective = build_objective(cfg.model, cfg.loss, catalog, exchange, table=table).to(device)
+    apply_precision(objective, resolve_precision(cfg, on_gpu))
+    apply_compile(objective, compile_enabled(cfg, device))
     engine = build_engine(objective, cfg, world, on_gpu)
+    # one placement for every batch: the readers stage copies to the GPU, the loop and evaluation
+    # pass the placed batches through
+    placement = placement_for(cfg, device)
     model = engine.module.model
     id_rows = table_shard.weight if table_shard is not None else None
 
@@ -129,7 +137,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                           seed=cfg.optim.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                                           equalize=cfg.data.equalize, max_len=cfg.model.max_seq_len,
                                           bucket_pool_batches=cfg.data.bucket_pool_batches,
-                                          prefetch_batches=cfg.data.prefetch_batches)
+                                          prefetch_batches=cfg.data.prefetch_batches,
+                                          placement=placement)
     train_reader = reader("train", micro)
     valid_reader, test_reader = reader("valid", cfg.eval.batch_size), reader("test", cfg.eval.batch_size)
 
@@ -201,7 +210,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state.global_step += 1
             if state.global_step % cfg.train.log_every_steps == 0 or progress.batches == len(train_reader):
                 scalars = {f"loss/{k}": v for k, v in result.terms.scalars().items()}
-                scalars |= {"train/lr": engine.get_lr()[0], "train/grad_norm": result.grad_norm}
+                scalars |= {"train/lr": engine.get_lr()[0], "train/grad_norm": float(result.grad_norm)}
                 scalars |= batch_diagnostics(model, result.terms.output, batch.time_seq)
                 monitor.step(state.global_step, epoch, progress.batches, scalars)
             if every and state.global_step % every == 0 and progress.batches < len(train_reader):
@@ -212,8 +221,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 state.progress = None
             _inject_fault(cfg, rank, state.global_step, run_dir)
 
-        progress = run_epoch(step, train_reader, progress, on_step, sequences_per_batch=micro * world)
-        valid, diagnostics, _ = evaluate(model, valid_reader, cfg, device, table=table, id_rows=id_rows)
+        progress = run_epoch(step, train_reader, progress, on_step, sequences_per_batch=micro * world,
+                             placement=placement)
+        valid, diagnostics, _ = evaluate(model, valid_reader, cfg, placement, table=table, id_rows=id_rows)
         metrics = {f"epoch/{k}": v for k, v in progress.means().items()}
         metrics |= {f"valid/{k}": v for k, v in valid.items()} | diagnostics
         metrics |= {"epoch": epoch, "global_step": state.global_step, "epoch/seconds": progress.seconds,
@@ -252,7 +262,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if best_slice is not None:
                 with torch.no_grad():
                     id_rows.copy_(best_slice)
-        test, diagnostics, rows = evaluate(model, test_reader, cfg, device, per_user=True, table=table,
+        test, diagnostics, rows = evaluate(model, test_reader, cfg, placement, per_user=True, table=table,
                                            id_rows=id_rows)
         weights = best_model
         if best_slice is not None:                    # model.pt: the whole ID table, as unsharded runs

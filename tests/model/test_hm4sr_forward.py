@@ -83,17 +83,18 @@ def test_one_position_table_is_added_to_every_modality():
 
 
 def test_cp_logits_are_the_head_on_real_items():
-    """Eq. 21: one CP logit row W_CP [x_id; x_txt; x_img] + b_CP per real input item, in train and
-    eval mode alike when the objective asks for them."""
+    """Eq. 21: one CP logit row W_CP [x_id; x_txt; x_img] + b_CP per input position (CP reads the
+    real ones through the mask `out.real`), in train and eval mode alike when the objective asks."""
     batch = tiny_batch()
     model = make_model(tiny_model_cfg(hidden_dropout=0.0, attn_dropout=0.0)).train()
     out = model(batch, categories=True)
     assert_close(model.eval()(batch, categories=True).cp_logits, out.cp_logits, rtol=0, atol=0)
     real = batch.padding_mask()
-    assert torch.equal(out.cp_items, batch.item_seq[real])
+    assert torch.equal(out.real, real)
+    assert torch.equal(out.cp_items, batch.item_seq)
     ref = reference_forward(model, tiny_catalog(), batch)["cp_logits"]
-    assert out.cp_logits.shape == (int(real.sum()), ref.shape[1])
-    assert_close(_ref64(out.cp_logits), ref, rtol=1e-5, atol=1e-6)
+    assert out.cp_logits.shape == real.shape + (ref.shape[1],)
+    assert_close(_ref64(out.cp_logits[real]), ref, rtol=1e-5, atol=1e-6)
 
 
 # -- eq. 19 -------------------------------------------------------------------------------------
@@ -233,8 +234,10 @@ def test_extra_padding_columns_and_trimming_change_nothing():
         assert_close(o.seq_repr, outs[0].seq_repr, rtol=0, atol=1e-6)
         assert_close(model.scores(o.seq_repr, o.item_repr), model.scores(outs[0].seq_repr, outs[0].item_repr),
                      rtol=0, atol=1e-5)
-        assert_close(o.cp_logits, outs[0].cp_logits, rtol=0, atol=0)
-        assert torch.equal(o.cp_items, outs[0].cp_items)
+        keep = outs[0].real
+        n = keep.shape[1]
+        assert_close(o.cp_logits[:, :n][keep], outs[0].cp_logits[keep], rtol=0, atol=0)
+        assert torch.equal(o.cp_items[:, :n][keep], outs[0].cp_items[keep])
         n = outs[0].real.shape[1]
         assert_close(o.temporal_gates[:, :n][outs[0].real], outs[0].temporal_gates[outs[0].real],
                      rtol=0, atol=1e-6)

@@ -53,7 +53,7 @@ def test_id_padding_row_is_zero_and_gets_no_gradient():
     model.train()
     out = model(batch, augment=True, categories=True)
     scores = model.scores(out.seq_repr, out.item_repr)
-    loss = F.cross_entropy(scores, batch.target) + out.cp_logits.square().mean() \
+    loss = F.cross_entropy(scores, batch.target) + out.cp_logits[out.real].square().mean() \
         + sum(h.square().mean() for h in out.pcl_repr.values())
     loss.backward()
     grad = model.items.id_table.weight.grad
@@ -97,7 +97,9 @@ def test_a_slice_of_the_table_is_the_slice_of_the_whole_table(rows):
     part.load_state_dict({k: v for k, v in whole.state_dict().items() if k != "id_table.weight"})
     a, z = rows
     id_rows = whole.id_table.weight[a:z].detach().clone().requires_grad_()
-    assert_close(part(id_rows), whole()[a:z], rtol=0, atol=0)
+    # Equal up to float rounding: a product of fewer rows may take another CPU GEMM kernel (seen on
+    # a Xeon here: 2.4e-7 apart), so bit equality is not promised.
+    assert_close(part(id_rows), whole()[a:z], rtol=1e-6, atol=1e-6)
     assert part.features["text"].table.data_ptr() == catalog.text_features[a:].data_ptr() or a == z
     assert part.features["text"].shape == (z - a, catalog.text_features.shape[1])
     with pytest.raises(ValueError, match="ID rows are handed in exactly when"):
