@@ -50,6 +50,13 @@ exception, with a note saying where it came from). The thread is stopped and joi
 iteration ends, when a new iteration, `set_epoch`, `load_state_dict` or `close()` is called, and
 when an abandoned iterator is closed (`run_epoch` closes it) or garbage-collected.
 
+Placement (`placement`, a `BatchPlacement`; the Ray Train worker passes the run's): every batch
+is handed over shaped and on its device. With a prefetch thread and a real GPU the thread cuts the
+batch, pins it and starts its copy on a side CUDA stream; the consumer's thread waits for that copy
+as it takes the batch (`_deliver`, where the resume position also advances), so batch k+1 crosses
+the bus while step k computes. Without a thread, or on the CPU, the consumer places it. None: host
+batches at the full `max_len` width (tests, tools).
+
 The folder may be a local path, a `file://` URI, any `pyarrow.fs.FileSystem.from_uri` URI
 (`s3://...`, `gs://...`) or a path inside an explicit pyarrow `filesystem`
 (`manifest.DataLocation`).

@@ -37,6 +37,8 @@ NOT_IDENTITY = (
 # so adding a key never changes an existing run's hash (nor a study's trial keys).
 LEGACY_VALUES = {
     "loss.cp_reduction": "per_element",
+    "train.compile": "auto",          # eager, as every run before the key existed
+    "data.length_widths": [],         # each batch at its longest sequence, as before
 }
 
 # Keys that cannot change a run's results under its resolved config: left out of the identity.

@@ -44,7 +44,8 @@ T0 = 1_600_000_000
 # -- data: a prepared folder written directly (no Ray: the GPU box has none) ----------------------
 
 def write_prepared(root: Path, n_users: int = 48, n_shards: int = 3, seed: int = 0) -> Path:
-    """Users of 4..16 actions over N_ITEMS items, gaps from seconds to weeks, as shards + manifest."""
+    """Users of 4..16 actions over N_ITEMS items, gaps from seconds to weeks, as shards + manifest
+    (IDs and times only, as Beauty: the text, image and category tables are `catalog()`'s)."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(4, 17, n_users)
     (root / SHARD_DIR).mkdir(parents=True)
@@ -67,9 +68,10 @@ def write_prepared(root: Path, n_users: int = 48, n_shards: int = 3, seed: int =
                         **{sp: int(sum(split_count(int(lengths[u]), sp) for u in users))
                            for sp in ("train", "valid", "test")}})
     manifest = {"schema_version": SCHEMA_VERSION, "max_len": MAX_LEN, "shards": entries,
-                "counts": {"users": n_users, "actions": int(lengths.sum())},
+                "counts": {"users": n_users, "items": N_ITEMS, "actions": int(lengths.sum())},
                 "time": {"min": T0, "max": T0 + 200 * 86400, "n_days": 200},
-                "interval": {"mu": 100.0, "max_train_bucket": max_bucket_for(9 * 86400, 100.0)}}
+                "interval": {"mu": 100.0, "max_train_interval_seconds": 9 * 86400,
+                             "max_train_bucket": max_bucket_for(9 * 86400, 100.0)}}
     (root / MANIFEST_NAME).write_text(json.dumps(manifest))
     return root
 
