@@ -85,6 +85,36 @@ class PrepConfig:
         return out
 
 
+# The least value of each count a preparation cannot work below (`--min-shards 0` once wrote one
+# shard that training then refused; `--max-len 0` kept no input at all).
+LEAST = {"max_len": 1, "min_shards": 1, "target_shard_bytes": 1, "k_core": 1, "text_max_tokens": 1,
+         "text_batch_size": 1, "image_batch_size": 1, "num_actors": 1, "download_workers": 1,
+         "download_retries": 0, "max_future_seconds": 0}
+FOLDER_SOURCES = ("amazon2014", "movielens", "sequence")     # read from --input-dir
+
+
+def config_problem(cfg: "PrepConfig") -> str | None:
+    """The first setting a preparation cannot run with, named by its key (`--min-shards` on the
+    command line, `--prep min_shards=` in the jobs); None if every one is usable. Checked before
+    anything is read or Ray starts."""
+    for key, least in LEAST.items():
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            return f"{key}: expected a whole number >= {least}, got {value!r}"
+    if not cfg.mu > 0:
+        return f"mu: expected a number > 0, got {cfg.mu!r}"
+    if cfg.source in FOLDER_SOURCES:
+        if not cfg.input_dir:
+            return f"input_dir: source {cfg.source} reads a folder (--input-dir); none was given"
+        if not Path(cfg.input_dir).is_dir():
+            return f"input_dir: {cfg.input_dir} is not a folder"
+    if cfg.source == "tabular" and not cfg.interactions:
+        return "interactions: source tabular reads a .parquet or .csv file (--interactions); none was given"
+    if problem := check_memory_budget(cfg.memory_budget_mb):
+        return f"memory_budget_mb: {problem}"
+    return None
+
+
 def check_memory_budget(value: object) -> str | None:
     """None when `memory_budget_mb` is usable, else what is wrong with it."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipelines import items as item_tables
-from data_pipelines.config import PrepConfig, check_memory_budget
+from data_pipelines.config import PrepConfig, config_problem
 from data_pipelines.preprocess import interval_stats, preprocess, raw_id_column, split_sizes
 from data_pipelines.report import DataError
 from data_pipelines.shards import write_shards
@@ -108,8 +108,8 @@ def prepare(cfg: PrepConfig) -> dict[str, Any]:
     The returned manifest carries `"status"`: "written" or "up_to_date" (not stored on disk).
     `memory_budget_mb > 0` prepares the log in streaming passes (`streaming_prep.py`).
     """
-    if problem := check_memory_budget(cfg.memory_budget_mb):
-        raise DataError(f"memory_budget_mb: {problem}")
+    if problem := config_problem(cfg):
+        raise DataError(problem)
     if cfg.memory_budget_mb <= 0:
         return _prepare(cfg, None)
     from data_pipelines.streaming_prep import remove_spill, spill_folder

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from itertools import zip_longest
 from pathlib import Path
 
 from data_pipelines.canonical import CanonicalData, TimestampCheck, interactions_frame
@@ -27,7 +28,15 @@ def load(cfg: PrepConfig) -> CanonicalData:
     users, items, stamps, rows = [], [], [], 0
     item_lines = numbered_lines(item_path, progress=cfg.progress)
     time_lines = numbered_lines(time_path, progress=False)
-    for (n_i, line_i), (n_t, line_t) in zip(item_lines, time_lines):
+    # zip_longest, not zip: zip would take the longer file's next line before finding the other
+    # file ended, and that user would vanish unreported
+    for pair_i, pair_t in zip_longest(item_lines, time_lines):
+        if pair_i is None or pair_t is None:
+            (n, line), longer, shorter = ((pair_i, item_path, time_path) if pair_t is None
+                                          else (pair_t, time_path, item_path))
+            raise DataError(f"{longer}:{n}: user {line.split()[0]!r} has no line in {shorter} "
+                            "(the files list different numbers of users)")
+        (n_i, line_i), (n_t, line_t) = pair_i, pair_t
         a, b = line_i.split(), line_t.split()
         where_i, where_t = f"{item_path}:{n_i}", f"{time_path}:{n_t}"
         rows += max(len(a) - 1, 0)
@@ -44,8 +53,6 @@ def load(cfg: PrepConfig) -> CanonicalData:
                 users.append(a[0])
                 items.append(item)
                 stamps.append(ts)
-    if next(item_lines, None) is not None or next(time_lines, None) is not None:
-        raise DataError(f"{item_path} and {time_path}: different numbers of users")
     name = cfg.name or item_path.name[: -len("_item.txt")].lower()
     return CanonicalData("sequence", name, interactions_frame(users, items, stamps), None,
                          [item_path, time_path], rows, drops)

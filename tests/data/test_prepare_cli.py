@@ -51,7 +51,7 @@ def test_cli_summary_and_clear_errors(tmp_path, local_ray, capsys):
     assert manifest["n_categories"] == 3                      # genres from u.genre, fixed order
     rc = main(["--source", "movielens", "--input-dir", str(tmp_path / "nothing"), "--out-dir",
                str(tmp_path / "o2"), "--no-progress"])
-    assert rc == 2 and "nothing: neither u.data" in capsys.readouterr().err
+    assert rc == 2 and "input_dir: " + str(tmp_path / "nothing") + " is not a folder" in capsys.readouterr().err
     rc = main(["--source", "movielens", "--input-dir", str(tmp_path / "ml"), "--out-dir",
                str(tmp_path / "o3"), "--k-core", "50", "--no-text", "--no-progress"])
     assert rc == 2 and "nothing left after the 50-core" in capsys.readouterr().err

@@ -96,6 +96,19 @@ def test_sequence_files(tmp_path):
     assert data.drops.counts == {"malformed_line": 2}
 
 
+@pytest.mark.parametrize("longer", ["item", "time"])
+def test_sequence_files_with_one_user_more_in_one_file_stop_naming_the_line(tmp_path, longer):
+    """One line more in either file is an error naming that file and line (a plain zip once took
+    the extra item line and the user vanished without a count)."""
+    write_sequences(tmp_path, make_log())
+    path = tmp_path / f"Toy_{longer}.txt"
+    n_lines = len(path.read_text().splitlines())
+    with open(path, "a") as fh:
+        fh.write("U99 I1 I2\n" if longer == "item" else "U99 1300000000 1300000001\n")
+    with pytest.raises(DataError, match=rf"Toy_{longer}.txt:{n_lines + 1}: user 'U99' has no line in "):
+        load_source(PrepConfig("sequence", "", input_dir=str(tmp_path)))
+
+
 def test_tabular_csv_and_parquet(tmp_path):
     log = make_log()
     df = pd.DataFrame(log, columns=["uid", "iid", "ts"])
@@ -113,3 +126,21 @@ def test_tabular_csv_and_parquet(tmp_path):
     assert items.loc["I1", "categories"] == ["a", "b"] and items.loc["I2", "image"] is None
     with pytest.raises(DataError, match="missing column"):
         load_source(PrepConfig("tabular", "", interactions=str(tmp_path / "x.parquet")))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--source", "sequence", "--input-dir", "RAW", "--min-shards", "0"], "min_shards: expected a whole number >= 1, got 0"),
+    (["--source", "sequence", "--input-dir", "RAW", "--max-len", "0"], "max_len: expected a whole number >= 1, got 0"),
+    (["--source", "amazon2014", "--category", "Beauty"], "input_dir: source amazon2014 reads a folder"),
+    (["--source", "movielens", "--input-dir", "RAW/missing"], "input_dir: RAW/missing is not a folder"),
+    (["--source", "tabular"], "interactions: source tabular reads a .parquet or .csv file"),
+])
+def test_prepare_refuses_settings_it_cannot_work_with_before_reading(tmp_path, capsys, flags, message):
+    """Exit 2 with one line naming the key, before any file is read or Ray starts (issue 25, 4)."""
+    from data_pipelines.prepare import main
+    raw = tmp_path / "raw"
+    write_sequences(raw, make_log())
+    flags = [f.replace("RAW", str(raw)) for f in flags]
+    assert main(flags + ["--out-dir", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert message.replace("RAW", str(raw)) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
