@@ -577,12 +577,18 @@ def _record(sources: dict, key: str, value: Any, source: str) -> None:
 def merge_overrides(data: dict, overrides: Iterable[str], *, cls: type | None = None,
                     source: str = COMMAND_LINE, sources: dict | None = None) -> dict:
     """Apply `key.path=value` overrides to the nested dict `data`. With `cls`, a key that is not in
-    its tree raises ConfigError at once; `sources` gets `source` for every key set."""
+    its tree raises ConfigError at once; `sources` gets `source` for every key set. A key given
+    twice (or a key and the section holding it) is an error naming both, not a silent last-wins."""
+    given: dict[str, str] = {}
     for text in overrides:
         path, value = parse_override(text, source)
         key = ".".join(path)
         if cls is not None:
             check_key(key, cls, source)
+        clash = next((k for k in given if k == key or k.startswith(key + ".") or key.startswith(k + ".")), None)
+        if clash is not None:
+            raise ConfigError(f"given twice ({given[clash]!r} and {text!r}); keep one", key=key, source=source)
+        given[key] = text
         node = data
         for part in path[:-1]:
             if node.get(part) is None:

@@ -44,6 +44,8 @@ class JobArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are, like every user error of a job, one line and exit code 2."""
 
     def error(self, message: str):
+        if "--variant: expected one argument" in message:     # a dash-led value reads as a flag
+            message += "; an ablation is written with =: --variant=-TMoE"
         print(f"error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(2)
 
@@ -62,8 +64,8 @@ def parse_args(job: DatasetJob, argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prep", action="append", default=[], metavar="KEY=VALUE",
                    help="a data-pipeline setting (a PrepConfig field), e.g. text_model=minilm-offline, "
                         "image_dir=/data/images, download_images=true; repeatable")
-    p.add_argument("overrides", nargs="*", help="key.path=value config overrides")
-    return p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", help="key.path=value config overrides (anywhere on the line)")
+    return p.parse_intermixed_args(argv)
 
 
 # PrepConfig fields the job sets itself -> what sets them.

@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workdir", default="outputs/quickstart")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("overrides", nargs="*", help="key.path=value config overrides")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="key.path=value config overrides (anywhere on the line)")
+    args = parser.parse_intermixed_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")        # the bundled text encoder needs no hub
     work = Path(args.workdir).resolve()
     raw = work / "raw"
@@ -41,10 +41,12 @@ def main(argv: list[str] | None = None) -> dict:
         "category": "Demo", "image_dir": str(raw / "images"), "text_model": "minilm-offline",
         "image_model": "vit_tiny_patch16_224", "image_pretrained": False, "min_shards": 4,
         "progress": sys.stderr.isatty()})
+    defaults = [*QUICK, f"optim.epochs={args.epochs}", f"train.num_workers={args.workers}",
+                f"train.storage_path={work / 'ray_results'}"]
+    yours = {text.split("=", 1)[0] for text in args.overrides}     # a key you give replaces ours
     plan = plan_job(job, [          # every override checked before the demo data is written
         "--raw-dir", str(raw), "--prepared-dir", str(work / "prepared"), "--output", str(work),
-        *QUICK, f"optim.epochs={args.epochs}", f"train.num_workers={args.workers}",
-        f"train.storage_path={work / 'ray_results'}", *args.overrides], check_paths=False)
+        *[d for d in defaults if d.split("=", 1)[0] not in yours], *args.overrides], check_paths=False)
     if not (raw / "reviews_Demo_5.json.gz").exists():
         from data_pipelines.demo import generate_demo
         generate_demo(raw)

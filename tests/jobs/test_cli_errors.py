@@ -124,3 +124,28 @@ def test_quickstart_checks_its_overrides_before_writing_the_demo_data(work):
     assert_user_error(work, run(work, "-m", "jobs.quickstart", "--workdir", str(qs), "optim.lr=abc"),
                       "error: optim.lr (command line): expected a number > 0, got 'abc'")
     assert not qs.exists()
+
+
+def test_job_overrides_anywhere_and_a_key_given_twice_is_an_error():
+    """Issue 25, finding 7: overrides may follow flags (as in the study CLI); a key given twice
+    names both values instead of taking the last; `--variant -TMoE` hints at `=`."""
+    from hm4sr_dist.config import ConfigError
+    from jobs.common import DatasetJob, plan_job
+    JOB = DatasetJob("movielens", "movielens")
+    plan = plan_job(JOB, ["optim.epochs=1", "--output", "x", "train.storage_path=y", "--variant=sasrec"],
+                    check_paths=False)
+    assert plan.config.optim.epochs == 1 and plan.config.train.storage_path == "y"
+    assert plan.args.output == "x" and plan.args.variant == "sasrec"
+    with pytest.raises(ConfigError, match=r"given twice \('optim.lr=0.1' and 'optim.lr=0.2'\)"):
+        plan_job(JOB, ["optim.lr=0.1", "optim.lr=0.2"], check_paths=False)
+    with pytest.raises(ConfigError, match=r"loss.cp_weight .*given twice \('loss.cp_weight=0' and 'loss.cp_weight=1'\)"):
+        plan_job(JOB, ["loss.cp_weight=0", "--output", "x", "loss.cp_weight=1"], check_paths=False)
+
+
+def test_variant_with_a_dash_hints_at_the_equals_sign(capsys):
+    from jobs.common import DatasetJob, parse_args
+    JOB = DatasetJob("movielens", "movielens")
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(JOB, ["--variant", "-TMoE"])
+    assert exit_.value.code == 2
+    assert "--variant=-TMoE" in capsys.readouterr().err
