@@ -211,7 +211,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if state.global_step % cfg.train.log_every_steps == 0 or progress.batches == len(train_reader):
                 scalars = {f"loss/{k}": v for k, v in result.terms.scalars().items()}
                 scalars |= {"train/lr": engine.get_lr()[0], "train/grad_norm": float(result.grad_norm)}
-                scalars |= batch_diagnostics(model, result.terms.output, batch.time_seq)
+                # under `batch/`: the epoch's validation pass writes the same names at its last step
+                scalars |= {f"batch/{k}": v for k, v in
+                            batch_diagnostics(model, result.terms.output, batch.time_seq).items()}
                 monitor.step(state.global_step, epoch, progress.batches, scalars)
             if every and state.global_step % every == 0 and progress.batches < len(train_reader):
                 state.epoch, state.progress = epoch, progress.as_dict()

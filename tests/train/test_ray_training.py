@@ -79,6 +79,12 @@ def test_run_reports_test_metrics_weights_and_tensorboard(uninterrupted):
     assert not {"valid/count", "test/count", "epoch", "global_step"} & tags      # no counts as curves
     assert any(t.startswith("routing/interactive_id/expert") for t in tags)
     assert any(t.startswith("routing/temporal_") for t in tags)
+    # One point per tag and step: the training batches' MoE view has its own tags (issue 25, 8).
+    assert "batch/moe/temporal/modulation" in tags and any(t.startswith("batch/routing/") for t in tags)
+    routing_tag = next(t for t in sorted(tags) if t.startswith("routing/temporal_"))
+    for tag in ("moe/temporal/modulation", "batch/moe/temporal/modulation", routing_tag):
+        steps = scalar_steps(logdir, tag)
+        assert len(steps) == len(set(steps)), tag
     assert "config/text_summary" in acc.Tags()["tensors"]
     # One x-axis, the global step: the epoch-level points sit at the steps where the epochs ended.
     steps_per_epoch = result.metrics["global_step"] // 3
