@@ -53,9 +53,12 @@ def _bounds(n_rows: int, chunk_size: int):
 
 
 class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
-    """mean_i [logsumexp_{v >= 1} (h_i . x_v) - h_i . x_{t_i}], item chunk by item chunk."""
+    """mean_i [logsumexp_{v >= 1} (h_i . x_v) - h_i . x_{t_i}], item chunk by item chunk. Under
+    bf16 autocast its inputs are cast to fp32 and the forward runs without autocast, so the
+    backward's recomputed blocks are the forward's (`custom_fwd`)."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, seq_repr: Tensor, item_repr: Tensor, target: Tensor, chunk_size: int) -> Tensor:
         acc = _accumulation_dtype(seq_repr.dtype)
         lse = seq_repr.new_full((seq_repr.shape[0],), float("-inf"), dtype=acc)       # (B,)
@@ -70,6 +73,7 @@ class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_loss: Tensor):
         seq_repr, item_repr, target, lse = ctx.saved_tensors
         need_seq, need_items = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

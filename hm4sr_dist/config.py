@@ -365,7 +365,9 @@ def _coerce(kind: Any, value: Any) -> Any:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return float(value) if ok else _UNSET
     if kind is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):         # YAML reads train.compile=true as a bool
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
             return str(value)               # run_name=2024
         return value if isinstance(value, str) else _UNSET
     return value

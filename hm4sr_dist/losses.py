@@ -39,8 +39,8 @@ def category_loss(logits: Tensor, labels: Tensor, denominator: Tensor | float | 
     `HM4SRObjective`). Computed in fp32 (also under bf16 autocast), with a mask rather than
     boolean indexing, so no step reads a value back to the host.
     """
-    per_pair = F.binary_cross_entropy_with_logits(full_precision(logits), labels.to(full_precision(logits).dtype),
-                                                  reduction="none")
+    logits = full_precision(logits)
+    per_pair = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
     if mask is not None:
         per_pair = per_pair * mask.unsqueeze(-1)
     if denominator is None:

@@ -164,3 +164,10 @@ def test_sasrec_variant_matches_its_config_file():
     from_variant = apply_variant(ExperimentConfig(), "sasrec")
     from_variant.name = "sasrec"
     assert to_dict(from_file) == to_dict(from_variant)
+
+
+def test_true_and_false_on_the_command_line_fill_string_switches():
+    """YAML reads `train.compile=true` as a bool; a string switch takes it as 'true'."""
+    from hm4sr_dist.config import load_config
+    cfg = load_config(None, ["train.compile=true", "train.use_gpu=false"])
+    assert cfg.train.compile == "true" and cfg.train.use_gpu == "false"

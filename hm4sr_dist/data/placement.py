@@ -24,6 +24,7 @@ so there is no pinning and no side stream: the copy is a plain `to(device)` on t
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -56,10 +57,14 @@ class BatchPlacement:
 
     def __init__(self, device: torch.device | str = "cpu", widths: Sequence[int] = ()):
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None and torch.cuda.is_available():
+            # one GPU for every thread (a prefetch thread's current device is not the caller's)
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.widths = sorted({int(w) for w in widths})
         if any(w < 1 for w in self.widths):
             raise ValueError(f"sequence widths must be >= 1, got {list(widths)}")
         self._stream = None
+        self._stream_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"BatchPlacement({str(self.device)!r}, widths={self.widths})"
@@ -96,9 +101,11 @@ class BatchPlacement:
         return d.type == self.device.type and (self.device.index is None or d.index == self.device.index)
 
     def _copy(self, tensor: Tensor) -> Tensor:
-        if self.stages_copies and not tensor.is_pinned():
+        upload = tensor.device.type == "cpu" and self.device.type == "cuda"
+        if upload and self.stages_copies and not tensor.is_pinned():
             tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=True)
+        # asynchronous only host -> GPU from pinned memory; any other direction waits for its data
+        return tensor.to(self.device, non_blocking=upload)
 
     def _batch(self, batch: Batch) -> Batch:
         if self._placed(batch.item_seq) and not self.on_host:
@@ -127,12 +134,14 @@ class BatchPlacement:
     # -- staged copies (a reader's prefetch thread, real GPUs) ----------------------------------
     def stage(self, entry) -> Staged:
         """Shape and copy `entry` on a side stream (call from the producer thread)."""
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device=self.device)
-        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+        with self._stream_lock:                       # two prefetch threads may start at once
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device=self.device)
+            stream = self._stream
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
             placed = self._entry(entry)
             event = torch.cuda.Event()
-            event.record(self._stream)
+            event.record(stream)
         return Staged(placed, event)
 
     def deliver(self, staged: Staged):

@@ -37,12 +37,16 @@ class FrozenFeatures:
     `window` = (start, stop, rows of the file) when `table` is only rows start..stop-1 of `source`
     (`rows`: a vocabulary-parallel worker's slice).
 
-    On an accelerator, a table of at most `DEVICE_COPY_BYTES` is copied there once, in its own
-    (narrow) dtype, and read from that copy: otherwise every forward and backward pass would copy
-    it across the bus again (twice the table per step). A larger table streams block by block.
+    On a GPU the table is copied there once, in its own (narrow) dtype, and read from that copy:
+    otherwise every forward and backward pass would copy it across the bus again (twice the table
+    per step). Only when it fits: at most `DEVICE_COPY_SHARE` of the GPU's free memory at that
+    moment (and `DEVICE_COPY_BYTES`); a larger table streams block by block, as on the CPU. The
+    copy is made when the owning module moves to the GPU (`ItemEmbedding._apply`), not inside a
+    (possibly compiled) forward.
     """
 
     DEVICE_COPY_BYTES = 16 << 30
+    DEVICE_COPY_SHARE = 0.25
 
     def __init__(self, table: Tensor, source: str | None = None, block_rows: int = BLOCK_ROWS,
                  window: tuple[int, int, int] | None = None):
@@ -62,7 +66,10 @@ class FrozenFeatures:
         if device.type == "cpu" or self.table.device == device:
             return self.table
         if device not in self._copies:
-            if self.table.numel() * self.table.element_size() > self.DEVICE_COPY_BYTES:
+            limit = self.DEVICE_COPY_BYTES
+            if device.type == "cuda" and torch.cuda.is_available():
+                limit = min(limit, int(torch.cuda.mem_get_info(device)[0] * self.DEVICE_COPY_SHARE))
+            if self.table.numel() * self.table.element_size() > limit:
                 return self.table
             self._copies[device] = self.table.to(device)
         return self._copies[device]
@@ -123,11 +130,14 @@ def _remap(source: str, shape: tuple, dtype: str, block_rows: int,
 class _FrozenProjection(torch.autograd.Function):
     """x = f W^T + b over a frozen table f, block by block; no (n, w) upcast copy is ever whole.
 
-    Computed in fp32 (fp64 for fp64 weights) whatever the table's and weights' dtype, returned in
-    the weights' dtype. Backward recomputes each block: dW = sum_blocks g_block^T f_block, db = sum g.
+    Computed in fp32 (fp64 for fp64 weights) whatever the table's and weights' dtype, also under
+    bf16 autocast (`custom_fwd` casts the weights to fp32 and turns autocast off inside), returned
+    in the weights' dtype. Backward recomputes each block: dW = sum_blocks g_block^T f_block,
+    db = sum g.
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, weight: Tensor, bias: Tensor, frozen: FrozenFeatures) -> Tensor:
         acc = torch.promote_types(weight.dtype, torch.float32)
         w, b = weight.to(acc), bias.to(acc)
@@ -139,6 +149,7 @@ class _FrozenProjection(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out: Tensor):
         frozen, (w_dtype, b_dtype) = ctx.frozen, ctx.dtypes
         acc = torch.promote_types(w_dtype, torch.float32)
@@ -164,7 +175,8 @@ def project_frozen_rows(frozen: FrozenFeatures, linear: nn.Linear, ids: Tensor) 
     weight, bias = linear.weight, linear.bias
     acc = torch.promote_types(weight.dtype, torch.float32)
     rows = frozen.gather(ids, weight.device, acc)                                   # (k, w)
-    return torch.addmm(bias.to(acc), rows, weight.to(acc).T).to(weight.dtype)
+    with torch.autocast(weight.device.type, enabled=False):                        # fp32 under bf16 too
+        return torch.addmm(bias.to(acc), rows, weight.to(acc).T).to(weight.dtype)
 
 
 class ItemEmbedding(nn.Module):
@@ -210,6 +222,16 @@ class ItemEmbedding(nn.Module):
             frozen = FrozenFeatures(table, catalog.feature_files.get(m))
             self.features[m] = frozen if self.rows is None else frozen.rows(*self.rows)
             self.projections[m] = nn.Linear(table.shape[1], d)
+
+    def _apply(self, fn, *args, **kwargs):
+        """`.to(device)` and friends: the frozen tables follow to the parameters' device (a copy
+        there, `FrozenFeatures.on`), before any forward reads them."""
+        out = super()._apply(fn, *args, **kwargs)
+        device = next((p.device for p in self.projections.parameters()), None)
+        if device is not None:
+            for frozen in self.features.values():
+                frozen.on(device)
+        return out
 
     def forward(self, id_rows: Tensor | None = None) -> Tensor:
         """(n_items + 1, M * d): [x_id; x_txt; x_img] for every item (row 0 = padding); with `rows`,

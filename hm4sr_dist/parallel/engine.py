@@ -22,13 +22,14 @@ from hm4sr_dist.train.acceleration import resolve_precision
 
 
 def check_precision(cfg: ExperimentConfig, on_gpu: bool) -> str:
-    """`resolve_precision`, refusing half precision under loss.main_loss=vocab_parallel (the table
-    slice is trained in fp32 outside the engine; `auto` means bf16 on a GPU)."""
+    """`resolve_precision`, refusing half precision under loss.main_loss=vocab_parallel (its
+    hand-written autograd functions are checked in fp32 only; `auto` means bf16 on a GPU)."""
     precision = resolve_precision(cfg, on_gpu)
     if cfg.loss.main_loss == "vocab_parallel" and precision != "fp32":
         raise ConfigError(key="train.precision", expected="fp32 with loss.main_loss=vocab_parallel",
                           got=f"{cfg.train.precision} ({precision} here)",
-                          why="each worker's table slice is trained outside the DeepSpeed engine in fp32")
+                          why="the sharded lookup and eq. 20 (parallel/vocab.py) are hand-written autograd "
+                              "functions not checked under autocast; set train.precision=fp32")
     return precision
 
 

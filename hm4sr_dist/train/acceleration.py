@@ -16,24 +16,25 @@ from hm4sr_dist.data.placement import BatchPlacement
 COMPILE_WIDTHS = (8, 16, 32)       # with train.compile and no data.length_widths: these + max_len
 
 
-def compile_enabled(cfg: ExperimentConfig, device: torch.device | str) -> bool:
-    """train.compile: 'true' / 'false'; 'auto' is off everywhere for now (on the CPU it was
+def compile_enabled(cfg: ExperimentConfig) -> bool:
+    """train.compile: 'true' / 'false'; 'auto' is off on every device for now (on the CPU it was
     measured slower, benchmarks/compile_bench.py; on CUDA it waits for a GPU measurement)."""
     return cfg.train.compile == "true"
 
 
 def length_widths(cfg: ExperimentConfig, compiled: bool) -> list[int]:
-    """data.length_widths, or, compiled and none given, powers of two and model.max_seq_len (a
-    handful of shapes: one graph each); [] = each batch at its longest sequence."""
-    if cfg.data.length_widths:
-        return sorted(cfg.data.length_widths)
+    """data.length_widths (with model.max_seq_len added, so no batch keeps a width of its own), or,
+    compiled and none given, powers of two and model.max_seq_len (a handful of shapes: one graph
+    each); [] = each batch at its longest sequence."""
     longest = cfg.model.max_seq_len
+    if cfg.data.length_widths:
+        return sorted(set(cfg.data.length_widths) | {longest})
     return [w for w in COMPILE_WIDTHS if w < longest] + [longest] if compiled else []
 
 
 def placement_for(cfg: ExperimentConfig, device: torch.device | str) -> BatchPlacement:
     """The `BatchPlacement` of a run on `device` (readers, the epoch loop and evaluation share it)."""
-    return BatchPlacement(device, length_widths(cfg, compile_enabled(cfg, device)))
+    return BatchPlacement(device, length_widths(cfg, compile_enabled(cfg)))
 
 
 def resolve_precision(cfg: ExperimentConfig, on_gpu: bool) -> str:

@@ -47,7 +47,7 @@ class EpochProgress:
 
     def add(self, terms: LossTerms, sequences: int) -> None:
         for name, value in terms.detached().items():
-            self.sums[name] = self.sums.get(name, 0.0) + value.float()
+            self.sums[name] = self.sums.get(name, 0.0) + value.double()
         self.batches += 1
         self.sequences += sequences
 
@@ -56,8 +56,10 @@ class EpochProgress:
         names = list(self.sums)
         if not names:
             return {}
-        return dict(zip(names, torch.stack([torch.as_tensor(self.sums[n], dtype=torch.float64).cpu()
-                                            for n in names]).tolist()))
+        device = next((v.device for v in self.sums.values() if isinstance(v, Tensor)), None)
+        stacked = torch.stack([torch.as_tensor(self.sums[n], dtype=torch.float64, device=device)
+                               for n in names])
+        return dict(zip(names, stacked.tolist()))
 
     def means(self) -> dict[str, float]:
         """Mean loss terms over the epoch's batches, and `data_wait_fraction` (a ratio, not a
@@ -100,8 +102,14 @@ def run_epoch(step: StepFn, batches: Iterable[Batch], progress: EpochProgress | 
     batch. The batch iterator is closed on the way out, so a reader's prefetch thread stops even
     when a step raises.
 
+    On a GPU the steps run asynchronously; the epoch's `seconds` end with a synchronisation, so
+    they hold its kernels. A host read inside `on_step` (a log line) waits for the queued steps,
+    and that wait counts as `on_step` time: between logs the step time is short by at most the
+    queue's length.
+
     `sequences_per_batch` counts the global batch (all ranks) instead of the local one."""
     place = placement or BatchPlacement()
+    on_gpu = place.device.type == "cuda" and torch.cuda.is_available()
     progress = progress or EpochProgress()
     batch_iter = iter(batches)
     try:
@@ -122,6 +130,9 @@ def run_epoch(step: StepFn, batches: Iterable[Batch], progress: EpochProgress | 
             if on_step is not None:
                 on_step(result, batch, progress)
                 last = time.perf_counter()          # checkpoint and logging time is not step time
+        if on_gpu:              # the steps are asynchronous: the epoch ends when its kernels do
+            torch.cuda.synchronize(place.device)
+            progress.seconds += time.perf_counter() - last
     finally:
         close = getattr(batch_iter, "close", None)
         if close is not None:
@@ -146,7 +157,7 @@ def fit_in_process(cfg, catalog, train: Callable[[int], Iterable[Batch]], valid:
     torch.manual_seed(cfg.optim.seed)
     objective = build_objective(cfg.model, cfg.loss, catalog).to(device)
     apply_precision(objective, resolve_precision(cfg, device.type == "cuda"))
-    apply_compile(objective, compile_enabled(cfg, device))
+    apply_compile(objective, compile_enabled(cfg))
     placement = placement_for(cfg, device)
     optimizer = torch.optim.Adam(objective.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     step = optimizer_step(objective, optimizer, cfg.optim.grad_clip)

@@ -124,7 +124,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                                   catalog.n_items, exchange, device)
     objective = build_objective(cfg.model, cfg.loss, catalog, exchange, table=table).to(device)
     apply_precision(objective, resolve_precision(cfg, on_gpu))
-    apply_compile(objective, compile_enabled(cfg, device))
+    apply_compile(objective, compile_enabled(cfg))
     engine = build_engine(objective, cfg, world, on_gpu)
     # one placement for every batch: the readers stage copies to the GPU, the loop and evaluation
     # pass the placed batches through

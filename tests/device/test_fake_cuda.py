@@ -167,11 +167,14 @@ def test_vocab_parallel_path_on_cuda(prepared, monkeypatch):
                for n, p in objective.named_parameters() if n.startswith("model.encoders.id"))
 
 
-def test_chunked_main_loss_on_cuda(prepared, monkeypatch):
-    """loss.main_loss=chunked: its custom backward (recomputed blocks) on the device."""
-    run = train_steps(FAKE, prepared, monkeypatch, steps=2,
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_chunked_main_loss_on_cuda(prepared, monkeypatch, precision):
+    """loss.main_loss=chunked: its custom backward (recomputed blocks) on the device; under bf16
+    autocast its forward runs in fp32, as its backward does (`custom_fwd`)."""
+    run = train_steps(FAKE, prepared, monkeypatch, precision, steps=2,
                       **{"loss.main_loss": "chunked", "loss.item_chunk_size": 16})
-    assert all(r.terms.main.device.type == "cuda" for r, _ in run.steps)
+    assert all(r.terms.main.device.type == "cuda" and r.terms.main.dtype == torch.float32
+               for r, _ in run.steps)
 
 
 def test_a_cpu_batch_on_a_cuda_model_is_the_error_the_placement_prevents(monkeypatch):

@@ -100,7 +100,8 @@ def test_a_checkpoint_written_on_the_gpu_loads_on_the_cpu(prepared, tmp_path):
     from hm4sr_dist.train.state import TrainState, load_table_shard, load_worker_files, save_table_shard, \
         save_worker_files
     run = train_steps(GPU, prepared, steps=1)
-    best = {k: v.detach().float().cpu().clone() for k, v in run.objective.model.state_dict().items()}
+    best = {k: v.detach().clone() for k, v in run.objective.model.state_dict().items()}   # CUDA tensors
+    assert all(v.is_cuda for v in best.values())
     shard = ShardAdam(ItemTableShard(torch.randn(41, 8, device="cuda"), 0, 1), 41, 1, 1e-3, 0.0)
     shard.weight.grad = torch.ones_like(shard.weight)
     shard.step()
@@ -113,9 +114,20 @@ def test_a_checkpoint_written_on_the_gpu_loads_on_the_cpu(prepared, tmp_path):
     assert adam and all(t.device.type == "cpu" for t in adam)      # mapped, though saved from CUDA
 
 
+@pytest.fixture
+def compile_workers_stopped():
+    """Inductor may start a pool of compile workers for GPU kernels; stop it, so no process
+    outlives the session (tests/suite_guards.py fails a run that leaves one)."""
+    yield
+    from torch._inductor import async_compile
+    shutdown = getattr(async_compile, "shutdown_compile_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 @pytest.mark.parametrize("overrides", [{}, {"loss.main_loss": "chunked", "loss.item_chunk_size": 16}],
                          ids=["full", "chunked"])
-def test_compiled_step_matches_eager_on_the_gpu(prepared, overrides):
+def test_compiled_step_matches_eager_on_the_gpu(prepared, overrides, compile_workers_stopped):
     settings = {**SAME_ON_BOTH, **overrides, "data.length_widths": [8, MAX_LEN]}
     eager = train_steps(GPU, prepared, objective=_objective(**settings), steps=2, **settings)
     from hm4sr_dist.train.acceleration import apply_compile
