@@ -356,22 +356,17 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     if "tests" in args.sections:
         guarded(rows, budget, 60, {"section": "tests"}, lambda: run_tests(args))
-    if "epochs" in args.sections:
+    # (section, its row function, seconds an eager row needs at least; a compiled one 90)
+    for section, row_fn, eager_s in (("epochs", run_epoch_row, 30), ("step", run_step_row, 20)):
+        if section not in args.sections:
+            continue
         for variant in ("sasrec", "hm4sr"):
             for precision in precisions:
                 for mode in ([False, True] if precision in compiled else [False]):
-                    what = {"section": "epochs", "model": variant, "precision": precision,
+                    what = {"section": section, "model": variant, "precision": precision,
                             "mode": "compiled" if mode else "eager"}
-                    guarded(rows, budget, 90 if mode else 30, what,
-                            lambda v=variant, p=precision, c=mode: run_epoch_row(args, v, p, c, device))
-    if "step" in args.sections:
-        for variant in ("hm4sr", "sasrec"):
-            for precision in precisions:
-                for mode in ([False, True] if precision in compiled else [False]):
-                    what = {"section": "step", "model": variant, "precision": precision,
-                            "mode": "compiled" if mode else "eager"}
-                    guarded(rows, budget, 90 if mode else 20, what,
-                            lambda v=variant, p=precision, c=mode: run_step_row(args, v, p, c, device))
+                    guarded(rows, budget, 90 if mode else eager_s, what,
+                            lambda f=row_fn, v=variant, p=precision, c=mode: f(args, v, p, c, device))
     if "catalog" in args.sections:
         for n in (int(x) for x in args.items):
             for setting in ("sasrec", "hm4sr"):

@@ -579,18 +579,14 @@ def _record(sources: dict, key: str, value: Any, source: str) -> None:
 def merge_overrides(data: dict, overrides: Iterable[str], *, cls: type | None = None,
                     source: str = COMMAND_LINE, sources: dict | None = None) -> dict:
     """Apply `key.path=value` overrides to the nested dict `data`. With `cls`, a key that is not in
-    its tree raises ConfigError at once; `sources` gets `source` for every key set. A key given
-    twice (or a key and the section holding it) is an error naming both, not a silent last-wins."""
-    given: dict[str, str] = {}
+    its tree raises ConfigError at once; `sources` gets `source` for every key set. A later value
+    of a key replaces an earlier one (code composes lists so); a person's command line is checked
+    for repeats first (`check_repeats`)."""
     for text in overrides:
         path, value = parse_override(text, source)
         key = ".".join(path)
         if cls is not None:
             check_key(key, cls, source)
-        clash = next((k for k in given if k == key or k.startswith(key + ".") or key.startswith(k + ".")), None)
-        if clash is not None:
-            raise ConfigError(f"given twice ({given[clash]!r} and {text!r}); keep one", key=key, source=source)
-        given[key] = text
         node = data
         for part in path[:-1]:
             if node.get(part) is None:
@@ -602,6 +598,18 @@ def merge_overrides(data: dict, overrides: Iterable[str], *, cls: type | None = 
         if sources is not None:
             _record(sources, key, value, source)
     return data
+
+
+def check_repeats(overrides: Iterable[str], source: str = COMMAND_LINE) -> None:
+    """A key given twice on a command line (or a key and the section holding it) is a ConfigError
+    naming both, instead of the last one winning without a word."""
+    given: dict[str, str] = {}
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        clash = next((k for k in given if k == key or k.startswith(key + ".") or key.startswith(k + ".")), None)
+        if clash is not None:
+            raise ConfigError(f"given twice ({given[clash]!r} and {text!r}); keep one", key=key, source=source)
+        given[key] = text
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from hm4sr_dist.config import (ConfigError, ExperimentConfig, apply_variant, check_variant, closest,
-                               command_line_keys, load_tracked, to_dict)
+from hm4sr_dist.config import (ConfigError, ExperimentConfig, apply_variant, check_repeats, check_variant,
+                               closest, command_line_keys, load_tracked, to_dict)
 from hm4sr_dist.feasibility import DataOffer, check, resolve
 
 
@@ -161,6 +161,7 @@ def plan_job(job: DatasetJob, argv: list[str] | None = None, *, check_paths: boo
     args = parse_args(job, argv)
     check_variant(args.variant)
     prep = prep_settings(job, args.prep)
+    check_repeats(args.overrides)
     cfg, sources = load_tracked(args.config, args.overrides)
     explicit = command_line_keys(sources)
     cfg = apply_variant(cfg, args.variant, explicit=explicit, resolve=False)
