@@ -7,6 +7,10 @@ Re-running with the same inputs and config is a no-op (the manifest's fingerprin
 shards check out); a changed input file or config field is reported and the folder is rebuilt.
 `--force` rebuilds regardless. The folder is built beside the target and swapped in at the end,
 so an interrupted run never leaves a half-written folder with a manifest.
+
+    python -m data_pipelines.prepare --verify outputs/prepared/beauty     # (hm4sr-prepare --verify)
+
+reads a prepared folder as training will and says whether it is intact (data_pipelines/verify.py).
 """
 
 from __future__ import annotations
@@ -275,7 +279,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def verify_main(argv: list[str]) -> int:
+    """`--verify DIR`: check a prepared folder (data_pipelines/verify.py); exit 0 or 2."""
+    from hm4sr_dist.data.records import ShardError
+    from data_pipelines.verify import verify_folder
+
+    parser = argparse.ArgumentParser(prog="python -m data_pipelines.prepare --verify")
+    parser.add_argument("--verify", metavar="DIR", required=True, help="a prepared folder to check")
+    try:
+        print(verify_folder(parser.parse_args(argv).verify))
+    except (ManifestError, ShardError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--verify" or a.startswith("--verify=") for a in argv):
+        return verify_main(argv)
     args = vars(build_parser().parse_args(argv))
     logging.basicConfig(level=args.pop("log_level"), format="%(levelname)s %(name)s: %(message)s")
     cfg = PrepConfig(**args)

@@ -24,6 +24,12 @@ metrics must be summed as (metric * mask) and divided by the sum of masks over a
 Shards are dealt to ranks by sample count (largest first, to the least-loaded rank); for training
 the order among equal-sized shards is reshuffled every epoch from (seed, epoch).
 
+Integrity (unless `verify="none"`): at construction this rank's shards are checked against the
+manifest's sizes (`verify="sha256"`: also their digests, reading every byte first); while
+streaming, every shard's bytes are hashed as they are read and compared with the manifest's
+sha256 at its end, and every sample's item IDs (1..n_items) and timestamps (the data's range) are
+checked as it is decoded. Either failure is a `ShardError` naming the shard (and the sample).
+
 Resuming (train only): `state_dict()` = epoch, `batches_yielded` in it (counted as each batch is
 handed out, so it is valid at any point) and the fields that define the stream (`STREAM_FIELDS`:
 seed, rank, world size, batch size, shuffling, bucketing, max_len, a digest of the shard list).
@@ -80,7 +86,8 @@ from hm4sr_dist.data.placement import BatchPlacement
 from hm4sr_dist.data.prefetch import Prefetcher, Stopped
 from hm4sr_dist.data.manifest import (SHARD_DIR, DataLocation, ManifestError, read_manifest,
                                       verify_shards)
-from hm4sr_dist.data.records import BACKENDS, SPLITS, Sample, ShardError, split_ends, user_samples
+from hm4sr_dist.data.records import (BACKENDS, SPLITS, Bounds, Sample, ShardError, split_ends,
+                                     user_samples)
 
 BUCKET_TAG = 2**31 + 1  # rng stream of length bucketing; pass streams use n_pass < 2**30
 STATE_VERSION = 1
@@ -171,6 +178,9 @@ class ShardReader:
         self.bucket_pool_batches = bucket_pool_batches
         self.prefetch_batches = prefetch_batches
         self.placement = placement      # None: host batches at their full width
+        # what every decoded sample is checked against (verify="none": nothing, as before)
+        self.check_bytes = verify != "none"
+        self.bounds = Bounds.from_manifest(self.manifest) if verify != "none" else None
         self._fetcher: Callable[[], Prefetcher | None] = _NO_FETCHER  # weak: the live iteration's
         self._ahead: tuple[tuple, Prefetcher] | None = None  # the next epoch, started early
         self.shards = self.manifest["shards"]
@@ -241,7 +251,8 @@ class ShardReader:
             where = self.location.child(SHARD_DIR, entry["file"])
             path = where.name()
             users = samples = 0
-            for key, items, times in read(where):
+            digest = entry.get("sha256") if self.check_bytes else None
+            for key, items, times in read(where, digest, self.bounds):
                 users += 1
                 samples += len(split_ends(len(items), self.split))
                 yield (key, items, times) if keys else (items, times)
