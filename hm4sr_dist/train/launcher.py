@@ -18,7 +18,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from hm4sr_dist.config import ConfigError, ExperimentConfig, to_dict
-from hm4sr_dist.data.manifest import read_manifest
+from hm4sr_dist.data.manifest import ManifestError, read_manifest, verify_shards
 from hm4sr_dist.train.code_version import code_version
 from hm4sr_dist.train.identity import check_identity, read_identity, record_identity, run_identity
 from hm4sr_dist.train.state import epoch_cap_error, stored_train_state
@@ -72,12 +72,27 @@ def check_epoch_cap(cfg: ExperimentConfig) -> None:
         raise ConfigError(message)
 
 
+def check_prepared(cfg: ExperimentConfig) -> dict:
+    """The data every worker will read, checked in the driver before Ray Train starts (a data error
+    in a worker would be retried `train.max_failures` times and end in a long traceback): the
+    manifest, every shard's size, at least one shard per worker. Returns the manifest."""
+    manifest = read_manifest(cfg.data.prepared_dir)
+    verify_shards(cfg.data.prepared_dir, manifest, check="size")
+    shards, workers = len(manifest["shards"]), cfg.train.num_workers
+    if shards < workers:
+        raise ManifestError(f"{cfg.data.prepared_dir}: {shards} shards for train.num_workers={workers} "
+                            f"(each worker reads whole shards); re-prepare with --min-shards >= {workers} "
+                            "or use fewer workers")
+    return manifest
+
+
 def build_trainer(cfg: ExperimentConfig, callbacks: list | None = None) -> TorchTrainer:
     """The TorchTrainer for one run, with optional extra Train `UserCallback`s (a Tune trial adds its
     report callback). `cfg.data.prepared_dir` must already be absolute: a Tune trial runs in its own
     working directory. Sets `cfg.train.run_name` to the resolved name; raises `RunIdentityError`
-    (before Ray starts) when that run folder holds a run of another config or data set."""
-    identity = run_identity(cfg, read_manifest(cfg.data.prepared_dir).get("fingerprint"))
+    (before Ray starts) when that run folder holds a run of another config or data set, and
+    ManifestError when the data cannot be read by every worker (`check_prepared`)."""
+    identity = run_identity(cfg, check_prepared(cfg).get("fingerprint"))
     name = cfg.train.run_name = cfg.train.run_name or f"{cfg.name}-{identity['hash'][:8]}"
     storage = storage_root(cfg)
     folder = run_folder(cfg)

@@ -87,3 +87,22 @@ def test_prepare_verify_names_a_corrupt_shard_and_passes_an_intact_folder(prepar
     rewrite_first_item(shard, 3)                       # user 1's item 1001 -> item 3: a valid ID
     assert main(["--verify", str(prepared)]) == 2
     assert f"{shard.name}: its bytes do not match the manifest's sha256" in capsys.readouterr().err
+
+
+def test_the_driver_checks_the_shards_before_ray_starts(prepared):
+    """Issue 25, finding 3 (in part): a truncated shard and too few shards for the workers stop in
+    the driver with one line (a ManifestError: exit 2 in the jobs), not in retried workers."""
+    from hm4sr_dist.config import ExperimentConfig
+    from hm4sr_dist.data import ManifestError
+    from hm4sr_dist.train.launcher import check_prepared
+    cfg = ExperimentConfig()
+    cfg.data.prepared_dir, cfg.train.num_workers = str(prepared), 2
+    assert len(check_prepared(cfg)["shards"]) == 2
+    cfg.train.num_workers = 3
+    with pytest.raises(ManifestError, match=r"2 shards for train.num_workers=3 .* --min-shards >= 3"):
+        check_prepared(cfg)
+    cfg.train.num_workers = 2
+    shard = sorted((prepared / SHARD_DIR).glob("*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:-2000])
+    with pytest.raises(ManifestError, match=rf"shard .*{shard.name}: \d+ bytes, the manifest says"):
+        check_prepared(cfg)
