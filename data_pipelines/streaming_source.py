@@ -26,7 +26,7 @@ from data_pipelines.canonical import TimestampCheck
 from data_pipelines.config import PrepConfig
 from data_pipelines.report import DataError, DropLog
 from data_pipelines.sources import load_source
-from data_pipelines.sources.common import require
+from data_pipelines.sources.common import csv_frames, require
 from data_pipelines.sources.tabular import _columns, load_item_table
 
 log = logging.getLogger("data_pipelines.streaming")
@@ -96,8 +96,7 @@ def _tabular(cfg: PrepConfig) -> ChunkedSource:
         _columns(head, path, cols)
         estimated = max(1, path.stat().st_size // 12)  # 12 bytes: about the shortest real line
         def frames(rows):
-            return iter(pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, usecols=cols,
-                                    chunksize=rows))
+            return (chunk[cols] for chunk in csv_frames(path, drops, chunksize=rows))
     else:
         raise DataError(f"{path}: expected .parquet or .csv")
     item_table, inputs = None, [path]
@@ -138,7 +137,7 @@ def _checked_chunks(src: ChunkedSource, frames, cfg: PrepConfig, path: Path,
                     users[r], items[r], stamps[r], keep[r] = str(u), str(i), ts, True
             users, items, stamps = users[keep], items[keep], stamps[keep]
         row0 += len(df)
-        src.rows_read = row0
+        src.rows_read = row0 + src.drops.counts.get("malformed_line", 0)   # dropped lines were read
         yield pd.DataFrame({"user": users, "item": items, "timestamp": stamps.astype(np.int64)})
 
 

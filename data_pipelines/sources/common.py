@@ -4,12 +4,44 @@ per-line loop that turns any parse failure into a counted drop naming file and l
 from __future__ import annotations
 
 import gzip
+import re
+import warnings
 from pathlib import Path
 from typing import Iterator
 
+import pandas as pd
 from tqdm import tqdm
 
-from data_pipelines.report import DataError
+from data_pipelines.report import DataError, DropLog
+
+_SKIPPED = re.compile(r"Skipping line (\d+): (.*)")
+CSV_SUFFIXES = (".csv", ".gz", ".tsv")
+
+
+def csv_frames(path: Path, drops: DropLog, chunksize: int | None = None) -> Iterator[pd.DataFrame]:
+    """The CSV (all of it, or chunks of `chunksize` rows) as str columns; a line with more fields
+    than the header is dropped and counted as `malformed_line` naming file:line, the same on every
+    path (pandas refuses the whole file by default, and reading some columns keeps such a line
+    silently: read every column, select after)."""
+    sep = "\t" if ".tsv" in path.name else ","
+
+    def counted(fn):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            result = fn()
+        for warning in caught:
+            for line, detail in _SKIPPED.findall(str(warning.message)):
+                drops.drop("malformed_line", f"{path}:{line}", f"{detail}; the line is dropped")
+        return result
+
+    read = lambda **kw: pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False,  # noqa: E731
+                                    on_bad_lines="warn", **kw)
+    if chunksize is None:
+        yield counted(read)
+        return
+    chunks = counted(lambda: read(chunksize=chunksize))
+    while (chunk := counted(lambda: next(chunks, None))) is not None:
+        yield chunk
 
 
 def require(path: Path, what: str) -> Path:

@@ -15,7 +15,7 @@ import pandas as pd
 from data_pipelines.canonical import CanonicalData, TimestampCheck, interactions_frame, items_frame
 from data_pipelines.config import PrepConfig
 from data_pipelines.report import DataError, DropLog
-from data_pipelines.sources.common import require
+from data_pipelines.sources.common import CSV_SUFFIXES, csv_frames, require
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -47,9 +47,18 @@ def _categories(cell: object) -> list[str]:
 
 def load(cfg: PrepConfig) -> CanonicalData:
     path = Path(cfg.interactions)
-    df = read_table(path)
-    _columns(df, path, [cfg.user_col, cfg.item_col, cfg.time_col])
     drops = DropLog(strict=cfg.strict)
+    if path.suffix in CSV_SUFFIXES:                  # lines with extra fields: counted drops
+        require(path, "table")
+        try:
+            df = next(csv_frames(path, drops))
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pandas raises many types; name the file
+            raise DataError(f"{path}: cannot read table ({exc})") from None
+    else:
+        df = read_table(path)
+    _columns(df, path, [cfg.user_col, cfg.item_col, cfg.time_col])
     unit = {"s": 1.0, "ms": 1000.0}.get(cfg.time_unit)
     if unit is None:
         raise DataError(f"time_unit: expected 's' or 'ms', got {cfg.time_unit!r}")
@@ -75,8 +84,9 @@ def load(cfg: PrepConfig) -> CanonicalData:
     if cfg.items:
         item_table = load_item_table(cfg)
         inputs.append(Path(cfg.items))
+    rows_read = len(df) + drops.counts.get("malformed_line", 0)      # the dropped lines were read
     return CanonicalData("tabular", cfg.name or path.stem, interactions_frame(users, items, stamps),
-                         item_table, inputs, len(df), drops)
+                         item_table, inputs, rows_read, drops)
 
 
 def load_item_table(cfg: PrepConfig):

@@ -212,3 +212,23 @@ def test_peak_memory_of_an_exited_process_is_not_ours():
     assert peak_resident_bytes(child.pid) == 0
     child.wait()
     assert peak_resident_bytes(child.pid) == 0     # reaped: no /proc entry
+
+
+def test_a_csv_line_with_an_extra_field_is_the_same_counted_drop_on_both_paths(tmp_path):
+    """Issue 25, finding 5: the in-memory path refused the whole file, the budgeted one kept the
+    line and counted nothing; now both drop it as `malformed_line` naming file:line."""
+    log = make_log(seed=4, n_users=200)
+    path = tmp_path / "log.csv"
+    log.to_csv(path, index=False)
+    lines = path.read_text().splitlines()
+    lines[10] += ",EXTRA"                                   # file line 11: one field too many
+    path.write_text("\n".join(lines) + "\n")
+    memory = prepared(tmp_path, "m", 0, interactions=str(path))
+    streamed = prepared(tmp_path, "s", budget(), interactions=str(path))
+    assert_same(memory, streamed)
+    counts = memory[0]["counts"]
+    assert counts["dropped"]["malformed_line"] == 1
+    assert counts["drop_examples"]["malformed_line"] == [f"{path}:11: expected 3 fields, saw 4; the line is dropped"]
+    assert counts["rows_read"] == len(log)                  # the dropped line was read and counted
+    with pytest.raises(DataError, match=rf"{path}:11: expected 3 fields, saw 4"):
+        prepared(tmp_path, "strict", 0, interactions=str(path), strict=True)
