@@ -5,7 +5,9 @@
 Writes `reviews_Demo_5.json.gz` and `meta_Demo.json.gz` (Python-literal lines, as the real dumps)
 and an `images/` folder of drawn product pictures. Behind it is `hm4sr_dist.synthetic`'s log: the
 next item follows the current one within its product line after a short gap, and jumps to the
-next line after a long one, so IDs, titles, categories, images and time all carry signal. Used by
+next line after a long one, so IDs, titles, categories, images and time all carry signal; a
+quarter of the next items (`NOISE`) are any item of the same line, so even a perfect model cannot
+rank every target first (a demo whose answer is certain would show nothing). Used by
 the quickstart and the job-submission test; it exercises every stage a real user's files go
 through.
 """
@@ -27,6 +29,9 @@ COLOURS = ["red", "blue", "green", "black", "white", "yellow", "orange", "purple
            "brown", "teal"]
 RGB = [(200, 40, 40), (40, 70, 200), (40, 160, 60), (20, 20, 20), (235, 235, 235), (230, 210, 40),
        (240, 140, 30), (130, 50, 170), (128, 128, 128), (240, 150, 190), (120, 80, 40), (30, 150, 150)]
+
+
+NOISE = 0.25
 
 
 def item_code(item: int) -> str:
@@ -62,8 +67,10 @@ def write_demo(out_dir: str | Path, log: SyntheticLog, items_per_line: int, cate
 
 def generate_demo(out_dir: str | Path, n_users: int = 300, n_lines: int = 8, items_per_line: int = 12,
                   seed: int = 0, category: str = "Demo") -> Path:
+    # a quarter of the next items are any item of the same product line: the rest follows from the
+    # item, its content and the time gap, so a good model scores well but not perfectly
     log = generate_log(n_users=n_users, n_clusters=n_lines, items_per_cluster=items_per_line,
-                       min_len=6, max_len=30, seed=seed)
+                       min_len=6, max_len=30, seed=seed, noise_prob=NOISE)
     return write_demo(out_dir, log, items_per_line, category)
 
 

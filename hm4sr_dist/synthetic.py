@@ -4,7 +4,9 @@ Used by unit tests and the quickstart; not a benchmark. Items fall into clusters
 categories); text and image features are noisy copies of a cluster centroid. Each user walks the
 catalogue: after a SHORT gap (minutes to hours) the next item is the successor within the same
 cluster, after a LONG gap (weeks) it is the same slot in the next cluster. The rule reads the gap
-before the current item, which the model sees, so ID, content and time all carry signal.
+before the current item, which the model sees, so ID, content and time all carry signal. With
+`noise_prob` > 0 that share of the next items is instead any item of the current item's cluster
+(the demo data set uses 0.25): the rule then no longer decides every target.
 
 Samples and batches go through the training path: `records.user_samples` (the leave-one-out
 split, spec §1) and the reader's `collate`.
@@ -35,7 +37,7 @@ class SyntheticLog:
 
 def generate_log(n_users: int = 300, n_clusters: int = 8, items_per_cluster: int = 12,
                  min_len: int = 6, max_len: int = 30, text_width: int = 32, image_width: int = 24,
-                 long_gap_prob: float = 0.3, seed: int = 0) -> SyntheticLog:
+                 long_gap_prob: float = 0.3, seed: int = 0, noise_prob: float = 0.0) -> SyntheticLog:
     rng = np.random.default_rng(seed)
     n_items = n_clusters * items_per_cluster
     cluster = lambda item: (item - 1) // items_per_cluster          # noqa: E731
@@ -51,6 +53,8 @@ def generate_log(n_users: int = 300, n_clusters: int = 8, items_per_cluster: int
                 item = ((cluster(item) + 1) % n_clusters) * items_per_cluster + slot(item) + 1
             else:
                 item = cluster(item) * items_per_cluster + (slot(item) + 1) % items_per_cluster + 1
+            if noise_prob and rng.random() < noise_prob:    # any item of the line: only content helps
+                item = cluster(item) * items_per_cluster + int(rng.integers(0, items_per_cluster)) + 1
             # This gap leads INTO the new item, so it is visible and decides the item after it.
             long_gap = bool(rng.random() < long_gap_prob)
             t += int(rng.integers(86400 * 14, 86400 * 28)) if long_gap else int(rng.integers(60, 6 * 3600))
