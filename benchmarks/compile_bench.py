@@ -101,12 +101,15 @@ def agreement(args) -> dict:
             torch.manual_seed(7)
             terms = objective(batch)
             terms.total.backward()
-            out.append((terms.scalars(), {n: p.grad for n, p in objective.named_parameters() if p.grad is not None}))
+            grads = {n: p.grad for n, p in objective.named_parameters() if p.grad is not None}
+            out.append((terms.scalars(), grads))
         (le, ge), (lc, gc) = out
         loss_diff = max([loss_diff] + [abs(lc[k] - le[k]) / max(abs(le[k]), 1e-12) for k in le])
-        grad_diff = max([grad_diff] + [float((gc[k] - g).norm()) / max(float(g.norm()), 1e-12) for k, g in ge.items()])
+        grad_diff = max([grad_diff] + [float((gc[k] - g).norm()) / max(float(g.norm()), 1e-12)
+                                       for k, g in ge.items()])
     inductor.fallback_random = False
-    row = {"section": "agree", "model": "hm4sr", "batches": len(batches), "widths": sorted({b.item_seq.shape[1] for b in batches}),
+    row = {"section": "agree", "model": "hm4sr", "batches": len(batches),
+           "widths": sorted({b.item_seq.shape[1] for b in batches}),
            "max_rel_loss_diff": loss_diff, "max_rel_grad_diff": grad_diff,
            "within_tolerance": loss_diff <= 1e-5 and grad_diff <= 1e-4}
     print(row, flush=True)
@@ -116,7 +119,8 @@ def agreement(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prepared-dir", type=Path, required=True)
-    parser.add_argument("--sections", nargs="*", default=["agree", "step", "epoch"], choices=["agree", "step", "epoch"])
+    parser.add_argument("--sections", nargs="*", default=["agree", "step", "epoch"],
+                        choices=["agree", "step", "epoch"])
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=0, help="steps of the timed epoch (0 = all)")

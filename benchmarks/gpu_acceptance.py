@@ -123,7 +123,7 @@ def epoch_config(args, variant: str, precision: str, compiled: bool):
 def run_epoch_row(args, variant: str, precision: str, compiled: bool, device: torch.device) -> dict:
     from hm4sr_dist.data import ShardReader, load_catalog
     from hm4sr_dist.objective import build_objective
-    from hm4sr_dist.train.acceleration import placement_for
+    from hm4sr_dist.train.acceleration import apply_precision, placement_for
     from hm4sr_dist.train.loop import fit_in_process
 
     cfg, _ = epoch_config(args, variant, precision, compiled)
@@ -146,10 +146,8 @@ def run_epoch_row(args, variant: str, precision: str, compiled: bool, device: to
     # FLOPs per step at each width, counted once on an eager copy (the counter cannot see compiled
     # kernels); every batch of the epoch has one of these widths
     torch.manual_seed(cfg.optim.seed)
-    counted = build_objective(cfg.model, cfg.loss, catalog).to(device)
-    from hm4sr_dist.train.acceleration import apply_precision
-    apply_precision(counted, precision)
-    widths, flops_at = [], {}
+    counted = apply_precision(build_objective(cfg.model, cfg.loss, catalog).to(device), precision)
+    flops_at = {}
     for batch in itertools.islice(make("train", cfg.micro_batch_size, bucket_pool_batches=1), 50):
         batch = placement(batch)
         w = batch.item_seq.shape[1]
@@ -190,6 +188,7 @@ def run_step_row(args, variant: str, precision: str, compiled: bool, device: tor
     from model_step_bench import make_batch, make_catalog
 
     from hm4sr_dist.config import ExperimentConfig, apply_variant
+    from hm4sr_dist.data.placement import BatchPlacement
     from hm4sr_dist.objective import build_objective
     from hm4sr_dist.train.acceleration import apply_compile, apply_precision
     from hm4sr_dist.train.loop import optimizer_step
@@ -202,7 +201,7 @@ def run_step_row(args, variant: str, precision: str, compiled: bool, device: tor
     torch.manual_seed(0)
     objective = build_objective(cfg.model, cfg.loss, catalog).to(device)
     apply_precision(objective, precision)
-    batch = make_batch(b, length, items).to(device)
+    batch = BatchPlacement(device)(make_batch(b, length, items))       # every row full length: no cut
     flops = step_flops(objective, batch)
     apply_compile(objective, compiled)
     step = optimizer_step(objective, torch.optim.Adam(objective.parameters(), lr=1e-3))

@@ -70,10 +70,6 @@ class BatchPlacement:
         return f"BatchPlacement({str(self.device)!r}, widths={self.widths})"
 
     @property
-    def on_host(self) -> bool:
-        return self.device.type == "cpu"
-
-    @property
     def stages_copies(self) -> bool:
         """Copies can be staged on a side stream (a real CUDA device is present)."""
         return self.device.type == "cuda" and torch.cuda.is_available()
@@ -108,12 +104,10 @@ class BatchPlacement:
         return tensor.to(self.device, non_blocking=upload)
 
     def _batch(self, batch: Batch) -> Batch:
-        if self._placed(batch.item_seq) and not self.on_host:
-            return batch                              # placed already (by the reader)
         if batch.item_seq.device.type == "cpu":
-            batch = self.shape(batch)
-        if self.on_host and batch.item_seq.device.type == "cpu":
-            return batch
+            batch = self.shape(batch)                 # host work; a device batch was shaped before
+        if self._placed(batch.item_seq):
+            return batch                              # a host placement, or placed by the reader
         return Batch(*(self._copy(t) for t in (batch.item_seq, batch.time_seq, batch.seq_len, batch.target)))
 
     def _entry(self, entry):

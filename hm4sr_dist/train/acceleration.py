@@ -2,8 +2,8 @@
 (the model never knows): bf16 autocast (`apply_precision`), `torch.compile` (`apply_compile`), and
 the few sequence widths that give compile static shapes (`length_widths`, `placement_for`).
 
-Used by the Ray Train worker and by `fit_in_process` (tests, benchmarks, the GPU acceptance
-script), so both run the same step.
+`accelerate` applies all of them for a run; the Ray Train worker and `fit_in_process` (tests,
+benchmarks, the GPU acceptance script) both call it, so both run the same step.
 """
 
 from __future__ import annotations
@@ -53,6 +53,14 @@ def apply_precision(objective, precision: str):
     no autocast."""
     objective.compute_dtype = torch.bfloat16 if precision == "bf16" else None
     return objective
+
+
+def accelerate(objective, cfg: ExperimentConfig, device: torch.device) -> BatchPlacement:
+    """Set up `objective` (already on `device`) for a run of `cfg`: its precision and compilation;
+    returns the run's `BatchPlacement`. `train.precision` is resolved for this device."""
+    apply_precision(objective, resolve_precision(cfg, device.type == "cuda"))
+    apply_compile(objective, compile_enabled(cfg))
+    return placement_for(cfg, device)
 
 
 def apply_compile(objective, enabled: bool = True):

@@ -150,15 +150,12 @@ def fit_in_process(cfg, catalog, train: Callable[[int], Iterable[Batch]], valid:
     from hm4sr_dist.evaluate import evaluate_sums
     from hm4sr_dist.metrics import finalize
     from hm4sr_dist.objective import build_objective
-    from hm4sr_dist.train.acceleration import (apply_compile, apply_precision, compile_enabled,
-                                               placement_for, resolve_precision)
+    from hm4sr_dist.train.acceleration import accelerate
 
     device = torch.device(device)
     torch.manual_seed(cfg.optim.seed)
     objective = build_objective(cfg.model, cfg.loss, catalog).to(device)
-    apply_precision(objective, resolve_precision(cfg, device.type == "cuda"))
-    apply_compile(objective, compile_enabled(cfg))
-    placement = placement_for(cfg, device)
+    placement = accelerate(objective, cfg, device)
     optimizer = torch.optim.Adam(objective.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     step = optimizer_step(objective, optimizer, cfg.optim.grad_clip)
     history = []

@@ -5,9 +5,9 @@ TensorBoard has one x-axis, the global optimiser step, for every tag:
   view of that training batch (`batch/routing/*`, `batch/moe/*`, see hm4sr_dist/diagnostics.py);
 - per epoch, at the step the epoch ended: `valid/*` metrics, `epoch/*` (mean loss terms of the
   epoch, seconds, sequences/s), the MoE view of the validation pass (`routing/*`, `moe/*`: one
-  point per tag and step, apart from the batches'), and the image `routing/heatmap`: the validation routing of each
-  MoE (Temporal MoE per interval range, Interactive MoE per modality) drawn by
-  `diagnostics.routing_figure`, the figure of a study's `routing_<setting>.png`;
+  point per tag and step, apart from the batches'), and the image `routing/heatmap`: the
+  validation routing of each MoE (Temporal MoE per interval range, Interactive MoE per modality)
+  drawn by `diagnostics.routing_figure`, the figure of a study's `routing_<setting>.png`;
 - at the end: `test/*` of the best weights, and the run's hparams (config -> final metrics) for the
   HParams tab.
 Counts (`valid/count`) and the epoch index are printed, never drawn as curves. A resumed run opens

@@ -107,7 +107,8 @@ def load_worker_files(folder: Path, rank: int) -> tuple[TrainState, dict | None,
         set_rng_state(saved["rng"])
         reader_state = saved.get("reader")
     best = folder / "best_model.pt"
-    return state, (torch.load(best, map_location="cpu", weights_only=True) if best.exists() else None), reader_state
+    best_model = torch.load(best, map_location="cpu", weights_only=True) if best.exists() else None
+    return state, best_model, reader_state
 
 
 def stored_train_state(run_dir: str) -> TrainState | None:

@@ -38,8 +38,7 @@ from hm4sr_dist.parallel import DistributedExchange
 from hm4sr_dist.parallel.engine import build_engine, engine_step
 from hm4sr_dist.parallel.evaluation import distributed_metrics
 from hm4sr_dist.parallel.vocab import build_vocab_parallel, gather_table
-from hm4sr_dist.train.acceleration import (apply_compile, apply_precision, compile_enabled, placement_for,
-                                           resolve_precision)
+from hm4sr_dist.train.acceleration import accelerate
 from hm4sr_dist.train.loop import EpochProgress, run_epoch
 from hm4sr_dist.train.monitor import Monitor, say
 from hm4sr_dist.train.state import (TrainState, epoch_cap_error, has_table_shards, load_table_shard,
@@ -123,12 +122,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         table, table_shard = build_vocab_parallel(cfg.model, cfg.optim, cfg.loss.item_chunk_size,
                                                   catalog.n_items, exchange, device)
     objective = build_objective(cfg.model, cfg.loss, catalog, exchange, table=table).to(device)
-    apply_precision(objective, resolve_precision(cfg, on_gpu))
-    apply_compile(objective, compile_enabled(cfg))
-    engine = build_engine(objective, cfg, world, on_gpu)
     # one placement for every batch: the readers stage copies to the GPU, the loop and evaluation
     # pass the placed batches through
-    placement = placement_for(cfg, device)
+    placement = accelerate(objective, cfg, device)
+    engine = build_engine(objective, cfg, world, on_gpu)
     model = engine.module.model
     id_rows = table_shard.weight if table_shard is not None else None
 
