@@ -154,8 +154,10 @@ class LossConfig:
     cp_reduction: str = _f("per_item", "how eq. 22's BCE is reduced: 'per_item' sums it over the categories "
                            "(eq. 22) and averages over the real input items (spec); 'per_element' "
                            "averages over items and categories (versions before 2026-11-24), which "
-                           "divides lambda_1's effect by the number of categories",
-                           choices=("per_item", "per_element"))
+                           "divides lambda_1's effect by the number of categories; 'per_sequence' "
+                           "sums over a sequence's items too and averages over sequences (the "
+                           "paper's literal L_CP = sum over v in S), which multiplies it by the mean "
+                           "sequence length", choices=("per_item", "per_sequence", "per_element"))
     pcl_ratio: float = _f(0.3, "beta: share of real positions replaced by the time placeholder",
                           min=0.0, max=1.0)
     main_loss: str = _f("full", "eq. 20 over the catalogue (docs/scaling.md): 'full' scores every item "

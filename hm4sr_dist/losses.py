@@ -48,11 +48,18 @@ def category_loss(logits: Tensor, labels: Tensor, denominator: Tensor | float | 
     return per_pair.sum() / denominator
 
 
+CP_REDUCTIONS = ("per_item", "per_sequence", "per_element")
+
+
 def category_count(logits: Tensor, reduction: str, mask: Tensor | None = None) -> Tensor:
     """What category_loss averages over, as a float tensor on the logits' device: real items
-    (`per_item`) or real (item, category) pairs (`per_element`)."""
-    if reduction not in ("per_item", "per_element"):
-        raise ValueError(f"loss.cp_reduction: expected 'per_item' or 'per_element', got {reduction!r}")
+    (`per_item`), sequences (`per_sequence`: the paper's L_CP = sum over the items of S, so a
+    sequence's items and categories are summed and the batch averages over sequences; logits are
+    (B, L, C)) or real (item, category) pairs (`per_element`)."""
+    if reduction not in CP_REDUCTIONS:
+        raise ValueError(f"loss.cp_reduction: expected one of {CP_REDUCTIONS}, got {reduction!r}")
+    if reduction == "per_sequence":
+        return torch.tensor(float(logits.shape[0]), device=logits.device)
     items = (mask.sum(dtype=torch.float32) if mask is not None else
              torch.tensor(float(logits[..., 0].numel()), device=logits.device))
     return items * logits.shape[-1] if reduction == "per_element" else items

@@ -89,7 +89,8 @@ def reference_main(h, x, target):
 def reference_cp(x_cat, w_cp, b_cp, batch, categories, reduction="per_item"):
     """Eq. 21-22 by hand: for every real input item v, logits W_CP [x_id; x_txt; x_img](v) + b_CP
     and L_CP(v) = -sum_c y_c log p_c + (1 - y_c) log(1 - p_c); reduced as docs/model.md states: the
-    mean of L_CP(v) over the batch's real input items (`per_element`: also divided by |C|)."""
+    mean of L_CP(v) over the batch's real input items (`per_element`: also divided by |C|;
+    `per_sequence`: L_CP = sum of L_CP(v) over a sequence's items, the mean over the sequences)."""
     total, n_real = 0.0, 0
     for row in range(len(batch.seq_len)):
         for pos in range(int(batch.seq_len[row])):
@@ -99,6 +100,8 @@ def reference_cp(x_cat, w_cp, b_cp, batch, categories, reduction="per_item"):
                 p, y = 1.0 / (1.0 + math.exp(-float(logits[c]))), float(categories[v, c])
                 total -= y * math.log(p) + (1.0 - y) * math.log(1.0 - p)                 # eq. 22
             n_real += 1
+    if reduction == "per_sequence":
+        return total / len(batch.seq_len)
     return total / (n_real * (categories.shape[1] if reduction == "per_element" else 1))
 
 
@@ -190,6 +193,11 @@ def test_category_prediction_reads_real_positions_only(tiny_log, tiny_batch):
     ref_element = reference_terms(per_element, tiny_log.catalog, tiny_batch, per_element(tiny_batch).output)
     assert per_element(tiny_batch).cp.item() == pytest.approx(ref_element["cp"], rel=1e-5)
     assert ref["cp"] == pytest.approx(ref_element["cp"] * tiny_log.catalog.categories.shape[1], rel=1e-9)
+    per_sequence = _objective(tiny_log, idcl_weight=0.0, pcl_weight=0.0, cp_reduction="per_sequence")
+    ref_sequence = reference_terms(per_sequence, tiny_log.catalog, tiny_batch, per_sequence(tiny_batch).output)
+    assert per_sequence(tiny_batch).cp.item() == pytest.approx(ref_sequence["cp"], rel=1e-5)
+    mean_length = tiny_batch.seq_len.double().mean().item()              # the sum over S = items x mean length
+    assert ref_sequence["cp"] == pytest.approx(ref["cp"] * mean_length, rel=1e-9)
     noisy = tiny_batch.trimmed()
     noisy.item_seq = noisy.item_seq.masked_fill(~noisy.padding_mask(), 3)
     assert (noisy.item_seq != tiny_batch.trimmed().item_seq).any()
