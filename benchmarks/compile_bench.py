@@ -44,7 +44,8 @@ from gpu_acceptance import run_epoch_row  # noqa: E402
 def step_rows(args) -> list[dict]:
     from model_step_bench import make_batch, make_catalog
 
-    from hm4sr_dist.config import ExperimentConfig, apply_variant
+    from hm4sr_dist.config import ExperimentConfig
+    from hm4sr_dist.feasibility import with_variant
     from hm4sr_dist.objective import build_objective
     from hm4sr_dist.train.acceleration import apply_compile
     from hm4sr_dist.train.loop import optimizer_step
@@ -54,7 +55,7 @@ def step_rows(args) -> list[dict]:
     batch = make_batch(args.batch, 50, 12101)
     for variant in ("hm4sr", "sasrec"):
         for compiled in (False, True):
-            cfg = apply_variant(ExperimentConfig(), variant)
+            cfg = with_variant(ExperimentConfig(), variant)
             torch.manual_seed(0)
             objective = apply_compile(build_objective(cfg.model, cfg.loss, catalog), compiled)
             step = optimizer_step(objective, torch.optim.Adam(objective.parameters(), lr=1e-3))

@@ -108,7 +108,7 @@ def epoch_config(args, variant: str, precision: str, compiled: bool):
     from hm4sr_dist.data.manifest import read_manifest
     from hm4sr_dist.feasibility import DataOffer, resolve
 
-    cfg = apply_variant(load_config(ROOT / "configs" / "hm4sr_paper.yaml"), variant, resolve=False)
+    cfg = apply_variant(load_config(ROOT / "configs" / "hm4sr_paper.yaml"), variant)
     cfg, notes = resolve(cfg, DataOffer.from_manifest(read_manifest(args.prepared_dir)))
     cfg.data.prepared_dir = str(args.prepared_dir)
     cfg.train.num_workers = 1
@@ -187,14 +187,15 @@ def run_step_row(args, variant: str, precision: str, compiled: bool, device: tor
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from model_step_bench import make_batch, make_catalog
 
-    from hm4sr_dist.config import ExperimentConfig, apply_variant
+    from hm4sr_dist.config import ExperimentConfig
+    from hm4sr_dist.feasibility import with_variant
     from hm4sr_dist.data.placement import BatchPlacement
     from hm4sr_dist.objective import build_objective
     from hm4sr_dist.train.acceleration import apply_compile, apply_precision
     from hm4sr_dist.train.loop import optimizer_step
 
     b, length, items = (64, 12, 500) if args.cpu_smoke else (args.step_batch, 50, 12101)
-    cfg = apply_variant(ExperimentConfig(), variant)
+    cfg = with_variant(ExperimentConfig(), variant)
     if args.cpu_smoke:
         cfg.model.hidden_size, cfg.model.inner_size, cfg.model.max_seq_len = 16, 32, length
     catalog = make_catalog(items, 64 if args.cpu_smoke else 768, 200)

@@ -15,7 +15,8 @@ import time
 import torch
 
 from hm4sr_dist.batch import Batch
-from hm4sr_dist.config import ExperimentConfig, apply_variant
+from hm4sr_dist.config import ExperimentConfig
+from hm4sr_dist.feasibility import with_variant
 from hm4sr_dist.model.catalog import ItemCatalog
 from hm4sr_dist.objective import build_objective
 
@@ -40,7 +41,7 @@ def make_batch(b: int, length: int, n_items: int) -> Batch:
 
 
 def bench(variant: str, args) -> None:
-    cfg = apply_variant(ExperimentConfig(), variant)
+    cfg = with_variant(ExperimentConfig(), variant)
     catalog = make_catalog(args.items, 768, args.categories)
     torch.manual_seed(0)
     objective = build_objective(cfg.model, cfg.loss, catalog)

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from hm4sr_dist.config import ExperimentConfig, apply_variant
+from hm4sr_dist.config import ExperimentConfig
+from hm4sr_dist.feasibility import with_variant
 from hm4sr_dist.data import ShardReader, load_catalog, read_manifest
 from hm4sr_dist.feasibility import DataOffer, resolve
 from hm4sr_dist.objective import build_objective
@@ -60,7 +61,7 @@ class FirstFetch:
 
 
 def run(variant: str, prefetch: int, args, manifest: dict) -> dict:
-    cfg = apply_variant(ExperimentConfig(), variant)
+    cfg = with_variant(ExperimentConfig(), variant)
     cfg = resolve(cfg, DataOffer.from_manifest(manifest)).config
     catalog = load_catalog(args.prepared_dir, mu=cfg.model.interval_scale)
     torch.manual_seed(cfg.optim.seed)

@@ -12,7 +12,7 @@ what was expected and what was given, and for a misspelt key the closest known o
     cfg, sources = load_tracked("configs/hm4sr_paper.yaml", ["optim.lr=3e-3"])  # + {key: source}
 
 What a config can train on a given data set (PCL needs the Temporal MoE, CP needs categories, ...)
-is decided by `hm4sr_dist.feasibility`, which `apply_variant` uses too.
+is decided by `hm4sr_dist.feasibility` (`with_variant`: a variant plus what it makes infeasible).
 """
 
 from __future__ import annotations
@@ -300,7 +300,6 @@ class ExperimentConfig:
             raise _error("data.length_widths", sources, f"widths <= model.max_seq_len = {m.max_seq_len}",
                          self.data.length_widths)
         if self.loss.main_loss == "vocab_parallel":
-            from hm4sr_dist.feasibility import check_vocab_parallel
             check_vocab_parallel(self, sources)
         return self
 
@@ -308,6 +307,41 @@ class ExperimentConfig:
     def micro_batch_size(self) -> int:
         """Sequences per worker per forward pass."""
         return self.optim.batch_size // (self.train.num_workers * self.train.grad_accum_steps)
+
+
+SAMPLED_KEYS = ("loss.num_negatives", "loss.negative_sampler", "loss.in_batch_negatives")
+
+
+def check_vocab_parallel(cfg: ExperimentConfig, sources: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError, naming the key, for what ``loss.main_loss=vocab_parallel`` cannot train
+    (docs/scaling.md, "Vocabulary-parallel"): the table is split over the workers, so one worker
+    has nothing to split; gradient clipping would need a norm over every rank's slice, which the
+    engine cannot see; the sampled-softmax keys would silently do nothing; the slice lives outside
+    the DeepSpeed engine and is trained in fp32, so the engine must be fp32 too (checked again
+    where ``train.precision=auto`` is resolved, `train.engine.check_precision`).
+    ``ExperimentConfig.validate`` calls it."""
+    def error(key: str, expected: str, got: Any, why: str) -> ConfigError:
+        return ConfigError(key=key, source=source_of(key, sources), expected=expected, got=got, why=why)
+
+    if cfg.train.num_workers < 2:
+        raise error("train.num_workers", "at least 2 with loss.main_loss=vocab_parallel",
+                    cfg.train.num_workers, "the item table is split over the workers; on one worker "
+                    "use loss.main_loss=chunked, the same loss")
+    if cfg.optim.grad_clip > 0:
+        raise error("optim.grad_clip", "0 with loss.main_loss=vocab_parallel", cfg.optim.grad_clip,
+                    "clipping needs one norm over the replicated weights and every worker's table "
+                    "slice, which is not implemented")
+    defaults = LossConfig()
+    for key in SAMPLED_KEYS:
+        name = key.split(".", 1)[1]
+        if getattr(cfg.loss, name) != getattr(defaults, name):
+            raise error(key, f"its default ({json.dumps(getattr(defaults, name))}) with "
+                        "loss.main_loss=vocab_parallel", getattr(cfg.loss, name),
+                        "it configures loss.main_loss=sampled only; vocab_parallel is the exact softmax")
+    if cfg.train.precision in ("bf16", "fp16"):
+        raise error("train.precision", "fp32 or auto (fp32 on the CPU) with loss.main_loss=vocab_parallel",
+                    cfg.train.precision, "each worker's table slice is trained outside the DeepSpeed "
+                    "engine in fp32")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,7 +704,7 @@ def _drop_modality(cfg: ExperimentConfig, modality: str) -> None:
 
 
 # Each variant flips its own switch; what that makes infeasible (-TMoE: PCL) is switched off by
-# hm4sr_dist.feasibility in apply_variant.
+# hm4sr_dist.feasibility.with_variant.
 VARIANTS = {
     "hm4sr": lambda c: None,
     "-IMoE": lambda c: setattr(c.model, "use_interactive_moe", False),
@@ -694,13 +728,13 @@ def check_variant(variant: str) -> None:
                           suggestion=closest(variant, VARIANTS))
 
 
-def apply_variant(cfg: ExperimentConfig, variant: str, *, explicit: Mapping[str, str] | None = None,
-                  resolve: bool = True) -> ExperimentConfig:
-    """Return a copy of `cfg` with one named variant of spec §4 applied and, with `resolve`, what it
-    makes infeasible switched off (`hm4sr_dist.feasibility.resolve`: -TMoE thereby drops PCL).
+def apply_variant(cfg: ExperimentConfig, variant: str, *,
+                  explicit: Mapping[str, str] | None = None) -> ExperimentConfig:
+    """Return a copy of `cfg` with one named variant of spec §4 applied (its own switch only; what
+    that makes infeasible, -TMoE: PCL, is switched off by `hm4sr_dist.feasibility.with_variant`).
 
-    `explicit` ({key: source}, the keys the user set) turns a key the variant would change, or a
-    request it makes infeasible (`--variant=-TMoE loss.pcl_weight=0.5`), into a ConfigError.
+    `explicit` ({key: source}, the keys the user set) turns a key the variant would change into a
+    ConfigError.
     """
     check_variant(variant)
     out = from_dict(type(cfg), to_dict(cfg))
@@ -710,7 +744,4 @@ def apply_variant(cfg: ExperimentConfig, variant: str, *, explicit: Mapping[str,
             raise ConfigError(f"conflicts with --variant={variant}, which sets it to "
                               f"{json.dumps(get_key(out, key))}", key=key, source=source)
     out.validate(explicit)
-    if resolve:
-        from hm4sr_dist.feasibility import resolve as resolve_feasibility
-        out = resolve_feasibility(out, explicit=explicit or {}).config
     return out

@@ -21,14 +21,13 @@ note per change. Which requests are switched off and which stop the run:
 
 ``offer`` says what the data has (``DataOffer.from_manifest``); ``None`` means "not known yet", so
 only the rules inside the config apply. The jobs call ``check`` before Ray starts and ``resolve``
-once the data is prepared; ``config.apply_variant`` resolves too (``-TMoE`` thereby drops PCL);
-Tune trials resolve each trial. The model and the objective only assert the result.
+once the data is prepared; ``with_variant`` applies a variant and resolves (``-TMoE`` thereby
+drops PCL); study trials resolve each trial. The model and the objective only assert the result.
 
     cfg, notes = resolve(cfg, DataOffer.from_manifest(manifest), explicit={"loss.cp_weight": "command line"})
 
-``loss.main_loss=vocab_parallel`` has rules of its own that are always errors, never switched off
-(``check_vocab_parallel``, called by ``ExperimentConfig.validate``): more than one worker, no
-gradient clipping, the sampled-softmax keys at their defaults, fp32.
+``loss.main_loss=vocab_parallel`` has rules of its own that need no data and are always errors
+(``config.check_vocab_parallel``, called by ``ExperimentConfig.validate``).
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NamedTuple
 
 from hm4sr_dist.config import (MODALITIES, ConfigError, ExperimentConfig, LossConfig, ModelConfig,
-                               from_dict, get_key, set_key, source_of, to_dict)
+                               apply_variant, from_dict, get_key, set_key, to_dict)
 
 CONTENT_MODALITIES = ("text", "image")     # the modalities PCL runs on (eq. 26)
 
@@ -169,43 +168,16 @@ def inert_keys(cfg: ExperimentConfig) -> dict[str, str]:
 
 
 # Keys of main_loss=sampled: they configure nothing else, so set with vocab_parallel they are a mistake.
-SAMPLED_KEYS = ("loss.num_negatives", "loss.negative_sampler", "loss.in_batch_negatives")
-
-
-def check_vocab_parallel(cfg: ExperimentConfig, sources: Mapping[str, str] | None = None) -> None:
-    """Raise ConfigError, naming the key, for what ``loss.main_loss=vocab_parallel`` cannot train
-    (docs/scaling.md, "Vocabulary-parallel"): the table is split over the workers, so one worker
-    has nothing to split; gradient clipping would need a norm over every rank's slice, which the
-    engine cannot see; the sampled-softmax keys would silently do nothing; the slice lives outside
-    the DeepSpeed engine and is trained in fp32, so the engine must be fp32 too (checked again
-    where ``train.precision=auto`` is resolved, `parallel.engine.check_precision`).
-    ``ExperimentConfig.validate`` calls it."""
-    def error(key: str, expected: str, got: Any, why: str) -> ConfigError:
-        return ConfigError(key=key, source=source_of(key, sources), expected=expected, got=got, why=why)
-
-    if cfg.train.num_workers < 2:
-        raise error("train.num_workers", "at least 2 with loss.main_loss=vocab_parallel",
-                    cfg.train.num_workers, "the item table is split over the workers; on one worker "
-                    "use loss.main_loss=chunked, the same loss")
-    if cfg.optim.grad_clip > 0:
-        raise error("optim.grad_clip", "0 with loss.main_loss=vocab_parallel", cfg.optim.grad_clip,
-                    "clipping needs one norm over the replicated weights and every worker's table "
-                    "slice, which is not implemented")
-    defaults = LossConfig()
-    for key in SAMPLED_KEYS:
-        name = key.split(".", 1)[1]
-        if getattr(cfg.loss, name) != getattr(defaults, name):
-            raise error(key, f"its default ({json.dumps(getattr(defaults, name))}) with "
-                        "loss.main_loss=vocab_parallel", getattr(cfg.loss, name),
-                        "it configures loss.main_loss=sampled only; vocab_parallel is the exact softmax")
-    if cfg.train.precision in ("bf16", "fp16"):
-        raise error("train.precision", "fp32 or auto (fp32 on the CPU) with loss.main_loss=vocab_parallel",
-                    cfg.train.precision, "each worker's table slice is trained outside the DeepSpeed "
-                    "engine in fp32")
-
-
 def unresolved(key: str, what: str) -> ConfigError:
     """The error of a model or objective handed a config that `resolve` did not fit to its data:
     ``raise unresolved("loss.cp_weight", "but the data set has no item categories")``."""
     return ConfigError(f"{key} > 0 {what}; fit the config to the data with "
                        f"hm4sr_dist.feasibility.resolve, which sets {key}=0 (or set it yourself)")
+
+
+def with_variant(cfg: ExperimentConfig, variant: str, offer: DataOffer | None = None,
+                 explicit: Mapping[str, str] | None = None) -> ExperimentConfig:
+    """`cfg` with a variant of spec §4 applied (`config.apply_variant`) and what it makes
+    infeasible switched off (-TMoE thereby drops PCL); a key in `explicit` that the variant changes,
+    or that it makes infeasible, is a ConfigError."""
+    return resolve(apply_variant(cfg, variant, explicit=explicit), offer, explicit or {}).config

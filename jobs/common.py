@@ -164,7 +164,7 @@ def plan_job(job: DatasetJob, argv: list[str] | None = None, *, check_paths: boo
     check_repeats(args.overrides)
     cfg, sources = load_tracked(args.config, args.overrides)
     explicit = command_line_keys(sources)
-    cfg = apply_variant(cfg, args.variant, explicit=explicit, resolve=False)
+    cfg = apply_variant(cfg, args.variant, explicit=explicit)
     cfg.name = f"{job.name}-{args.variant.lstrip('-').lower()}"
     prepared = Path(args.prepared_dir or f"outputs/prepared/{job.name}")
     if check_paths and args.raw_dir and not Path(args.raw_dir).is_dir():

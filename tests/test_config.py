@@ -5,6 +5,7 @@ import pytest
 
 from hm4sr_dist.config import (ConfigError, ExperimentConfig, apply_variant, command_line_keys, load_config,
                                load_tracked, to_dict)
+from hm4sr_dist.feasibility import with_variant
 
 PAPER = "configs/hm4sr_paper.yaml"
 
@@ -127,7 +128,7 @@ def test_an_override_is_blamed_on_the_command_line_not_the_yaml_file(tmp_path):
 
 def test_variant_errors_and_suggestions():
     with pytest.raises(ConfigError) as info:
-        apply_variant(ExperimentConfig(), "-TMOE")
+        with_variant(ExperimentConfig(), "-TMOE")
     assert str(info.value) == ("--variant: expected one of ['hm4sr', '-IMoE', '-TMoE', '-CP', '-IDCL', "
                                "'-PCL', '-Text', '-Image', 'sasrec'], got '-TMOE'; did you mean -TMoE?")
     # an override the variant would silently undo, or one it makes infeasible, is an error
@@ -138,8 +139,9 @@ def test_variant_errors_and_suggestions():
     cfg, sources = load_tracked(PAPER, ["loss.pcl_weight=0.5"])
     with pytest.raises(ConfigError, match=r"^loss\.pcl_weight \(command line\): expected 0 when "
                                           r"model\.use_temporal_moe is false, got 0\.5"):
-        apply_variant(cfg, "-TMoE", explicit=command_line_keys(sources))
-    assert apply_variant(cfg, "-TMoE").loss.pcl_weight == 0.0      # not asked for: switched off
+        with_variant(cfg, "-TMoE", explicit=command_line_keys(sources))
+    assert with_variant(cfg, "-TMoE").loss.pcl_weight == 0.0      # not asked for: switched off
+    assert apply_variant(cfg, "-TMoE").loss.pcl_weight == 0.5     # the variant's own switch only
 
 
 def test_variants_change_only_their_switch():
@@ -154,14 +156,14 @@ def test_variants_change_only_their_switch():
         "-Image": {("model", "modalities"): ["id", "text"]},
     }
     for variant, changes in expected.items():
-        got = to_dict(apply_variant(ExperimentConfig(), variant))
+        got = to_dict(with_variant(ExperimentConfig(), variant))
         diff = {(s, k): got[s][k] for s in ("model", "loss") for k in got[s] if got[s][k] != base[s][k]}
         assert diff == changes, variant
 
 
 def test_sasrec_variant_matches_its_config_file():
     from_file = load_config("configs/sasrec.yaml")
-    from_variant = apply_variant(ExperimentConfig(), "sasrec")
+    from_variant = with_variant(ExperimentConfig(), "sasrec")
     from_variant.name = "sasrec"
     assert to_dict(from_file) == to_dict(from_variant)
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from hm4sr_dist.config import ConfigError, ExperimentConfig, apply_variant, to_dict
-from hm4sr_dist.feasibility import DataOffer, check, inert_keys, problems, resolve
+from hm4sr_dist.config import ConfigError, ExperimentConfig, to_dict
+from hm4sr_dist.feasibility import DataOffer, check, inert_keys, problems, resolve, with_variant
 
 CL = "command line"
 ID_ONLY = DataOffer(frozenset({"id"}), categories=False)
@@ -110,8 +110,8 @@ def test_data_offer_from_manifest():
 
 def test_variants_are_resolved_by_the_same_rules():
     # -TMoE only turns the Temporal MoE off; the resolver switches PCL off with it
-    assert apply_variant(ExperimentConfig(), "-TMoE").loss.pcl_weight == 0.0
-    both = apply_variant(apply_variant(ExperimentConfig(), "-Text"), "-Image")
+    assert with_variant(ExperimentConfig(), "-TMoE").loss.pcl_weight == 0.0
+    both = with_variant(with_variant(ExperimentConfig(), "-Text"), "-Image")
     assert both.model.modalities == ["id"] and both.loss.pcl_weight == 0.0
 
 
@@ -154,7 +154,7 @@ def test_what_vocab_parallel_cannot_train_is_an_error_naming_the_key(overrides, 
 
 def test_vocab_parallel_half_precision_on_a_gpu_is_an_error_naming_the_key():
     from hm4sr_dist.config import load_config
-    from hm4sr_dist.parallel.engine import check_precision
+    from hm4sr_dist.train.engine import check_precision
 
     cfg = load_config(None, ["loss.main_loss=vocab_parallel"])                   # precision auto
     assert check_precision(cfg, on_gpu=False) == "fp32"

@@ -6,7 +6,7 @@ import math
 import pytest
 from hm4sr_test_utils import tiny_config
 
-from hm4sr_dist.config import apply_variant
+from hm4sr_dist.feasibility import with_variant
 from hm4sr_dist.metrics import random_ranking_ndcg
 from hm4sr_dist.synthetic import batches, generate_log, log_samples
 from hm4sr_dist.train.loop import fit_in_process
@@ -16,7 +16,7 @@ from hm4sr_dist.train.loop import fit_in_process
 def test_training_learns_the_rule(variant):
     log = generate_log(n_users=100, n_clusters=6, items_per_cluster=10, min_len=8, max_len=20, seed=7)
     samples = {split: log_samples(log, split) for split in ("train", "valid")}
-    cfg = apply_variant(tiny_config(hidden_size=32, inner_size=64, max_seq_len=20,
+    cfg = with_variant(tiny_config(hidden_size=32, inner_size=64, max_seq_len=20,
                                     hidden_dropout=0.1, attn_dropout=0.1), variant)
     cfg.optim.lr = 3e-3
     _, history = fit_in_process(cfg, log.catalog, lambda e: batches(samples["train"], 64, 20, True, seed=e),

@@ -9,7 +9,6 @@ for a folder on object storage, stage the `.npy` files on the node first (not do
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,39 +16,20 @@ import torch
 
 from hm4sr_dist.data.manifest import ManifestError, local_folder, read_manifest
 from hm4sr_dist.model.catalog import ItemCatalog
+from hm4sr_dist.model.feature_file import FeatureTableError, open_feature_table
 from hm4sr_dist.model.time import max_bucket_for
 
 DEFAULT_MU = 100.0  # eq. 12; the preparation's default and the paper's value
-FEATURE_DTYPES = ("float16", "float32")
 
 
 def map_feature_table(path: str | Path, rows: int, width: int | None = None,
                       dtype: str | None = None) -> torch.Tensor:
-    """(rows, width) float16/float32 tensor viewing the .npy file `path` through a read-only mmap.
-
-    Raises ManifestError naming the file when it is not a 2-D float16/float32 C-order array of
-    `rows` rows (and `width` columns / `dtype`, when given). Writing into the tensor would fault:
-    the table is frozen.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: listed in the manifest but missing")
+    """`hm4sr_dist.model.feature_file.open_feature_table`, its errors as ManifestError (a user error
+    of the prepared folder, naming the file)."""
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise ManifestError(f"{path}: not a readable .npy table ({exc})") from exc
-    expected = f"({rows}, {width if width is not None else 'w'})"
-    if arr.ndim != 2 or arr.shape[0] != rows or (width is not None and arr.shape[1] != width):
-        raise ManifestError(f"{path}: shape {arr.shape}, expected {expected} (n_items + 1 rows)")
-    if arr.dtype.name not in FEATURE_DTYPES or not arr.dtype.isnative:
-        raise ManifestError(f"{path}: dtype {arr.dtype.str}, expected native float16 or float32")
-    if dtype is not None and arr.dtype.name != dtype:
-        raise ManifestError(f"{path}: dtype {arr.dtype.name}, the manifest says {dtype}")
-    if not arr.flags.c_contiguous:
-        raise ManifestError(f"{path}: Fortran-ordered table; rewrite it in C order")
-    with warnings.catch_warnings():   # read-only on purpose: torch warns about non-writable arrays
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        return torch.from_numpy(arr)
+        return open_feature_table(path, rows, width, dtype)
+    except FeatureTableError as exc:
+        raise ManifestError(str(exc)) from exc
 
 
 def _table(prepared_dir: Path, name: str, rows: int) -> torch.Tensor:

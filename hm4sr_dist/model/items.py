@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from hm4sr_dist.config import ModelConfig
 from hm4sr_dist.model.catalog import ItemCatalog
+from hm4sr_dist.model.feature_file import open_feature_table
 
 BLOCK_ROWS = 16384   # rows upcast at a time: 16384 x 768 x 4 B = 48 MiB of fp32 at most
 
@@ -117,9 +118,7 @@ class FrozenFeatures:
 
 def _remap(source: str, shape: tuple, dtype: str, block_rows: int,
            window: tuple[int, int, int] | None = None) -> FrozenFeatures:
-    from hm4sr_dist.data.catalog import map_feature_table   # data layer; imported only when unpickling
-
-    table = map_feature_table(source, rows=window[2] if window else shape[0], width=shape[1])
+    table = open_feature_table(source, rows=window[2] if window else shape[0], width=shape[1])
     if str(table.dtype) != dtype:
         raise ValueError(f"{source}: the file changed since it was mapped ({table.dtype}, was {dtype})")
     if window:

@@ -155,7 +155,7 @@ def _setting_config(base: ExperimentConfig, s: Setting, seed: int, offer: DataOf
                     explicit: dict) -> ExperimentConfig:
     """base + variant + overrides + seed, validated and fitted to the data (swept keys and the
     command line's keys are requests: an infeasible one is a ConfigError, never silently dropped)."""
-    cfg = apply_variant(base, s.variant, explicit=explicit, resolve=False)
+    cfg = apply_variant(base, s.variant, explicit=explicit)
     cfg = trial_config(to_dict(cfg), {**s.overrides, "optim.seed": seed}, "study", offer, explicit,
                        source="--param" if s.axis else "--setting")
     if s.variant != "hm4sr":      # what the variant makes infeasible (-TMoE: PCL) goes, as in the jobs

@@ -39,7 +39,7 @@ from hm4sr_dist.study.plan import StudyPlan
 from hm4sr_dist.train.code_version import code_version, describe
 from hm4sr_dist.train.launcher import ensure_ray, storage_root
 from hm4sr_dist.tune.resources import fit_concurrency
-from hm4sr_dist.tune.stop import clear_stop, stop_file
+from hm4sr_dist.train.stop import clear_stop, stop_file
 
 EXIT_AFTER_ENV = "HM4SR_STUDY_EXIT_AFTER"      # test hook: the driver exits (code 75) after N trials
 PER_USER_FILE = "per_user_test.npz"

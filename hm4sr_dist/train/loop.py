@@ -2,7 +2,7 @@
 
 A step function maps a batch to a `StepResult` (the loss terms, the gradient norm, and whether an
 optimiser step was taken); `optimizer_step` makes one for a plain torch optimiser,
-`hm4sr_dist.parallel.engine.engine_step` for a DeepSpeed engine. `run_epoch` drives either over
+`hm4sr_dist.train.engine.engine_step` for a DeepSpeed engine. `run_epoch` drives either over
 an epoch's batches, keeping the running sums in an `EpochProgress` that a mid-epoch checkpoint
 stores, and calls `on_step` after every batch (logging, checkpoints, fault injection live there).
 

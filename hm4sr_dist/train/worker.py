@@ -35,15 +35,15 @@ from hm4sr_dist.data import ShardReader, load_catalog
 from hm4sr_dist.diagnostics import MoEStats, batch_diagnostics, moe_parameters
 from hm4sr_dist.objective import build_objective
 from hm4sr_dist.parallel import DistributedExchange
-from hm4sr_dist.parallel.engine import build_engine, engine_step
-from hm4sr_dist.parallel.evaluation import distributed_metrics
+from hm4sr_dist.train.engine import build_engine, engine_step
+from hm4sr_dist.train.evaluation import distributed_metrics
 from hm4sr_dist.parallel.vocab import build_vocab_parallel, gather_table
 from hm4sr_dist.train.acceleration import accelerate
 from hm4sr_dist.train.loop import EpochProgress, run_epoch
 from hm4sr_dist.train.monitor import Monitor, say
 from hm4sr_dist.train.state import (TrainState, epoch_cap_error, has_table_shards, load_table_shard,
                                     load_worker_files, save_table_shard, save_worker_files, seed_everything)
-from hm4sr_dist.tune.stop import stop_request, worker_stop_file
+from hm4sr_dist.train.stop import stop_request, worker_stop_file
 
 DS_TAG = "engine"
 PER_USER_FILE = "per_user_test.npz"
@@ -85,7 +85,7 @@ def evaluate(model, reader, cfg: ExperimentConfig, placement, per_user: bool = F
 
 
 def _stop_requested(path: str, device) -> dict | None:
-    """A Tune stop request (hm4sr_dist.tune.stop), agreed by all ranks: any rank that sees the
+    """A Tune stop request (hm4sr_dist.train.stop), agreed by all ranks: any rank that sees the
     marker stops them all, so nobody waits in a collective for a rank that left."""
     flag = torch.tensor([0.0 if stop_request(path) is None else 1.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)

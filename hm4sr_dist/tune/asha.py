@@ -1,5 +1,5 @@
 """ASHA that really stops a trial whose trainable is a Ray Train run: its STOP becomes a stop request
-that the Train workers honour between epochs (why and how: hm4sr_dist/tune/stop.py)."""
+that the Train workers honour between epochs (why and how: hm4sr_dist/train/stop.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Callable
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from hm4sr_dist.tune.stop import request_stop
+from hm4sr_dist.train.stop import request_stop
 
 
 class GracefulASHA(ASHAScheduler):

@@ -15,7 +15,7 @@ removed, and on a small cluster the next trial's workers wait for CPUs that neve
 worker therefore marks its final report `finished`, and any reserved key a user's metric might
 still carry is forwarded under a `train_` prefix (`train_done`). A scheduler's STOP has the same
 effect on a running Train run; the study's `--asha` uses `hm4sr_dist.tune.asha.GracefulASHA`, which
-asks the Train run to stop between epochs instead (hm4sr_dist/tune/stop.py).
+asks the Train run to stop between epochs instead (hm4sr_dist/train/stop.py).
 """
 
 from __future__ import annotations

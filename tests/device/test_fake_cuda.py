@@ -16,7 +16,7 @@ from hm4sr_dist.data.placement import BatchPlacement
 from hm4sr_dist.diagnostics import MoEStats
 from hm4sr_dist.evaluate import evaluate_sums
 from hm4sr_dist.objective import build_objective
-from hm4sr_dist.parallel.evaluation import fp32_model
+from hm4sr_dist.train.evaluation import fp32_model
 
 FAKE = Device("cuda", fake=True)
 CUDA = torch.device("cuda")

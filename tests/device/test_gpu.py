@@ -81,7 +81,7 @@ def test_staged_copies_deliver_the_readers_batches(prepared):
 
 
 def test_evaluation_on_the_gpu_matches_the_cpu(prepared):
-    from hm4sr_dist.parallel.evaluation import distributed_metrics
+    from hm4sr_dist.train.evaluation import distributed_metrics
     model = _objective(**SAME_ON_BOTH).model.eval()
     results = []
     for device in ("cpu", "cuda"):
@@ -140,7 +140,7 @@ def test_deepspeed_zero_step_over_nccl(prepared, zero_stage):
     """One DeepSpeed ZeRO step in a one-process NCCL group, through `engine_step`."""
     deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed here")
     import torch.distributed as dist
-    from hm4sr_dist.parallel.engine import build_engine, engine_step
+    from hm4sr_dist.train.engine import build_engine, engine_step
     from hm4sr_dist.train.acceleration import apply_precision
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0",
                        "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from hm4sr_dist.config import ExperimentConfig, apply_variant
+from hm4sr_dist.config import ExperimentConfig
+from hm4sr_dist.feasibility import with_variant
 from hm4sr_dist.model import HM4SR
 from hm4sr_dist.model import dropout as fast_dropout
 from hm4sr_tiny import (D, L, make_model, randomize_, ref_layer_norm, reference_encoder, reference_forward,
@@ -97,7 +98,7 @@ def test_attention_dropout_is_on_the_attention_probabilities():
 def _model(variant: str, cfg) -> HM4SR:
     exp = ExperimentConfig()
     exp.model = cfg
-    exp = apply_variant(exp, variant)
+    exp = with_variant(exp, variant)
     torch.manual_seed(0)
     model = HM4SR(exp.model, tiny_catalog(), category_head=exp.loss.cp_weight > 0,
                   pcl_ratio=exp.loss.pcl_ratio if exp.loss.pcl_weight > 0 else None)

@@ -26,7 +26,7 @@ from hm4sr_dist.data.catalog import load_catalog, map_feature_table
 from hm4sr_dist.data.manifest import ManifestError
 from hm4sr_dist.model import ItemCatalog
 from hm4sr_dist.model.items import FrozenFeatures, ItemEmbedding, project_frozen
-from hm4sr_dist.parallel.evaluation import fp32_model
+from hm4sr_dist.train.evaluation import fp32_model
 from hm4sr_tiny import D, N_ITEMS, make_model, randomize_, tiny_batch, tiny_catalog, tiny_model_cfg
 
 REPO = Path(__file__).resolve().parents[2]

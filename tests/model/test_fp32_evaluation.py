@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from hm4sr_dist.parallel.evaluation import distributed_metrics, fp32_model
+from hm4sr_dist.train.evaluation import distributed_metrics, fp32_model
 from hm4sr_tiny import make_model, tiny_batch
 
 

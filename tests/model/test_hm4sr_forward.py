@@ -10,7 +10,8 @@ import torch
 from torch.testing import assert_close
 
 from hm4sr_dist.batch import Batch
-from hm4sr_dist.config import ExperimentConfig, apply_variant
+from hm4sr_dist.config import ExperimentConfig
+from hm4sr_dist.feasibility import with_variant
 from hm4sr_dist.model import HM4SR, placeholder_mask
 from hm4sr_dist.objective import build_objective
 from hm4sr_tiny import (D, L, N_ITEMS, make_model, reference_forward, tiny_batch, tiny_catalog,
@@ -249,7 +250,7 @@ def _variant_model(catalog, variant: str, seed: int = 0) -> HM4SR:
     """The production build path (build_objective) for a variant of the tiny config."""
     cfg = ExperimentConfig()
     cfg.model = tiny_model_cfg()
-    cfg = apply_variant(cfg, variant)
+    cfg = with_variant(cfg, variant)
     torch.manual_seed(seed)
     return build_objective(cfg.model, cfg.loss, catalog).model.eval()
 

@@ -126,7 +126,7 @@ def lr_at(step: int) -> float:
 def _vocab_setup(log, accum: int, seed: int = 0):
     """The production build of one rank, its replicated weights and slice set from the reference."""
     from hm4sr_dist.parallel import DistributedExchange
-    from hm4sr_dist.parallel.engine import build_engine
+    from hm4sr_dist.train.engine import build_engine
 
     cfg = config("vocab_parallel", accum)
     exchange = DistributedExchange()
@@ -142,7 +142,7 @@ def _vocab_setup(log, accum: int, seed: int = 0):
 
 
 def _run_steps(engine, shard, batches, rank, first: int, last: int, accum: int = 1) -> list[dict]:
-    from hm4sr_dist.parallel.engine import engine_step
+    from hm4sr_dist.train.engine import engine_step
 
     step, terms = engine_step(engine, shard), []
     for k in range(first, last):
@@ -165,7 +165,7 @@ def _training_worker(rank, port, out_file):
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
-    from hm4sr_dist.parallel.evaluation import distributed_metrics
+    from hm4sr_dist.train.evaluation import distributed_metrics
 
     hm4sr_module.placeholder_mask = row_deterministic_mask
     log, out = make_log(), {}

@@ -31,7 +31,7 @@ def _live_train_actors() -> set[str]:
 
 
 def test_asha_stops_a_weak_trial_between_epochs_and_cleans_up(prepared_sequences, local_ray, tmp_path):
-    from hm4sr_dist.tune.stop import STOP_FILE
+    from hm4sr_dist.train.stop import STOP_FILE
     from jobs.study import main
 
     pgs_before, actors_before = _live_pgs(), _live_train_actors()
