@@ -10,7 +10,7 @@ mkdir -p outputs/logs outputs/outcomes
 beauty() {  # beauty NAME VARIANT [overrides...]
   local name=$1 variant=$2; shift 2
   echo "== beauty $name ($(date +%H:%M))"
-  python jobs/train_beauty.py --raw-dir "$DATA/amazon-beauty" --prepared-dir outputs/prepared/beauty \
+  python jobs/train.py --dataset beauty --raw-dir "$DATA/amazon-beauty" --prepared-dir outputs/prepared/beauty \
       --variant="$variant" --output "outputs/outcomes/$name" "train.run_name=$name" "$@" \
       > "outputs/logs/$name.log" 2>&1 || { echo "   FAILED: see outputs/logs/$name.log"; return 0; }
   grep -h "^test " "outputs/logs/$name.log" | tail -1
@@ -18,7 +18,7 @@ beauty() {  # beauty NAME VARIANT [overrides...]
 ml100k() {
   local name=$1 variant=$2; shift 2
   echo "== ml-100k $name ($(date +%H:%M))"
-  python jobs/train_movielens.py --raw-dir "$DATA/ml-100k" --prepared-dir outputs/prepared/ml-100k \
+  python jobs/train.py --dataset movielens --raw-dir "$DATA/ml-100k" --prepared-dir outputs/prepared/ml-100k \
       --variant="$variant" --output "outputs/outcomes/$name" "train.run_name=$name" "$@" \
       > "outputs/logs/$name.log" 2>&1 || { echo "   FAILED: see outputs/logs/$name.log"; return 0; }
   grep -h "^test " "outputs/logs/$name.log" | tail -1

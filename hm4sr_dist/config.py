@@ -234,7 +234,8 @@ class TrainConfig:
                       "or 'auto' = off (slower on the CPU, docs/scaling.md; on CUDA until a GPU "
                       "run shows it helps)", choices=("auto", "true", "false"))
     storage_path: str = _f("outputs/ray_results", "Ray Train storage (shared path or URI on a cluster)")
-    run_name: str = _f("", "Ray Train run name; re-running with the same name resumes it ('' = cfg.name)")
+    run_name: str = _f("", "Ray Train run name; re-running with the same name resumes it "
+                       "('' = <data set>-<run identity hash>)")
     max_failures: int = _f(2, "worker-group restarts from the last checkpoint before giving up", min=-1)
     checkpoints_to_keep: int = _f(2, "most recent checkpoints kept in storage", min=1)
     checkpoint_every_steps: int = _f(200, "optimiser steps between mid-epoch checkpoints (0 = at epoch "
@@ -244,6 +245,9 @@ class TrainConfig:
     log_every_steps: int = _f(20, "steps between progress lines and TensorBoard scalars", min=1)
     tensorboard_dir: str = _f("", "TensorBoard event folder ('' = <storage>/<run>/tensorboard); "
                                   "a sweep or study trial writes into <folder>/<run>")
+    tracking_uri: str = _f("", "MLflow tracking: '' = a SQLite file <storage>/mlflow.db (off for a URI "
+                           "storage path), 'off', or a server / database URI (http://host:5000, "
+                           "sqlite:////shared/mlflow.db); docs/tracking.md")
     fail_at_step: int = _f(-1, "fault injection for tests: worker rank 1 dies once at this global step", min=-1)
 
 

@@ -1,17 +1,18 @@
 """What every dataset job does: check the command line, find or prepare the shards, fit the config to
-the data, train with Ray Train, write results.json. The per-dataset scripts only name their raw source.
+the data, train with Ray Train, write the run folder (`hm4sr_dist.run_folder`). jobs/train.py names
+the data set (its table), jobs/train_home.py is one row of it.
 
-    python jobs/train_home.py [--raw-dir DIR] [--prepared-dir DIR] [--variant hm4sr|sasrec|-TMoE|...]
-                              [--config FILE] [--output DIR] [--prep KEY=VALUE ...] [key.path=value ...]
+    python jobs/train.py --dataset NAME [--raw-dir DIR] [--prepared-dir DIR] [--variant hm4sr|sasrec|-TMoE|...]
+                                         [--config FILE] [--output DIR] [--prep KEY=VALUE ...] [key.path=value ...]
 
 Flags fall back to environment variables: HM4SR_RAW_DIR, HM4SR_PREPARED_DIR, HM4SR_OUTPUT_DIR.
 Works the same locally (embedded Ray) and under `ray job submit -- python jobs/train_home.py`.
 
 Errors before work: `plan_job` checks the whole command line -- the config (YAML, overrides,
 variant), the --prep settings, the folders, and what the config asks for that the data cannot give
-as far as that is known before preparing it (`hm4sr_dist.feasibility.check`) -- without importing
-Ray or torch. Only then does `run_plan` start Ray, prepare the data and fit the config to it
-(`feasibility.resolve`, a note per part switched off). `main` turns a user error (a `ConfigError`,
+as far as that is known before preparing it (`hm4sr_dist.job_config.resolve_job_config`) -- without
+importing Ray or torch. Only then does `run_plan` start Ray, prepare the data and fit the config to
+it (the same function with `fit=True`, a note per part switched off). `main` turns a user error (a `ConfigError`,
 the pipeline's `DataError` or a `ManifestError`) into one `error: ...` line on stderr and exit code 2.
 """
 
@@ -27,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from hm4sr_dist.config import (ConfigError, ExperimentConfig, apply_variant, check_repeats, check_variant,
-                               closest, command_line_keys, load_tracked, to_dict)
-from hm4sr_dist.feasibility import DataOffer, check, resolve
+from hm4sr_dist.config import ConfigError, ExperimentConfig, check_variant, closest, to_dict
+from hm4sr_dist.feasibility import DataOffer
+from hm4sr_dist.job_config import resolve_job_config
 
 
 @dataclass
@@ -146,11 +147,16 @@ class JobPlan:
 
     job: DatasetJob
     args: argparse.Namespace
-    config: ExperimentConfig        # YAML + overrides + variant; run_plan fits it to the data
+    config: ExperimentConfig        # YAML + overrides + variant, checked; run_plan fits it to the data
     explicit: dict[str, str]        # keys set on the command line -> their source
     prep: dict                      # PrepConfig fields for the preparation
     prepared: Path
     started: float = field(default_factory=time.time)
+
+
+def job_run_label(job: DatasetJob, variant: str) -> str:
+    """`cfg.name` of a job's run: the data set and the variant (`beauty-tmoe` for -TMoE)."""
+    return f"{job.name}-{variant.lstrip('-').lower()}"
 
 
 def plan_job(job: DatasetJob, argv: list[str] | None = None, *, check_paths: bool = True) -> JobPlan:
@@ -161,19 +167,16 @@ def plan_job(job: DatasetJob, argv: list[str] | None = None, *, check_paths: boo
     args = parse_args(job, argv)
     check_variant(args.variant)
     prep = prep_settings(job, args.prep)
-    check_repeats(args.overrides)
-    cfg, sources = load_tracked(args.config, args.overrides)
-    explicit = command_line_keys(sources)
-    cfg = apply_variant(cfg, args.variant, explicit=explicit)
-    cfg.name = f"{job.name}-{args.variant.lstrip('-').lower()}"
     prepared = Path(args.prepared_dir or f"outputs/prepared/{job.name}")
     if check_paths and args.raw_dir and not Path(args.raw_dir).is_dir():
         raise ConfigError(key="--raw-dir", expected="a folder with the raw files", got=args.raw_dir)
     if check_paths and not args.raw_dir and not (prepared / "manifest.json").is_file():
         raise ConfigError(f"{prepared} holds no prepared data set (no manifest.json) and no --raw-dir "
                           "was given to prepare one from", key="--prepared-dir")
-    check(cfg, expected_offer(job, prep) if args.raw_dir else _manifest_offer(prepared), explicit)
-    return JobPlan(job, args, cfg, explicit, prep, prepared)
+    offer = expected_offer(job, prep) if args.raw_dir else _manifest_offer(prepared)
+    checked = resolve_job_config(args.config, args.overrides, args.variant, offer)
+    checked.config.name = job_run_label(job, args.variant)
+    return JobPlan(job, args, checked.config, checked.explicit, prep, prepared)
 
 
 def ensure_prepared(job: DatasetJob, raw_dir: str, prepared_dir: Path, force: bool,
@@ -196,43 +199,32 @@ def ensure_prepared(job: DatasetJob, raw_dir: str, prepared_dir: Path, force: bo
 
 
 def run_plan(plan: JobPlan) -> dict:
-    """Start Ray, prepare the data, fit the config to it, train, write results.json."""
-    import shutil
-
-    from hm4sr_dist.train.launcher import ensure_ray, run_training, trained_by
+    """Start Ray, prepare the data, fit the config to it, train, write the run folder."""
+    from hm4sr_dist.run_folder import write_run_folder
+    from hm4sr_dist.train.launcher import ensure_ray, run_training, stored_identity, trained_by, tracking_of
+    from hm4sr_dist.train.tracking_run import attach_run_folder
     from hm4sr_dist.train.monitor import say
-    from hm4sr_dist.train.worker import PER_USER_FILE
 
     args, job = plan.args, plan.job
     ensure_ray()          # before the pipeline's own init, which would not forward worker logs
     manifest = ensure_prepared(job, args.raw_dir, plan.prepared, args.force_prepare, plan.prep)
-    cfg, notes = resolve(plan.config, DataOffer.from_manifest(manifest), plan.explicit)
+    fitted = resolve_job_config(args.config, args.overrides, args.variant, DataOffer.from_manifest(manifest),
+                                fit=True, prepared_dir=plan.prepared)
+    cfg, notes = fitted.config, fitted.notes
+    cfg.name = job_run_label(job, args.variant)
     for note in notes:
         say(f"note: {note}")
-    cfg.data.prepared_dir = str(plan.prepared.resolve())
-    cfg.validate()
     result = run_training(cfg)
-    metrics = dict(result.metrics)
-    results = {
-        "dataset": job.name, "variant": args.variant,
-        "test": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("test/")},
-        "best_valid": metrics.get("best_valid"), "best_epoch": metrics.get("best_epoch"),
-        "epochs_run": metrics.get("epochs_run"), "wall_seconds": time.time() - plan.started,
-        "resumed_at_steps": metrics.get("resumed_at_steps"),
-        "diagnostics": {k: v for k, v in metrics.items() if k.startswith(("moe/", "routing/"))},
-        "data_manifest": {"path": str(plan.prepared), "fingerprint": manifest.get("fingerprint"),
-                          "counts": manifest.get("counts", {})},
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "notes": notes,
-        **trained_by(cfg),
-        "config": to_dict(cfg),
-    }
+    if result.checkpoint is None:
+        raise RuntimeError(f"{cfg.train.run_name}: the Train run left no checkpoint")
     out = Path(args.output or Path("outputs") / (cfg.train.run_name or cfg.name))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    if result.checkpoint:                  # every test user's rank, for hm4sr-compare
-        with result.checkpoint.as_directory() as folder:
-            shutil.copy(Path(folder) / PER_USER_FILE, out / PER_USER_FILE)
+    with result.checkpoint.as_directory() as folder:
+        results = write_run_folder(out, Path(folder), config=to_dict(cfg), dataset=job.name,
+                                   identity=stored_identity(cfg), fingerprint=manifest.get("fingerprint"),
+                                   wall_seconds=time.time() - plan.started,
+                                   checkpoint_uri=result.checkpoint.path, code=trained_by(cfg),
+                                   variant=args.variant, notes=notes, counts=manifest.get("counts", {}))
+    attach_run_folder(tracking_of(cfg), out)
     say("test " + "  ".join(f"{k} {v:.4f}" for k, v in results["test"].items() if k != "count"))
     say(f"wrote {out / 'results.json'}")
     return results
@@ -244,9 +236,11 @@ def run_job(job: DatasetJob, argv: list[str] | None = None) -> dict:
 
 
 def is_user_error(exc: BaseException) -> bool:
-    """A ConfigError, or the data pipeline's DataError / ManifestError (checked without importing
-    their modules: when a module is not loaded, nothing raised one of its errors)."""
-    others = (("data_pipelines.report", "DataError"), ("hm4sr_dist.data.manifest", "ManifestError"))
+    """A ConfigError, the data pipeline's DataError / ManifestError or a TrackingError (a wrong
+    tracking URI), checked without importing their modules: when a module is not loaded, nothing
+    raised one of its errors."""
+    others = (("data_pipelines.report", "DataError"), ("hm4sr_dist.data.manifest", "ManifestError"),
+              ("hm4sr_dist.tracking", "TrackingError"))
     kinds = [ConfigError] + [getattr(sys.modules.get(module), name, None) for module, name in others]
     return isinstance(exc, tuple(k for k in kinds if k is not None))
 
@@ -260,9 +254,3 @@ def exit_on_user_error(fn: Callable[[], Any]) -> Any:
             raise
         print("error: " + " ".join(str(exc).split("\n")), file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-
-
-def main(job: DatasetJob | Callable[[list[str]], DatasetJob], argv: list[str] | None = None) -> dict:
-    """Entry point of the job scripts; `job` may be a function of argv picking the DatasetJob."""
-    argv = sys.argv[1:] if argv is None else argv
-    return exit_on_user_error(lambda: run_job(job if isinstance(job, DatasetJob) else job(argv), argv))

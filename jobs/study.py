@@ -4,13 +4,16 @@ trials that are Ray Train runs, then CSV/Markdown tables and PNG figures.
     python jobs/study.py --prepared-dir outputs/prepared/beauty --study table1 --seeds 2020 2021
     python jobs/study.py --prepared-dir DIR --study fig3 --seeds 2020 2021 2022      # ablations
     python jobs/study.py --prepared-dir DIR --study fig4 --param k1 --param l2 --seeds 2020
+    python jobs/study.py --prepared-dir DIR --study fig4 --param l2 --values 0.5,1.0 optim.epochs=20
+    python jobs/study.py --prepared-dir DIR --study grid --param k1 --param k2     # 25-point product
     python jobs/study.py --prepared-dir DIR --study fig5 --seeds 2020 2021 optim.epochs=50
     python jobs/study.py --prepared-dir DIR --study custom --variant-list hm4sr -TMoE \\
         --setting "loss.idcl_weight=0.5" --setting "nopcl:loss.pcl_weight=0" --seeds 1 2
 
 Studies: table1 (HM4SR vs SASRec), fig3 (-IMoE -TMoE -CP -IDCL -PCL -Text -Image, those the data
 supports), fig4 (one-at-a-time k1, k2, l2, l3, beta over the paper grids; --param picks panels),
-fig5 (the five time embeddings and the default), custom (--variant-list and --setting). Every
+fig5 (the five time embeddings and the default), grid (the full product of --param keys, the
+paper's grids or --values; the old tune_sweep.py --sweep grid), custom (--variant-list and --setting). Every
 `key.path=value` (anywhere on the command line) changes the base config of every trial.
 
 Before Ray starts, every trial's config is built and checked (an unknown key or bad value is one
@@ -32,8 +35,10 @@ import json
 import sys
 from pathlib import Path
 
-from hm4sr_dist.config import ConfigError, command_line_keys, load_tracked
-from hm4sr_dist.feasibility import DataOffer, resolve
+from hm4sr_dist.config import ConfigError
+from hm4sr_dist.feasibility import DataOffer
+from hm4sr_dist.job_config import resolve_job_config
+from hm4sr_dist.study.space import parse_values, resolve_param
 from hm4sr_dist.study.plan import (DEFAULT_MAX_TRIALS, STUDIES, parse_setting, plan_mismatch, plan_study,
                                    write_plan)
 from jobs.common import JobArgumentParser, exit_on_user_error
@@ -54,7 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variant-list", nargs="+", default=None, metavar="VARIANT",
                    help="variants (table1, fig3, custom), e.g. hm4sr sasrec; write -TMoE as is")
     p.add_argument("--param", action="append", default=[],
-                   help="fig4: a panel (k1, k2, l2, l3, beta); repeatable")
+                   help="fig4: a panel (k1, k2, l2, l3, beta); grid: a key of the product (a paper name, "
+                        "tau too, or a dotted key); repeatable")
+    p.add_argument("--values", action="append", default=[],
+                   help="fig4, grid: the values of the --param at the same position, e.g. 0.5,1.0 "
+                        "(default: the paper's grid)")
     p.add_argument("--setting", action="append", default=[], metavar="[LABEL:]KEY=VALUE ...",
                    help="custom: one setting of key=value overrides; repeatable")
     p.add_argument("--output", default="", help="study folder (default outputs/studies/<dataset>-<study>)")
@@ -120,8 +129,11 @@ def plan(argv: list[str] | None) -> dict:
     if args.variant_list and args.study in ("fig4", "fig5"):
         raise ConfigError(f"{args.study} sweeps the default HM4SR; use --study custom for variants",
                           key="--variant-list")
-    if args.param and args.study != "fig4":
-        raise ConfigError("only fig4 takes --param", key="--param")
+    if args.param and args.study not in ("fig4", "grid"):
+        raise ConfigError("only fig4 and grid take --param", key="--param")
+    if len(args.values) > len(args.param):
+        raise ConfigError("every --values needs a --param before it", key="--values")
+    values = {resolve_param(p): parse_values(v) for p, v in zip(args.param, args.values)}
     if args.setting and args.study != "custom":
         raise ConfigError("only the custom study takes --setting", key="--setting")
     prepared = Path(args.prepared_dir)
@@ -130,19 +142,14 @@ def plan(argv: list[str] | None) -> dict:
     from hm4sr_dist.data.manifest import read_manifest
     manifest = read_manifest(prepared)
     offer = DataOffer.from_manifest(manifest)
-    loaded, sources = load_tracked(args.config, args.overrides)
-    explicit = command_line_keys(sources)
-    base, notes = resolve(loaded, offer, explicit)
-    base.data.prepared_dir = str(prepared.resolve())
-    for key in ("storage_path", "tensorboard_dir"):     # absolute: trials run in their own folders
-        value = getattr(base.train, key)
-        if value and "://" not in value:
-            setattr(base.train, key, str(Path(value).resolve()))
+    fitted = resolve_job_config(args.config, args.overrides, offer=offer, fit=True, prepared_dir=prepared)
+    base, explicit, notes = fitted.config, fitted.explicit, fitted.notes
     dataset = manifest.get("dataset") or prepared.name
     custom = [parse_setting(s) for s in args.setting]
     study = plan_study(args.study, base, args.seeds, dataset=dataset,
                        fingerprint=manifest.get("fingerprint") or "", offer=offer, explicit=explicit,
-                       variants=args.variant_list, params=args.param or None, custom=custom)
+                       variants=args.variant_list, params=args.param or None, custom=custom,
+                       values=values)
     study.notes[:0] = notes
     metrics = sorted({t.config["eval"]["valid_metric"] for t in study.trials})
     if args.asha and len(metrics) > 1:
@@ -193,6 +200,13 @@ def main(argv: list[str] | None = None) -> dict:
         say(f"statuses from the run folders: {sum(r['status'] == 'finished' for r in rows)}/{len(rows)} "
             "finished")
     made = report(out, n_boot=args.bootstrap)
+    if not args.report_only or (out / "trials.json").is_file():
+        from hm4sr_dist.study.runner import study_tracker
+        parent = study_tracker(study, out)        # tables and figures beside the trials' runs
+        for file in ("study.md", "study.csv", "trials.json", "study_plan.json", *made["figures"]):
+            if (out / file).is_file():
+                parent.log_artifact(out / file, artifact_path="study")
+        parent.finish("FAILED" if failed else "FINISHED")
     say((out / "study.md").read_text())
     say(f"wrote {out / 'study.csv'}, {out / 'study.md'} and {len(made['figures'])} figures in {out}")
     if failed:

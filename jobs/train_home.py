@@ -1,14 +1,16 @@
-"""Train HM4SR on Amazon 2014 Home and Kitchen (reviews_Home_and_Kitchen_5.json.gz + meta_Home_and_Kitchen.json.gz).
+"""Train HM4SR on Amazon 2014 Home and Kitchen: `jobs/train.py --dataset home`, kept as the
+documented `ray job submit` entry.
 
     python jobs/train_home.py --raw-dir DIR_WITH_THE_JSON_GZ_FILES [--variant sasrec] [key.path=value ...]
     ray job submit --working-dir . -- python jobs/train_home.py --raw-dir /shared/amazon
 
-See jobs/common.py for every flag.
+DIR holds reviews_Home_and_Kitchen_5.json.gz + meta_Home_and_Kitchen.json.gz. Every flag:
+jobs/common.py.
 """
 
-from jobs.common import DatasetJob, main
+import sys
 
-JOB = DatasetJob(name="home", source="amazon2014", prep={"category": "Home_and_Kitchen"}, description="Amazon 2014 Home and Kitchen (reviews_Home_and_Kitchen_5.json.gz + meta_Home_and_Kitchen.json.gz)")
+from jobs.train import main
 
 if __name__ == "__main__":
-    main(JOB)
+    main(["--dataset", "home", *sys.argv[1:]])

@@ -1,7 +1,7 @@
 """A study = named settings x seeds on one prepared data set, checked and de-duplicated before Ray.
 
 Studies (paper §4): `table1` (HM4SR vs SASRec), `fig3` (the ablations the data supports), `fig4`
-(one-at-a-time sweeps of k1, k2, l2, l3, beta over `hm4sr_dist.tune.space.PAPER_GRID`), `fig5` (the
+(one-at-a-time sweeps of k1, k2, l2, l3, beta over `hm4sr_dist.study.space.PAPER_GRID`), `fig5` (the
 five alternative time embeddings and the default) and `custom` (variants and `key=value` settings).
 
 `plan_study` builds every trial's resolved config (base YAML + command-line overrides, the setting's
@@ -25,11 +25,12 @@ from pathlib import Path
 from hm4sr_dist.config import (ConfigError, ExperimentConfig, apply_variant, check_leaf, check_variant,
                                parse_override, to_dict)
 from hm4sr_dist.feasibility import DataOffer, resolve
+from hm4sr_dist.run_folder import train_run_name
 from hm4sr_dist.train.identity import run_identity
-from hm4sr_dist.tune.space import (FIG4_PARAMS, PAPER_GRID, check_sweep, resolve_param, run_tensorboard_dir,
-                                   trial_config)
+from hm4sr_dist.study.space import (FIG4_PARAMS, PAPER_GRID, check_sweep, grid_trials, resolve_param,
+                                    run_tensorboard_dir, trial_config)
 
-STUDIES = ("table1", "fig3", "fig4", "fig5", "custom")
+STUDIES = ("table1", "fig3", "fig4", "fig5", "grid", "custom")
 ABLATIONS = ("-IMoE", "-TMoE", "-CP", "-IDCL", "-PCL", "-Text", "-Image")
 TIME_EMBEDDINGS = ("interval", "absolute", "day", "day_of_year", "cos_interval")
 DEFAULT_MAX_TRIALS = 24          # a larger study needs --yes
@@ -97,7 +98,7 @@ def slug(text: str) -> str:
 
 
 def _value_label(key: str, value) -> str:
-    from hm4sr_dist.tune.space import PAPER_KEYS
+    from hm4sr_dist.study.space import PAPER_KEYS
 
     short = {v: k for k, v in PAPER_KEYS.items()}.get(key, key.rsplit(".", 1)[-1])
     return f"{short}={json.dumps(value)}"
@@ -122,11 +123,23 @@ def parse_setting(text: str) -> Setting:
     return Setting(label or " ".join(_value_label(k, v) for k, v in overrides.items()), overrides=overrides)
 
 
+def _grid_of(key: str, values: dict) -> list:
+    """--values of `key`, else its grid in the paper's study (spec §3)."""
+    if key in values:
+        return values[key]
+    if key not in PAPER_GRID:
+        raise ConfigError("not in the paper's study, so it has no grid; give its values with --values "
+                          "or use --study custom", key=key, source="--param")
+    return list(PAPER_GRID[key])
+
+
 def study_settings(study: str, variants: list[str] | None = None, params: list[str] | None = None,
-                   custom: list[Setting] | None = None) -> list[Setting]:
-    """The study's settings before fitting to the data; the first is the baseline."""
+                   custom: list[Setting] | None = None, values: dict | None = None) -> list[Setting]:
+    """The study's settings before fitting to the data; the first is the baseline. `values`
+    ({key: values}, --values) replaces the paper's grid of a fig4 or grid key."""
     for v in variants or []:
         check_variant(v)
+    values = {resolve_param(k): list(v) for k, v in (values or {}).items()}
     if study == "table1":
         return [Setting(v, v) for v in (variants or ["hm4sr", "sasrec"])]
     if study == "fig3":
@@ -135,11 +148,14 @@ def study_settings(study: str, variants: list[str] | None = None, params: list[s
         keys = [resolve_param(p) for p in params] if params else list(FIG4_PARAMS)
         out = [Setting("default")]
         for key in keys:
-            if key not in PAPER_GRID:
-                raise ConfigError("not in the paper's study, so it has no grid; use --study custom",
-                                  key=key, source="--param")
-            out += [Setting(_value_label(key, v), overrides={key: v}, axis=(key, v)) for v in PAPER_GRID[key]]
+            out += [Setting(_value_label(key, v), overrides={key: v}, axis=(key, v))
+                    for v in _grid_of(key, values)]
         return out
+    if study == "grid":          # the full product of --param keys (default: every key of PAPER_GRID)
+        space = {key: _grid_of(key, values) for key in
+                 ([resolve_param(p) for p in params] if params else list(values or PAPER_GRID))}
+        return [Setting("default")] + [Setting(" ".join(_value_label(k, v) for k, v in combo.items()),
+                                               overrides=combo) for combo in grid_trials(space)]
     if study == "fig5":
         return [Setting("default")] + [Setting(f"time={t}", overrides={"model.time_embedding": t},
                                                axis=("model.time_embedding", t)) for t in TIME_EMBEDDINGS]
@@ -156,7 +172,7 @@ def _setting_config(base: ExperimentConfig, s: Setting, seed: int, offer: DataOf
     """base + variant + overrides + seed, validated and fitted to the data (swept keys and the
     command line's keys are requests: an infeasible one is a ConfigError, never silently dropped)."""
     cfg = apply_variant(base, s.variant, explicit=explicit)
-    cfg = trial_config(to_dict(cfg), {**s.overrides, "optim.seed": seed}, "study", offer, explicit,
+    cfg = trial_config(to_dict(cfg), {**s.overrides, "optim.seed": seed}, offer, explicit,
                        source="--param" if s.axis else "--setting")
     if s.variant != "hm4sr":      # what the variant makes infeasible (-TMoE: PCL) goes, as in the jobs
         cfg = resolve(cfg, offer, {**explicit, **{k: "--setting" for k in s.overrides}}).config
@@ -165,14 +181,17 @@ def _setting_config(base: ExperimentConfig, s: Setting, seed: int, offer: DataOf
 
 def plan_study(study: str, base: ExperimentConfig, seeds: list[int], *, dataset: str, fingerprint: str,
                offer: DataOffer | None, explicit: dict, variants: list[str] | None = None,
-               params: list[str] | None = None, custom: list[Setting] | None = None) -> StudyPlan:
+               params: list[str] | None = None, custom: list[Setting] | None = None,
+               values: dict | None = None) -> StudyPlan:
     if not seeds:
         raise ConfigError(key="--seeds", expected="at least one seed", got="nothing")
     if any(seed < 0 for seed in seeds):
         raise ConfigError(key="--seeds", expected="seeds >= 0", got=" ".join(map(str, seeds)))
     if len(set(seeds)) < len(seeds):
         raise ConfigError(key="--seeds", expected="distinct seeds", got=" ".join(map(str, seeds)))
-    settings = study_settings(study, variants, params, custom)
+    settings = study_settings(study, variants, params, custom, values)
+    if study == "grid":            # a swept key without effect would train one model over and over
+        check_sweep(base, [s.overrides for s in settings if s.overrides], offer=offer, explicit=explicit)
     by_folder: dict[str, Setting] = {}
     for s in settings:             # run folders and table rows are named by the label
         other = by_folder.setdefault(slug(s.label), s)
@@ -221,7 +240,7 @@ def plan_study(study: str, base: ExperimentConfig, seeds: list[int], *, dataset:
         for seed, cfg, key in zip(seeds, cfgs, keys):
             run = f"{slug(s.label)}__seed{seed}"
             cfg.name = f"{dataset}-{study}-{slug(s.label)}"
-            cfg.train.run_name = f"{dataset}-{key[:12]}"     # one Train run per identity, across studies
+            cfg.train.run_name = train_run_name(dataset, key)    # one Train run per identity, across studies
             cfg.train.tensorboard_dir = run_tensorboard_dir(base.train.tensorboard_dir, cfg.train.run_name)
             t = Trial(key, s.label, seed, run, to_dict(cfg))
             trials.append(t)

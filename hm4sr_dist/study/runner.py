@@ -1,4 +1,4 @@
-"""Run a planned study with Ray Tune: every trial is one Ray Train run (`hm4sr_dist.tune.trial`'s
+"""Run a planned study with Ray Tune: every trial is one Ray Train run (`hm4sr_dist.study.report_callback`'s
 pattern: the trial function builds the launcher's TorchTrainer with `HM4SRTuneReportCallback` and
 fits it), then tables and figures (`hm4sr_dist.study.report`).
 
@@ -15,7 +15,7 @@ Resuming, at three levels:
 
 Each finished trial writes a run folder for `hm4sr_dist.compare` (results.json with the resolved
 config, test metrics, best epoch, per-epoch history; per_user_test.npz) from its final checkpoint.
-A trial that ASHA stops (`--asha`, `hm4sr_dist.tune.asha.GracefulASHA`) is asked to stop between
+A trial that ASHA stops (`--asha`, `hm4sr_dist.study.asha.GracefulASHA`) is asked to stop between
 epochs, ends its Train run like a finished one and leaves `runs/<run>/stopped.json` instead (the
 same summary without per-user ranks, so neither the tables nor hm4sr-compare take it as a result).
 On a cluster the study folder must be on storage every node sees (like train.storage_path).
@@ -28,22 +28,21 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import ray.tune
 
 from hm4sr_dist.compare import finite_or_null
+from hm4sr_dist.run_folder import PER_USER_FILE, RESULTS_FILE, STOPPED_FILE, write_run_folder
 from hm4sr_dist.study.plan import StudyPlan
 from hm4sr_dist.train.code_version import code_version, describe
 from hm4sr_dist.train.launcher import ensure_ray, storage_root
-from hm4sr_dist.tune.resources import fit_concurrency
+from hm4sr_dist.study.report_callback import HM4SRTuneReportCallback
+from hm4sr_dist.study.resources import fit_concurrency
 from hm4sr_dist.train.stop import clear_stop, stop_file
 
 EXIT_AFTER_ENV = "HM4SR_STUDY_EXIT_AFTER"      # test hook: the driver exits (code 75) after N trials
-PER_USER_FILE = "per_user_test.npz"
-STOPPED_FILE = "stopped.json"                  # a trial stopped early: its summary, not a result
 
 
 def _log(study_dir: Path, **event) -> None:
@@ -55,7 +54,7 @@ def finished_run(run_dir: Path, key: str, config: dict) -> dict | None:
     """The run folder's results.json when it holds the finished trial `key` trained under the trial's
     epoch cap, else None. The cap is not part of the run identity (a longer cap continues a Train
     run), so a run folder of a 5-epoch study is not the result of the same study at 20 epochs."""
-    results = _summary_of(run_dir / "results.json", key, config)
+    results = _summary_of(run_dir / RESULTS_FILE, key, config)
     return results if results is not None and (run_dir / PER_USER_FILE).is_file() else None
 
 
@@ -76,81 +75,25 @@ def _summary_of(file: Path, key: str, config: dict) -> dict | None:
     return summary if summary.get("identity") == key and epochs == config["optim"]["epochs"] else None
 
 
-def _history(folder: Path) -> list[dict]:
-    """Per-epoch numbers from the checkpoint's TrainState (loss terms, validation metrics)."""
-    import torch
-
-    try:
-        state = torch.load(folder / "train_state.pt", weights_only=False)
-    except (OSError, RuntimeError):
-        return []
-    keep = ("epoch/", "valid/", "best")
-    return [{k: v for k, v in h.items()
-             if (k == "epoch" or k.startswith(keep)) and isinstance(v, (int, float))}
-            for h in state.get("history", [])]
-
-
-def write_run_folder(run_dir: Path, result, trial: dict, config: dict, plan_info: dict,
-                     wall_seconds: float, code: dict | None = None, extra: dict | None = None) -> dict:
-    """results.json + per_user_test.npz of one finished trial, from the Train run's final checkpoint;
-    for a trial stopped early, stopped.json alone (with `stopped_by`, `epochs_run`, `epochs`)."""
+def write_trial_folder(run_dir: Path, result, trial: dict, config: dict, plan_info: dict,
+                       wall_seconds: float, code: dict | None = None, extra: dict | None = None) -> dict:
+    """The trial's run folder (`hm4sr_dist.run_folder.write_run_folder`), from the Train run's final
+    checkpoint."""
     if result.checkpoint is None:
         raise RuntimeError(f"trial {trial['run']}: the Train run left no checkpoint")
-    tmp = run_dir.with_name(f".{run_dir.name}.tmp")    # hidden: hm4sr-compare runs/ passes it over
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     with result.checkpoint.as_directory() as folder:
-        folder = Path(folder)
-        final = json.loads((folder / "final_metrics.json").read_text())
-        stopped = bool(final.get("stopped_early"))
-        if not stopped:
-            shutil.copy(folder / PER_USER_FILE, tmp / PER_USER_FILE)
-        history = _history(folder)
-    results = {
-        "dataset": plan_info["dataset"], "variant": trial["setting"], "setting": trial["setting"],
-        "seed": trial["seed"], "identity": trial["key"], "study": plan_info["study"],
-        "test": {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("test/")},
-        "best_valid": final.get("best_valid"), "best_epoch": final.get("best_epoch"),
-        "epochs_run": final.get("epochs_run"), "resumed_at_steps": final.get("resumed_at_steps"),
-        "wall_seconds": wall_seconds,
-        "train_seconds": sum(h.get("epoch/seconds", 0.0) for h in history),
-        "diagnostics": {k: v for k, v in final.items() if k.startswith(("moe/", "routing/"))},
-        "history": history,
-        "data_manifest": {"path": config["data"]["prepared_dir"], "fingerprint": plan_info["fingerprint"]},
-        "checkpoint": result.checkpoint.path,
-        **(code or {"code": None, "code_history": []}),     # which code trained it (code_version)
-        **(extra or {}),
-        "config": config,
-    }
-    if stopped:    # its test metrics are of an under-trained run: kept for reading, out of the tables
-        results |= {"status": "stopped", "stopped_by": final.get("stopped_by"),
-                    "epochs": config["optim"]["epochs"]}
-    summary = json.dumps(results, indent=2, default=str)
-    (tmp / (STOPPED_FILE if stopped else "results.json")).write_text(summary)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    tmp.rename(run_dir)                       # a run folder is complete or absent
-    return results
-
-
-def _report_callback(valid_key: str):
-    """`HM4SRTuneReportCallback` whose final (test) report also carries `valid_key`, set to
-    `best_valid` (the validation score of the epoch whose weights were tested): Tune checks that
-    every result holds the scheduler's metric, and only the per-epoch reports have it (--asha)."""
-    from hm4sr_dist.tune.trial import HM4SRTuneReportCallback
-
-    class StudyReportCallback(HM4SRTuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            metrics = [m if valid_key in m or "best_valid" not in m else {**m, valid_key: m["best_valid"]}
-                       for m in metrics]
-            super().after_report(run_context, metrics, checkpoint)
-
-    return StudyReportCallback()
+        return write_run_folder(run_dir, Path(folder), config=config, dataset=plan_info["dataset"],
+                                identity=trial["key"], fingerprint=plan_info["fingerprint"],
+                                wall_seconds=wall_seconds, checkpoint_uri=result.checkpoint.path, code=code,
+                                setting=trial["setting"], seed=trial["seed"], study=plan_info["study"],
+                                extra=extra)
 
 
 def study_trial(config: dict, *, configs: dict, study_dir: str, plan_info: dict) -> None:
     """The Tune trainable: one Ray Train run of the trial's resolved config (`configs[key]`)."""
     from hm4sr_dist.config import ExperimentConfig, from_dict
-    from hm4sr_dist.train.launcher import build_trainer, trained_by
+    from hm4sr_dist.train.launcher import build_trainer, trained_by, tracking_of
+    from hm4sr_dist.train.tracking_run import attach_run_folder
 
     trial, folder = config["trial"], Path(study_dir)
     valid_key = f"valid/{configs[trial['key']]['eval']['valid_metric']}"
@@ -165,18 +108,21 @@ def study_trial(config: dict, *, configs: dict, study_dir: str, plan_info: dict)
     cfg = from_dict(ExperimentConfig, configs[trial["key"]]).validate()
     earlier = _finished_train_run(cfg, trial["key"])
     if earlier is not None:                   # trained to the end by another study: read, not resumed
-        summary = write_run_folder(run_dir, earlier, trial, configs[trial["key"]], plan_info,
+        summary = write_trial_folder(run_dir, earlier, trial, configs[trial["key"]], plan_info,
                                    time.time() - started, code=trained_by(cfg), extra={"reused": True})
+        attach_run_folder(tracking_of(cfg, plan_info.get("tracking_parent")), run_dir)
         _log(folder, event="reuse", key=trial["key"], run=trial["run"], train_run=cfg.train.run_name,
              trained_by=describe(summary.get("code")))
         _report_stored(summary, valid_key)
         return
     _log(folder, event="start", key=trial["key"], run=trial["run"])
-    trainer = build_trainer(cfg, callbacks=[_report_callback(valid_key)])
+    trainer = build_trainer(cfg, callbacks=[HM4SRTuneReportCallback(valid_key)],
+                            tracking_parent=plan_info.get("tracking_parent"))
     clear_stop(stop_file(storage_root(cfg), cfg.train.run_name))   # a request meant an earlier trial
     result = trainer.fit()
-    summary = write_run_folder(run_dir, result, trial, configs[trial["key"]], plan_info,
+    summary = write_trial_folder(run_dir, result, trial, configs[trial["key"]], plan_info,
                                time.time() - started, code=trained_by(cfg))
+    attach_run_folder(tracking_of(cfg, plan_info.get("tracking_parent")), run_dir)
     _log(folder, event="stopped" if summary.get("status") == "stopped" else "end", key=trial["key"],
          run=trial["run"], seconds=time.time() - started, epochs_run=summary.get("epochs_run"))
 
@@ -295,7 +241,9 @@ def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, tria
         print(f"note: {note}", flush=True)
     from hm4sr_dist.config import ExperimentConfig, from_dict
     storage = storage_root(from_dict(ExperimentConfig, base))
-    plan_info = {"dataset": plan.dataset, "fingerprint": plan.fingerprint, "study": plan.study}
+    parent = study_tracker(plan, study_dir)       # the study's MLflow run; each trial is a child
+    plan_info = {"dataset": plan.dataset, "fingerprint": plan.fingerprint, "study": plan.study,
+                 "tracking_parent": parent.run_id}
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(study_trial, configs={t.key: t.config for t in plan.trials},
                                  study_dir=str(study_dir), plan_info=plan_info),
@@ -312,10 +260,10 @@ def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, tria
         _record_launch(study_dir, experiment, launch)
         scheduler = None
         if asha:
-            from hm4sr_dist.tune.asha import GracefulASHA
+            from hm4sr_dist.study.asha import GracefulASHA
             epochs = max(t.config["optim"]["epochs"] for t in plan.trials)
             # Every epoch reports valid/<metric> (training_iteration = epochs done); the final test
-            # report carries it too (= best_valid, see _report_callback).
+            # report carries it too (= best_valid, see HM4SRTuneReportCallback).
             metric = f"valid/{plan.trials[0].config['eval']['valid_metric']}"
             # ASHA's STOP becomes a stop request the workers honour between epochs (the run ends with
             # its final checkpoint); max_t above the epoch reports + the final one and
@@ -342,6 +290,17 @@ def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, tria
         if r.error is not None and spec:
             errors[spec["key"]] = " ".join(repr(r.error).split())[:300]
     return write_trial_statuses(plan, study_dir, errors)
+
+
+def study_tracker(plan: StudyPlan, study_dir: Path):
+    """The study's parent MLflow run (continued by a re-run of the same study folder); a no-op
+    tracker when `train.tracking_uri` turns tracking off."""
+    from hm4sr_dist.study.plan import study_id
+    from hm4sr_dist.train.tracking_run import open_study_run
+
+    train = plan.trials[0].config["train"]
+    return open_study_run(train["tracking_uri"], train["storage_path"], plan.dataset, plan.name,
+                          study_id(study_dir))
 
 
 def write_trial_statuses(plan: StudyPlan, study_dir: Path, errors: dict | None = None) -> list[dict]:

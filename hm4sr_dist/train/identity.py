@@ -25,7 +25,8 @@ IDENTITY_FILE = "run_identity.json"
 # (a longer cap continues a run), how often it logs or checkpoints, how it survives failures.
 NOT_IDENTITY = (
     "name", "data.prepared_dir", "optim.epochs", "train.run_name", "train.storage_path",
-    "train.tensorboard_dir", "train.max_failures", "train.checkpoints_to_keep", "train.log_every_steps",
+    "train.tensorboard_dir", "train.tracking_uri", "train.max_failures", "train.checkpoints_to_keep",
+    "train.log_every_steps",
     "train.checkpoint_every_steps", "train.fail_at_step", "train.cpus_per_worker",
     "train.allow_config_change", "eval.batch_size", "eval.item_chunk_size",
     "data.prefetch_batches",        # the same batches in the same order, read ahead or not

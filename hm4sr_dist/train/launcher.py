@@ -4,8 +4,9 @@ With no cluster address (no RAY_ADDRESS, not under `ray job submit`), `ray.init(
 embedded local Ray; workers then use the CPU and gloo. On a cluster, workers take one GPU each
 and NCCL. Re-running with the same `train.storage_path` and `train.run_name` resumes the run from
 its latest checkpoint, but only a run of the same resolved config and data (`train/identity.py`);
-without a `train.run_name` the name is `<cfg.name>-<identity hash>`, so every distinct setting gets
-its own run and an unchanged re-run resumes (or, finished, returns at once).
+without a `train.run_name` the name is `<data set>-<identity hash>` (`run_folder.train_run_name`, the
+one naming rule, shared with studies), so every distinct setting gets its own run and an unchanged
+re-run resumes (or, finished, returns at once).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from hm4sr_dist.config import ConfigError, ExperimentConfig, to_dict
 from hm4sr_dist.data.manifest import ManifestError, read_manifest, verify_shards
+from hm4sr_dist.run_folder import train_run_name
 from hm4sr_dist.train.code_version import code_version
 from hm4sr_dist.train.identity import check_identity, read_identity, record_identity, run_identity
 from hm4sr_dist.train.state import epoch_cap_error, stored_train_state
+from hm4sr_dist.train.tracking_run import as_loop_config, open_for_driver, plan_tracking
 from hm4sr_dist.train.worker import train_loop_per_worker
 
 
@@ -49,9 +52,21 @@ def run_folder_in(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}" if "://" in storage else os.path.join(storage, name)
 
 
+def tracking_of(cfg: ExperimentConfig, parent_run_id: str | None = None):
+    """The `TrackingPlan` of a run that `build_trainer` started (None: tracking off)."""
+    manifest = read_manifest(cfg.data.prepared_dir)
+    dataset = manifest.get("dataset") or Path(cfg.data.prepared_dir).name
+    return plan_tracking(cfg, dataset, stored_identity(cfg) or "", parent_run_id)
+
+
 def trained_by(cfg: ExperimentConfig) -> dict:
     """`{"code": ..., "code_history": [...]}` of the run (`code_version`), for its results.json."""
     return trained_by_folder(run_folder(cfg))
+
+
+def stored_identity(cfg: ExperimentConfig) -> str | None:
+    """The identity hash recorded in the run's folder (run_identity.json), once it has started."""
+    return (read_identity(run_folder(cfg)) or {}).get("hash")
 
 
 def trained_by_folder(run_dir: str) -> dict:
@@ -86,19 +101,26 @@ def check_prepared(cfg: ExperimentConfig) -> dict:
     return manifest
 
 
-def build_trainer(cfg: ExperimentConfig, callbacks: list | None = None) -> TorchTrainer:
+def build_trainer(cfg: ExperimentConfig, callbacks: list | None = None,
+                  tracking_parent: str | None = None) -> TorchTrainer:
     """The TorchTrainer for one run, with optional extra Train `UserCallback`s (a Tune trial adds its
     report callback). `cfg.data.prepared_dir` must already be absolute: a Tune trial runs in its own
     working directory. Sets `cfg.train.run_name` to the resolved name; raises `RunIdentityError`
     (before Ray starts) when that run folder holds a run of another config or data set, and
-    ManifestError when the data cannot be read by every worker (`check_prepared`)."""
-    identity = run_identity(cfg, check_prepared(cfg).get("fingerprint"))
-    name = cfg.train.run_name = cfg.train.run_name or f"{cfg.name}-{identity['hash'][:8]}"
+    ManifestError when the data cannot be read by every worker (`check_prepared`). Opens (or
+    continues) the run's MLflow run and logs its config (`train/tracking_run.py`; a study passes its
+    parent run as `tracking_parent`), so a wrong tracking URI stops here too."""
+    manifest = check_prepared(cfg)
+    identity = run_identity(cfg, manifest.get("fingerprint"))
+    dataset = manifest.get("dataset") or Path(cfg.data.prepared_dir).name
+    name = cfg.train.run_name = cfg.train.run_name or train_run_name(dataset, identity["hash"])
     storage = storage_root(cfg)
     folder = run_folder(cfg)
     status, stored = check_identity(folder, identity, allow_change=cfg.train.allow_config_change)
     check_epoch_cap(cfg)                       # both refusals before anything is written
     record_identity(folder, identity, status, stored, code=code_version())
+    tracking = plan_tracking(cfg, dataset, identity["hash"], tracking_parent)
+    open_for_driver(tracking, cfg, dataset)
     ensure_ray()
     use_gpu = {"auto": cluster_has_gpus(), "true": True, "false": False}[cfg.train.use_gpu]
     return TorchTrainer(
@@ -106,7 +128,8 @@ def build_trainer(cfg: ExperimentConfig, callbacks: list | None = None) -> Torch
         # Workers write TensorBoard and markers into a local folder: the run folder, or for a URI
         # storage a local one of the same name (Ray Train uploads checkpoints itself).
         train_loop_config={"config": to_dict(cfg),
-                           "run_dir": os.path.join("outputs", name) if "://" in storage else run_folder(cfg)},
+                           "run_dir": os.path.join("outputs", name) if "://" in storage else run_folder(cfg),
+                           "tracking": as_loop_config(tracking)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),

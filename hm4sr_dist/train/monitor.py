@@ -10,6 +10,7 @@ TensorBoard has one x-axis, the global optimiser step, for every tag:
   drawn by `diagnostics.routing_figure`, the figure of a study's `routing_<setting>.png`;
 - at the end: `test/*` of the best weights, and the run's hparams (config -> final metrics) for the
   HParams tab.
+The same scalars go to the run's MLflow run when tracking is on (`train/tracking_run.py`).
 Counts (`valid/count`) and the epoch index are printed, never drawn as curves. A resumed run opens
 its writer with `purge_step` = the checkpoint's step + 1, so points that a crashed attempt wrote
 after that checkpoint are dropped instead of overlapping the resumed ones.
@@ -42,8 +43,9 @@ class Monitor:
     """Progress printing and TensorBoard writing; a no-op on ranks other than 0."""
 
     def __init__(self, rank: int, logdir: str | None, config: dict, steps_per_epoch: int,
-                 resumed_at_step: int = 0):
+                 resumed_at_step: int = 0, tracker=None):
         self.active = rank == 0
+        self.tracker = tracker           # hm4sr_dist.tracking.Tracker (MLflow) or None
         self.steps_per_epoch = steps_per_epoch
         self.config = config
         self.writer = None
@@ -58,9 +60,23 @@ class Monitor:
         self._sequences += sequences
 
     def _scalars(self, scalars: dict[str, float], step: int) -> None:
+        plotted = _plotted(scalars)
         if self.writer is not None:
-            for name, value in _plotted(scalars).items():
+            for name, value in plotted.items():
                 self.writer.add_scalar(name, value, step)
+        if self.tracker is not None:
+            self._track(lambda: self.tracker.log_metrics(plotted, step))
+
+    def _track(self, call) -> None:
+        """A tracking call; a tracker that fails mid-run (a server gone) is dropped with one line
+        rather than ending the training run."""
+        from hm4sr_dist.tracking import TrackingError
+
+        try:
+            call()
+        except TrackingError as exc:
+            say(f"warning: experiment tracking stopped: {exc} (training goes on; TensorBoard keeps logging)")
+            self.tracker = None
 
     def step(self, global_step: int, epoch: int, step_in_epoch: int, scalars: dict[str, float]) -> None:
         if not self.active:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hm4sr_dist.run_folder import FINAL_METRICS_FILE
 from hm4sr_dist.train.loop import EpochProgress
 
 
@@ -136,7 +137,7 @@ def finished_checkpoint(run_dir: str, epochs: int, patience: int):
     if state.epoch < epochs and state.epochs_without_improvement < patience:
         return None
     try:
-        with fs.open_input_stream(posixpath.join(folder, "final_metrics.json")) as stream:
+        with fs.open_input_stream(posixpath.join(folder, FINAL_METRICS_FILE)) as stream:
             final = json.loads(stream.read())
     except (OSError, ValueError):
         return None                                    # an epoch checkpoint, or one half-written

@@ -7,7 +7,7 @@ metrics, no per-user ranks; the worker group's placement group is left to Ray's 
 `PlacementGroupCleaner` (in the Ray we pin; older Rays left it behind, ray#54305). Ray Train V2
 has no call that asks a running worker group to end its loop.
 
-So `GracefulASHA` (hm4sr_dist/tune/asha.py) turns ASHA's STOP into a *stop request*: a small JSON
+So `GracefulASHA` (hm4sr_dist/study/asha.py) turns ASHA's STOP into a *stop request*: a small JSON
 marker, `stop_requested.json`, in the Train run's folder (under `train.storage_path`: a path every
 node sees, or a URI), and lets the trial continue. Every worker checks the marker after its epoch-end
 checkpoint (`hm4sr_dist.train.worker`); once any rank sees it, all ranks leave the epoch loop

@@ -38,15 +38,16 @@ from hm4sr_dist.parallel import DistributedExchange
 from hm4sr_dist.train.engine import build_engine, engine_step
 from hm4sr_dist.train.evaluation import distributed_metrics
 from hm4sr_dist.parallel.vocab import build_vocab_parallel, gather_table
+from hm4sr_dist.run_folder import FINAL_METRICS_FILE, PER_USER_FILE
 from hm4sr_dist.train.acceleration import accelerate
 from hm4sr_dist.train.loop import EpochProgress, run_epoch
 from hm4sr_dist.train.monitor import Monitor, say
 from hm4sr_dist.train.state import (TrainState, epoch_cap_error, has_table_shards, load_table_shard,
                                     load_worker_files, save_table_shard, save_worker_files, seed_everything)
 from hm4sr_dist.train.stop import stop_request, worker_stop_file
+from hm4sr_dist.train.tracking_run import open_for_worker
 
 DS_TAG = "engine"
-PER_USER_FILE = "per_user_test.npz"
 
 
 def _inject_fault(cfg: ExperimentConfig, rank: int, step: int, run_dir: Path) -> None:
@@ -179,7 +180,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         say(f"resumed from checkpoint at global step {state.global_step}: continuing at {where}")
 
     logdir = cfg.train.tensorboard_dir or str(run_dir / "tensorboard")
-    monitor = Monitor(rank, logdir, to_dict(cfg), len(train_reader), resumed_at_step=state.global_step)
+    monitor = Monitor(rank, logdir, to_dict(cfg), len(train_reader), resumed_at_step=state.global_step,
+                      tracker=open_for_worker(loop_config.get("tracking"), rank))
     step = engine_step(engine, table_shard)
     every = cfg.train.checkpoint_every_steps
     stop_at, stopped = worker_stop_file(cfg.train.storage_path, cfg.train.run_name, run_dir), None
@@ -279,6 +281,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             torch.save(weights, Path(folder) / "model.pt")
             np.savez(Path(folder) / PER_USER_FILE, **rows)
-            (Path(folder) / "final_metrics.json").write_text(json.dumps(final, indent=2))
+            (Path(folder) / FINAL_METRICS_FILE).write_text(json.dumps(final, indent=2))
         dist.barrier()
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(folder))

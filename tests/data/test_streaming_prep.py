@@ -166,7 +166,7 @@ def test_budget_errors_name_the_key(tmp_path, capsys):
 def test_job_flag_is_checked_before_work():
     from jobs.common import prep_settings
     from hm4sr_dist.config import ConfigError
-    from jobs.train_beauty import SEQUENCES as JOB
+    from jobs.train import BEAUTY_SEQUENCES as JOB
 
     assert prep_settings(JOB, ["memory_budget_mb=2048"])["memory_budget_mb"] == 2048
     with pytest.raises(ConfigError, match="memory_budget_mb"):

@@ -3,7 +3,7 @@ code 2 -- before Ray starts and before any data is prepared.
 
 Each case runs the job script as a subprocess with RAY_TMPDIR (and TMPDIR) pointing at a fresh
 folder: a local `ray.init()` creates `$RAY_TMPDIR/ray/session_<date>_<pid>/` (seen on a run of
-`jobs/train_beauty.py` with Ray 2.60), so an empty folder afterwards means Ray never started.
+`jobs/train.py --dataset beauty` with Ray 2.60), so an empty folder afterwards means Ray never started.
 """
 
 import os
@@ -51,13 +51,14 @@ def assert_user_error(work: Path, result: subprocess.CompletedProcess, line: str
     assert not (work / "prepared").exists(), "data preparation started"
 
 
-def train(work: Path, *args: str, script: str = "train_beauty") -> subprocess.CompletedProcess:
-    return run(work, f"jobs/{script}.py", "--raw-dir", str(work / "raw"),
-               "--prepared-dir", str(work / "prepared"), *args)
+def train(work: Path, *args: str, dataset: str = "beauty") -> subprocess.CompletedProcess:
+    script = ["jobs/train_home.py"] if dataset == "home" else ["jobs/train.py", "--dataset", dataset]
+    return run(work, *script, "--raw-dir", str(work / "raw"), "--prepared-dir", str(work / "prepared"), *args)
 
 
-def sweep(work: Path, *args: str) -> subprocess.CompletedProcess:
-    return run(work, "jobs/tune_sweep.py", "--prepared-dir", str(work / "prepared"), *args)
+def grid_study(work: Path, prepared: Path, *args: str) -> subprocess.CompletedProcess:
+    return run(work, "jobs/study.py", "--prepared-dir", str(prepared), "--study", "grid", "--seeds", "1",
+               "--output", str(work / "study"), *args)
 
 
 def test_bad_value(work):
@@ -101,22 +102,30 @@ def test_infeasible_request_is_an_error_before_work(work):
                       "features for (['id']), got ['id', 'text']")
 
 
-@pytest.mark.parametrize("script", ["train_toys", "train_home", "train_games", "train_movielens"])
-def test_every_job_script_checks_first(work, script):
-    assert_user_error(work, train(work, "model.hiden_size=3", script=script),
+@pytest.mark.parametrize("dataset", ["toys", "home", "games", "movielens"])
+def test_every_data_set_checks_first(work, dataset):
+    assert_user_error(work, train(work, "model.hiden_size=3", dataset=dataset),
                       "error: unknown key model.hiden_size (command line); did you mean model.hidden_size?")
 
 
-def test_bad_sweep_key_value_and_sweep_without_effect(work):
-    assert_user_error(work, sweep(work, "--param", "loss.idcl_weigth"),
+def test_bad_sweep_key_value_and_sweep_without_effect(work, prepared_sequences):
+    """The study's grid (the old tune_sweep.py --sweep grid) checks every trial before Ray starts."""
+    assert_user_error(work, grid_study(work, prepared_sequences, "--param", "loss.idcl_weigth"),
                       "error: unknown key loss.idcl_weigth (--param); did you mean loss.idcl_weight?")
-    assert_user_error(work, sweep(work, "--param", "l2", "--values", "0.5,-1"),
+    assert_user_error(work, grid_study(work, prepared_sequences, "--param", "l2", "--values", "0.5,-1"),
                       "error: loss.idcl_weight (--values): expected a number >= 0, got -1")
-    assert_user_error(work, sweep(work, "--param", "beta", "model.use_temporal_moe=false"),
+    assert_user_error(work, grid_study(work, prepared_sequences, "--param", "beta", "model.use_temporal_moe=false"),
                       "error: loss.pcl_ratio (--param): has no effect, as PCL is off "
                       "(loss.pcl_weight = 0.0); every trial would train the same model")
-    assert_user_error(work, sweep(work, "--param", "k1", "optim.lr=abc"),
+    assert_user_error(work, grid_study(work, prepared_sequences, "--param", "k1", "optim.lr=abc"),
                       "error: optim.lr (command line): expected a number > 0, got 'abc'")
+    assert not (work / "study").exists()
+
+
+def test_an_unknown_data_set_is_named(work):
+    assert_user_error(work, train(work, dataset="beuty"),
+                      "error: --dataset: expected one of ['beauty', 'games', 'home', 'movielens', 'toys'], "
+                      "got 'beuty'; did you mean beauty?")
 
 
 def test_quickstart_checks_its_overrides_before_writing_the_demo_data(work):
@@ -134,7 +143,7 @@ def test_job_overrides_anywhere_and_a_key_given_twice_is_an_error():
     JOB = DatasetJob("movielens", "movielens")
     plan = plan_job(JOB, ["optim.epochs=1", "--output", "x", "train.storage_path=y", "--variant=sasrec"],
                     check_paths=False)
-    assert plan.config.optim.epochs == 1 and plan.config.train.storage_path == "y"
+    assert plan.config.optim.epochs == 1 and plan.config.train.storage_path == str(Path("y").resolve())
     assert plan.args.output == "x" and plan.args.variant == "sasrec"
     with pytest.raises(ConfigError, match=r"given twice \('optim.lr=0.1' and 'optim.lr=0.2'\)"):
         plan_job(JOB, ["optim.lr=0.1", "optim.lr=0.2"], check_paths=False)

@@ -14,6 +14,7 @@ import pytest
 
 from hm4sr_dist.config import ConfigError, command_line_keys, load_tracked
 from hm4sr_dist.feasibility import DataOffer, resolve
+from hm4sr_dist.run_folder import read_results
 from hm4sr_dist.study.plan import parse_setting, plan_study
 from hm4sr_dist.train.code_version import fingerprint
 
@@ -144,17 +145,14 @@ def test_settings_whose_run_folders_would_collide_are_refused():
 
 
 def test_each_trial_gets_its_own_tensorboard_folder_under_a_given_one(tmp_path):
-    from hm4sr_dist.tune.space import trial_config
-
     plan = _plan("table1", [f"train.tensorboard_dir={tmp_path / 'tb'}"], seeds=[1, 2])
     folders = [t.config["train"]["tensorboard_dir"] for t in plan.trials]
     assert folders == [str(tmp_path / "tb" / t.config["train"]["run_name"]) for t in plan.trials]
     assert len(set(folders)) == len(plan.trials)
     assert _plan("table1", seeds=[1]).trials[0].config["train"]["tensorboard_dir"] == ""   # default: per run
-    config = plan.trials[0].config
-    base = config | {"train": config["train"] | {"tensorboard_dir": "s3://b/tb"}}
-    cfg = trial_config(base, {"loss.idcl_weight": 0.5}, "sweep")                  # a Tune sweep's trial
-    assert cfg.train.tensorboard_dir == f"s3://b/tb/{cfg.train.run_name}"
+    on_s3 = _plan("fig4", ["train.tensorboard_dir=s3://b/tb"], seeds=[1], params=["l2"])      # a URI root
+    assert [t.config["train"]["tensorboard_dir"] for t in on_s3.trials] == [
+        f"s3://b/tb/{t.config['train']['run_name']}" for t in on_s3.trials]
 
 
 def test_a_study_larger_than_the_threshold_needs_yes(prepared_sequences):
@@ -291,6 +289,29 @@ def test_study_is_killed_resumed_and_tabulated(prepared_sequences, local_ray, tm
         ["hm4sr__seed1", "hm4sr__seed2", "sasrec__seed1", "sasrec__seed2"])
     status = json.loads((out / "trials.json").read_text())
     assert [r["status"] for r in status] == ["finished"] * 4
+    for r in status:                           # every trial's folder reads as the one schema
+        assert read_results(out / "runs" / r["run"])["identity"] == r["key"]
+    # MLflow: the study is a parent run, each trial a child with its config, metrics and run folder
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'ray' / 'mlflow.db'}")
+    dataset = read_results(out / "runs" / status[0]["run"])["dataset"]
+    runs = mlflow.search_runs(experiment_names=[f"hm4sr-{dataset}"], output_format="list")
+    [parent] = [r for r in runs if "hm4sr.study" in r.data.tags]
+    children = {r.data.tags["hm4sr.identity"]: r for r in runs if r is not parent}
+    assert set(children) == {r["key"] for r in status}
+    client = mlflow.MlflowClient()
+    for r in status:
+        child = children[r["key"]]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.params["optim.seed"] == str(r["seed"])
+        stored = read_results(out / "runs" / r["run"])
+        assert child.data.metrics["test/ndcg_at_5"] == pytest.approx(stored["test"]["ndcg@5"])
+        assert {a.path for a in client.list_artifacts(child.info.run_id, "run_folder")} == {
+            "run_folder/results.json", "run_folder/per_user_test.npz"}
+    study_files = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
+    assert {"study/study.md", "study/study.csv", "study/bars.png"} <= study_files
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
     # 3. tables: one row per setting, HM4SR the baseline, SASRec with a paired CI
     rows = list(csv.DictReader(open(out / "study.csv")))

@@ -131,10 +131,14 @@ def test_epoch_cap_refusal_comes_before_ray_and_writes_nothing(prepared_sequence
 
 @pytest.mark.slow
 def test_changed_config_trains_anew_and_unchanged_resumes(prepared_sequences, tmp_path, local_ray):
+    from hm4sr_dist.run_folder import train_run_name
+
     common = [f"data.prepared_dir={prepared_sequences}", f"train.storage_path={tmp_path}", "optim.epochs=2"]
     first_cfg = config(*common)
     first = run_training(first_cfg)
-    assert first_cfg.train.run_name.startswith("hm4sr-")               # default: name + identity hash
+    manifest = read_manifest(prepared_sequences)
+    identity = run_identity(first_cfg, manifest.get("fingerprint"))["hash"]
+    assert first_cfg.train.run_name == train_run_name(manifest["dataset"], identity)   # data set + identity
     changed_cfg = config(*common, "loss.idcl_weight=0.0")
     changed = run_training(changed_cfg)
     assert changed_cfg.train.run_name != first_cfg.train.run_name
@@ -146,6 +150,24 @@ def test_changed_config_trains_anew_and_unchanged_resumes(prepared_sequences, tm
     assert again.metrics["resumed_at_steps"] == [first.metrics["global_step"]]   # no training
     assert {k: v for k, v in again.metrics.items() if k.startswith("test/")} == \
         {k: v for k, v in first.metrics.items() if k.startswith("test/")}
+    # MLflow (the default: a SQLite file under the storage path): one run per Train run, found by
+    # its identity; the resumed run continued the first one's MLflow run instead of opening another
+    import mlflow
+
+    from hm4sr_dist.tracking import IDENTITY_TAG
+    from hm4sr_dist.train.tracking_run import experiment_name
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=[experiment_name(manifest["dataset"])])
+    assert len(runs) == 2 and set(runs[f"tags.{IDENTITY_TAG}"]) == {
+        identity, run_identity(changed_cfg, manifest.get("fingerprint"))["hash"]}
+    mine = runs[runs[f"tags.{IDENTITY_TAG}"] == identity].iloc[0]
+    assert mine["params.loss.idcl_weight"] == "1.0" and mine["params.optim.epochs"] == "2"
+    assert mine["tags.hm4sr.train_run"] == first_cfg.train.run_name
+    assert mine["metrics.test/ndcg_at_10"] == pytest.approx(first.metrics["test/ndcg@10"])
+    assert mine["metrics.valid/ndcg_at_5"] >= 0 and mine["metrics.loss/total"] > 0
+    other = runs[runs[f"tags.{IDENTITY_TAG}"] != identity].iloc[0]
+    assert other["params.loss.idcl_weight"] == "0.0"
     clash = config(*common, "loss.idcl_weight=0.0", f"train.run_name={first_cfg.train.run_name}")
     with pytest.raises(RunIdentityError, match="loss.idcl_weight: 1.0 -> 0.0"):
         run_training(clash)

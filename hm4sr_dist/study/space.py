@@ -5,24 +5,23 @@ command line (`loss.idcl_weight=0.5`). Two kinds of sweep:
 
 - **fig4** (one at a time, like the paper's Fig. 4): each chosen hyper-parameter runs over its grid
   while every other key keeps the base config's value. `fig4_trials(["l2", "k1"])` is 6 + 5 trials.
-- **grid** (the full product): `grid_space(params)` maps each key to its values; Tune expands the
-  product (`grid_size` trials — 27,000 for all six of them, so pick a few).
+- **grid** (the full product): `grid_space(params)` maps each key to its values, `grid_trials` spells
+  out the product (`grid_size` trials — 27,000 for all six of them, so pick a few).
 
 `trial_config` builds one trial's config (base + overrides, fitted by `hm4sr_dist.feasibility`
 with the swept keys as explicit requests) and `check_sweep` runs it over every trial in the driver,
 so that an unknown key, a bad value, a swept request the model cannot honour (l3 without the
 Temporal MoE) or a swept key without effect stops the sweep before Ray starts.
 
-Nothing here imports Ray: the spaces are plain Python and unit-tested without a cluster.
+The study runs them (`--study fig4`, `--study grid`, `hm4sr_dist.study.plan`). Nothing here imports
+Ray: the spaces are plain Python and unit-tested without a cluster.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
-import re
 from typing import Iterable, Mapping, Sequence
 
 from hm4sr_dist.config import (ConfigError, ExperimentConfig, check_key, check_leaf, closest, from_dict,
@@ -126,28 +125,17 @@ def override_strings(overrides: Mapping[str, object]) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
 
 
-def trial_run_name(sweep: str, overrides: Mapping[str, object]) -> str:
-    """A Ray Train run name unique to (sweep, overrides) and stable across re-submissions, so that
-    re-running a sweep resumes (or, when finished, returns at once) each trial's training run."""
-    canon = json.dumps(dict(sorted(overrides.items())), sort_keys=True)
-    digest = hashlib.sha1(canon.encode()).hexdigest()[:8]
-    slug = "_".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(overrides.items()))
-    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "", slug)[:80]
-    return f"{sweep}-{slug}-{digest}" if slug else f"{sweep}-{digest}"
-
-
-def trial_config(base: dict, overrides: Mapping, sweep: str, offer: DataOffer | None = None,
+def trial_config(base: dict, overrides: Mapping, offer: DataOffer | None = None,
                  explicit: Mapping[str, str] | None = None, source: str = SWEEP_SOURCE) -> ExperimentConfig:
     """The base config tree (a dict) + `key.path=value` overrides, validated and fitted to the data
     (`hm4sr_dist.feasibility.resolve`, with the swept keys and the base's command-line keys
-    `explicit` as requests that may not be switched off), with a run name unique to the trial.
-    `source` is the flag an error names for an override (a study's `--setting`)."""
+    `explicit` as requests that may not be switched off). The study names the trial's Train run
+    (`run_folder.train_run_name`). `source` is the flag an error names for an override (a study's
+    `--setting`)."""
     sources = dict(explicit or {})
     data = merge_overrides(copy.deepcopy(base), override_strings(overrides), cls=ExperimentConfig,
                            source=source, sources=sources)
     cfg = from_dict(ExperimentConfig, data, sources=sources).validate(sources)
-    cfg.train.run_name = trial_run_name(sweep, overrides)
-    cfg.train.tensorboard_dir = run_tensorboard_dir(base["train"]["tensorboard_dir"], cfg.train.run_name)
     return resolve(cfg, offer, sources).config
 
 
@@ -176,7 +164,7 @@ def check_sweep(base: ExperimentConfig, trials: Sequence[Mapping] | None = None,
     for trial in trials or []:
         for key, value in trial.items():
             check_leaf(key, value, "--values")
-        dead = inert_keys(trial_config(base_dict, trial, "check", offer, explicit))
+        dead = inert_keys(trial_config(base_dict, trial, offer, explicit))
         for key in trial:
             effective[key] = effective.get(key, False) or key not in dead
             why.setdefault(key, dead.get(key, ""))
