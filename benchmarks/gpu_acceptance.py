@@ -104,15 +104,16 @@ def run_tests(args) -> dict:
 # -- 2. epochs on a prepared data set ----------------------------------------------------------------
 
 def epoch_config(args, variant: str, precision: str, compiled: bool):
-    from hm4sr_dist.config import apply_variant, load_config
     from hm4sr_dist.data.manifest import read_manifest
-    from hm4sr_dist.feasibility import DataOffer, resolve
+    from hm4sr_dist.feasibility import DataOffer
+    from hm4sr_dist.job_config import resolve_job_config
 
-    cfg = apply_variant(load_config(ROOT / "configs" / "hm4sr_paper.yaml"), variant)
-    cfg, notes = resolve(cfg, DataOffer.from_manifest(read_manifest(args.prepared_dir)))
-    cfg.data.prepared_dir = str(args.prepared_dir)
-    cfg.train.num_workers = 1
-    cfg.train.precision, cfg.train.compile = precision, "true" if compiled else "false"
+    job = resolve_job_config(ROOT / "configs" / "hm4sr_paper.yaml",
+                             ["train.num_workers=1", f"train.precision={precision}",
+                              f"train.compile={'true' if compiled else 'false'}"], variant,
+                             DataOffer.from_manifest(read_manifest(args.prepared_dir)), fit=True,
+                             prepared_dir=args.prepared_dir)
+    cfg, notes = job.config, job.notes
     cfg.data.length_widths = list(args.widths)        # the same widths eager and compiled: same work
     if args.cpu_smoke:
         cfg.model.hidden_size, cfg.model.inner_size, cfg.optim.batch_size = 16, 32, 32
