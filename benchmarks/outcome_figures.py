@@ -16,9 +16,10 @@ adds the curve quoted in issue 9 (epochs 0-7).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
+
+from hm4sr_dist.run_folder import read_results
 
 # RecBole 1.2.1 SASRec, Beauty, paper settings, seed 2025: validation NDCG@5 after epochs 0-7.
 RECBOLE_SASREC_BEAUTY = [0.0066, 0.0129, 0.0157, 0.0206, 0.0234, 0.0257, 0.0261, 0.0278]
@@ -54,7 +55,7 @@ def load_runs(folder: Path) -> dict[str, dict]:
     runs = {}
     for path in sorted(folder.glob("*/results.json")):
         if not path.parent.name.startswith("."):     # .<run>.tmp: a run folder being written
-            runs[path.parent.name] = json.loads(path.read_text())
+            runs[path.parent.name] = read_results(path.parent, strict=False)
     if not runs:
         raise SystemExit(f"error: --runs: no */results.json under {folder}")
     return runs

@@ -1,4 +1,4 @@
-"""Compare finished runs: mean ± std over seeds per setting, and paired-bootstrap CIs vs a baseline.
+"""Compare finished runs: mean ± std over seeds per setting, and user- and seed-level CIs vs a baseline.
 
 Every training run leaves `outputs/<run>/results.json` (config, variant, dataset, test metrics) and
 `per_user_test.npz` (int64 `user`, unique ids in the prepared data set, and `rank`, the 0-based
@@ -8,11 +8,22 @@ ranks every metric of spec §1 is recomputed per user:
     NDCG@K = 1/log2(r+2) if r < K else 0      MRR@K = 1/(r+1) if r < K else 0      Hit@K = [r < K]
 
 and their mean must equal the test metric in results.json (to 1e-9), otherwise the two files do not
-belong together. Runs whose resolved configs differ only in `optim.seed` and naming/output fields
-form one SETTING. Table 1 gives each setting's seed mean ± sample std. Table 2 compares each setting
-with the baseline by user: per-user values are averaged over a setting's seeds, users are resampled
-with replacement (paired bootstrap), and the mean difference, its percentile 95% CI and the share of
-resamples with difference <= 0 (a one-sided p) are reported.
+belong together. Runs whose resolved configs differ only in `optim.seed` and the keys the run
+identity ignores (`IGNORED_KEYS`) form one SETTING. Table 1 gives each setting's seed mean ± sample
+std. Each setting is compared with the baseline on three intervals, each named by what it resamples
+(`interval_unit`):
+
+    users                  Table 2: per-user values averaged over a setting's seeds, users resampled
+                           with replacement (paired bootstrap): mean difference, percentile 95% CI,
+                           share of resamples <= 0 (a one-sided p) and the two-sided bootstrap p.
+                           Seed-to-seed variance does not enter it.
+    seeds (t)              Table 3: per seed both settings ran, the difference of the two runs' test
+                           means d_i; mean ± t_{0.975,n-1} · sd/√n (n >= 2 paired seeds).
+    seeds then users       Table 3: hierarchical bootstrap, seeds then users (n >= 3 paired seeds).
+    (hierarchical bootstrap)
+
+Every p-value is Holm-adjusted (`holm_p`) over the family of one compare call: every
+setting-vs-baseline comparison on every metric, one family per interval kind (`hm4sr_dist.stats`).
 
     hm4sr-compare outputs/beauty-hm4sr-s* outputs/beauty-idcl0-s* --csv study.csv --markdown study.md
     python -m hm4sr_dist.compare outputs/study/ --baseline hm4sr --metrics ndcg,hit --ks 10,20
@@ -20,7 +31,7 @@ resamples with difference <= 0 (a one-sided p) are reported.
 
 For other code (a study runner): `load_run`, `expand_runs`, `group_settings`, `per_user_metrics`,
 `paired_bootstrap`, `compare`, then `format_text`, `write_csv`, `write_markdown`, `write_json`.
-Needs numpy only (no torch), so the command starts quickly.
+Needs numpy only (no torch; scipy's t quantile when installed), so the command starts quickly.
 """
 
 from __future__ import annotations
@@ -40,17 +51,32 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from hm4sr_dist.config import flatten
+from hm4sr_dist.run_folder import PER_USER_FILE, RESULTS_FILE, RunFolderError, read_results
+from hm4sr_dist.stats import (
+    UNIT_HIERARCHICAL,
+    UNIT_SEEDS_T,
+    UNIT_USERS,
+    Interval,
+    hierarchical_bootstrap,
+    holm,
+    seed_t_interval,
+    two_sided_p,
+    user_draws,
+)
+from hm4sr_dist.train.identity import INERT_WHEN, NOT_IDENTITY, default_identity_config
 
-RESULTS_FILE = "results.json"
-PER_USER_FILE = "per_user_test.npz"
-# Config keys that name or place a run but do not change what it learns (plus the seed).
-IGNORED_KEYS = ("optim.seed", "name", "train.run_name", "train.storage_path", "train.tensorboard_dir",
-                "data.prepared_dir")   # the data set itself is keyed by `dataset` + its fingerprint
+# Config keys left out when grouping runs into settings: exactly those the run identity ignores
+# (train/identity.py: where a run is stored, its name, its epoch cap, logging and checkpointing, how it
+# survives failures), so hm4sr-compare never splits runs the identity calls one, plus the seed, which
+# is what a setting repeats over. The data set is keyed by `dataset` + its fingerprint instead of
+# `data.prepared_dir` (in NOT_IDENTITY). As in the identity, a key a run predates counts at its
+# legacy value (`default_identity_config`), and a key inert under the run's config is left out
+# (`INERT_WHEN`, e.g. loss.cp_reduction when loss.cp_weight = 0).
+IGNORED_KEYS = ("optim.seed",) + tuple(NOT_IDENTITY)
+HOLM_ALPHA = 0.05
 DEFAULT_METRICS = ("ndcg", "mrr")
 DEFAULT_KS = (5, 10)
 METRIC_LABELS = {"ndcg": "NDCG", "mrr": "MRR", "hit": "Hit"}
-# Bootstrap: at most this many gathered float64 values per chunk (64 MB) whatever the user count.
-CHUNK_VALUES = 1 << 23
 
 
 class CompareError(ValueError):
@@ -178,12 +204,10 @@ def load_run(path: str | Path, check: bool = True, tol: float = 1e-9) -> Run:
     for f in (res_file, npz_file):
         if not f.is_file():
             raise CompareError(f"{f}: no such file (a run folder holds {RESULTS_FILE} and {PER_USER_FILE})")
-    try:
-        results = json.loads(res_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CompareError(f"{res_file}: not valid JSON: {exc}") from None
-    if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
-        raise CompareError(f"{res_file}: expected an object with a 'config' dict (the resolved config)")
+    try:                        # the run folder's one reader; hand-made folders need config + test
+        results = read_results(folder, strict=False)
+    except RunFolderError as exc:
+        raise CompareError(str(exc)) from None
     try:
         with np.load(npz_file) as z:
             missing = [k for k in ("user", "rank") if k not in z.files]
@@ -267,10 +291,14 @@ class Setting:
 
 
 
-def _setting_config(run: Run, ignore: Iterable[str]) -> dict:
-    skip = set(IGNORED_KEYS) | set(ignore)
-    flat = {k: v for k, v in flatten(run.config).items() if k not in skip}
-    return flat | {k: v for k, v in run.data_id.items() if v is not None}
+def _setting_config(run: Run, ignore: Iterable[str], defaults: dict) -> dict:
+    """The run's flat config as the run identity sees it (a key the run predates at its legacy or
+    default value, inert keys left out), without IGNORED_KEYS and `ignore`, plus its data id."""
+    flat = defaults | flatten(run.config)
+    inert = {k for k, is_inert in INERT_WHEN.items() if k in flat and is_inert(flat)}
+    skip = set(IGNORED_KEYS) | set(ignore) | inert
+    data_id = {k: v for k, v in run.data_id.items() if v is not None}
+    return {k: v for k, v in flat.items() if k not in skip} | data_id
 
 
 def _fmt_value(v: Any) -> str:
@@ -285,8 +313,10 @@ _MISSING = "<unset>"
 
 
 def _diff(config: dict, base: dict) -> dict:
+    """Keys whose values differ; a key inert on one side (left out there) is no difference."""
+    inert = {k for k in INERT_WHEN if (k in config) != (k in base)}
     return {k: config.get(k, _MISSING) for k in sorted(set(config) | set(base))
-            if _key(config.get(k, _MISSING)) != _key(base.get(k, _MISSING))}
+            if k not in inert and _key(config.get(k, _MISSING)) != _key(base.get(k, _MISSING))}
 
 
 def _key(v: Any) -> str:
@@ -311,12 +341,13 @@ def group_settings(runs: Sequence[Run], labels: Mapping[str, str] | Sequence[tup
         raise CompareError("no runs selected")
     labels = list(labels.items() if isinstance(labels, Mapping) else labels or [])
     ignore = list(ignore)
+    defaults = default_identity_config()
     groups: dict[str, Setting] = {}
     used = set()
     for run in runs:
         forms = (str(run.path), str(run.path.resolve()), run.path.name)
         label = next((n for n, g in labels if any(fnmatch.fnmatch(f, g) for f in forms)), None)
-        cfg = _setting_config(run, ignore)
+        cfg = _setting_config(run, ignore, defaults)
         gkey = f"label:{label}" if label is not None else "config:" + _key(cfg)
         if gkey not in groups:
             groups[gkey] = Setting(label or "", [], cfg, labelled=label is not None)
@@ -359,10 +390,16 @@ class BootstrapResult:
     ci_low: float
     ci_high: float
     p_le_0: float               # share of resamples with mean difference <= 0
+    p_ge_0: float = math.nan    # share of resamples with mean difference >= 0
 
     @property
     def excludes_zero(self) -> bool:
         return self.ci_low > 0 or self.ci_high < 0
+
+    @property
+    def p_two_sided(self) -> float:
+        """min(1, 2 · min(p_le_0, p_ge_0)): `stats.bootstrap_p_value` of the resamples."""
+        return two_sided_p(self.p_le_0, self.p_ge_0)
 
 
 def paired_bootstrap(a: Mapping[str, np.ndarray] | np.ndarray, b: Mapping[str, np.ndarray] | np.ndarray,
@@ -372,8 +409,9 @@ def paired_bootstrap(a: Mapping[str, np.ndarray] | np.ndarray, b: Mapping[str, n
 
     Given dicts (of metrics, or of any keys), every entry is evaluated on the same resamples. Users
     are drawn with replacement from `np.random.default_rng(seed)`, as a (B, U) index matrix drawn in
-    chunks of at most CHUNK_VALUES entries, so memory stays bounded whatever U and B are. The draws
-    depend only on (seed, U, B): a comparison gives the same numbers whatever else is in the dict.
+    chunks of at most `stats.CHUNK_VALUES` entries (`stats.user_draws`), so memory stays bounded whatever U
+    and B are. The draws depend only on (seed, U, B): a comparison gives the same numbers whatever
+    else is in the dict, and the hierarchical bootstrap draws the same users.
     """
     single = not isinstance(a, Mapping)
     a_, b_ = ({"value": a}, {"value": b}) if single else (a, b)
@@ -386,37 +424,42 @@ def paired_bootstrap(a: Mapping[str, np.ndarray] | np.ndarray, b: Mapping[str, n
     n = d.shape[1]
     if n == 0:
         raise CompareError("paired_bootstrap: no users")
-    rng = np.random.default_rng(seed)
-    rows = max(1, min(n_boot, CHUNK_VALUES // n))       # depends on U and B only: same draws for any M
     boot = np.empty((len(names), n_boot))
-    for start in range(0, n_boot, rows):
-        stop = min(start + rows, n_boot)
-        idx = rng.integers(0, n, size=(stop - start, n), dtype=np.int32 if n < 2**31 else np.int64)  # (c, U)
+    for start, stop, idx in user_draws(n, n_boot, seed):                        # idx: (c, U)
         for i in range(len(names)):
             boot[i, start:stop] = np.take(d[i], idx).sum(-1) / n                 # (c,)
     tail = (1 - level) / 2
     lo, hi = np.quantile(boot, [tail, 1 - tail], axis=1)
-    out = {m: BootstrapResult(float(d[i].mean()), float(lo[i]), float(hi[i]), float((boot[i] <= 0).mean()))
+    out = {m: BootstrapResult(float(d[i].mean()), float(lo[i]), float(hi[i]), float((boot[i] <= 0).mean()),
+                              float((boot[i] >= 0).mean()))
            for i, m in enumerate(names)}
     return out["value"] if single else out
 
 
-def setting_values(setting: Setting, metrics: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray],
-                                                                       dict[str, list[float]]]:
-    """(users, per-user values averaged over the setting's seeds, per-run means) of one setting."""
+def setting_run_values(setting: Setting, metrics: Sequence[str],
+                       ) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+    """(users, per run in `setting.runs` order {metric: (U,) per-user values}); every run must have
+    the same test users."""
     users = setting.runs[0].users
-    per_run = {m: [] for m in metrics}
-    stacked = {m: [] for m in metrics}
     for run in setting.runs:
         if not np.array_equal(run.users, users):
             raise CompareError(f"setting {setting.name}: run {run.path} has a different test user set from "
                                f"run {setting.runs[0].path} ({_user_diff(run.users, users)}); its seeds "
                                f"cannot be averaged per user")
-        values = per_user_metrics(run.ranks, metrics)
-        for m in metrics:
-            stacked[m].append(values[m])
-            per_run[m].append(float(values[m].mean()))
-    return users, {m: np.mean(stacked[m], axis=0) for m in metrics}, per_run
+    return users, [per_user_metrics(run.ranks, metrics) for run in setting.runs]
+
+
+def setting_values(setting: Setting, metrics: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray],
+                                                                       dict[str, list[float]]]:
+    """(users, per-user values averaged over the setting's seeds, per-run means) of one setting."""
+    users, runs = setting_run_values(setting, metrics)
+    return users, *_averaged(runs, metrics)
+
+
+def _averaged(runs: list[dict[str, np.ndarray]], metrics: Sequence[str]) -> tuple[dict, dict]:
+    """(per-user values averaged over runs, per-run means) from `setting_run_values`' runs."""
+    return ({m: np.mean([r[m] for r in runs], axis=0) for m in metrics},
+            {m: [float(r[m].mean()) for r in runs] for m in metrics})
 
 
 def _user_diff(a: np.ndarray, b: np.ndarray) -> str:
@@ -461,6 +504,19 @@ class MetricDifference:
     # The bootstrap above resamples users only; these say whether the gap holds seed by seed.
     paired_seeds: list = field(default_factory=list)
     seed_diffs: list = field(default_factory=list)
+    # The interval above resampled users; its two-sided bootstrap p (`stats.bootstrap_p_value`) and
+    # that p Holm-adjusted over the compare call's family (`Comparison.holm_family`).
+    interval_unit: str = UNIT_USERS
+    p_ge_0: float = math.nan
+    p_two_sided: float = math.nan
+    holm_p: float = math.nan
+    holm_excludes_0: bool = False             # Holm-adjusted p <= Comparison.holm_alpha
+    # Seed-level intervals over the paired seeds: Student t (>= 2 seeds) and the hierarchical
+    # bootstrap (>= 3 seeds); None where too few seeds, the note saying so.
+    seed_t: Interval | None = None
+    seed_t_note: str = ""
+    seed_hier: Interval | None = None
+    seed_hier_note: str = ""
 
     @property
     def seeds_ahead(self) -> str:
@@ -485,6 +541,9 @@ class Comparison:
     n_boot: int
     seed: int
     notes: list[str] = field(default_factory=list)
+    holm_alpha: float = HOLM_ALPHA
+    holm_family: str = ""                       # what each Holm family holds, in words
+    holm_family_sizes: dict = field(default_factory=dict)   # {interval unit: comparisons in its family}
 
     def to_dict(self) -> dict:
         return finite_or_null(dataclasses.asdict(self))
@@ -504,13 +563,66 @@ def finite_or_null(x: Any) -> Any:
     return x
 
 
+def _seed_pairs(base_seeds: list, other_seeds: list) -> list[tuple[Any, int, int]]:
+    """(seed, its run's index in base, in other) for each seed both settings ran exactly once, in
+    other's order."""
+    def once(seeds):
+        keys = [_key(x) for x in seeds]
+        return {k: i for i, k in enumerate(keys) if keys.count(k) == 1}
+    mine, theirs = once(base_seeds), once(other_seeds)
+    return [(seed, mine[k], theirs[k]) for seed in other_seeds if (k := _key(seed)) in mine and k in theirs]
+
+
 def _paired_seeds(base: SettingSummary, other: SettingSummary, metric: str) -> list[tuple[Any, float]]:
     """(seed, other - base) of the run means, for each seed that both settings ran exactly once."""
-    def by_seed(summary):
-        seeds = [_key(x) for x in summary.seeds]
-        return {k: v for k, v in zip(seeds, summary.metrics[metric].per_seed) if seeds.count(k) == 1}
-    mine, theirs = by_seed(base), by_seed(other)
-    return [(seed, theirs[k] - mine[k]) for seed in other.seeds if (k := _key(seed)) in mine and k in theirs]
+    a, b = base.metrics[metric].per_seed, other.metrics[metric].per_seed
+    return [(seed, b[j] - a[i]) for seed, i, j in _seed_pairs(base.seeds, other.seeds)]
+
+
+def _seed_notes(n: int) -> tuple[str, str]:
+    """Why the (t, hierarchical) seed-level intervals are absent with n paired seeds ('' if present)."""
+    none = "no seed run by both settings" if n == 0 else f"{n} seed"
+    t_note = "" if n >= 2 else f"{none}: no seed-level interval"
+    if n < 3:
+        return t_note, t_note or f"{n} seeds: no hierarchical bootstrap (needs >= 3 seeds)"
+    return "", ""
+
+
+def seed_level(base_runs: list[dict[str, np.ndarray]], other_runs: list[dict[str, np.ndarray]],
+               pairs: list[tuple[Any, int, int]], metrics: Sequence[str], n_boot: int, seed: int,
+               ) -> dict[str, Interval]:
+    """{metric: hierarchical-bootstrap Interval} over the paired runs (`_seed_pairs`); {} under 3 pairs.
+
+    Row s of both (S, U) matrices is seed s's run, so seeds and users stay paired between settings.
+    """
+    if len(pairs) < 3:
+        return {}
+    a = {m: np.stack([base_runs[i][m] for _, i, _ in pairs]) for m in metrics}
+    b = {m: np.stack([other_runs[j][m] for _, _, j in pairs]) for m in metrics}
+    return {m: r.interval for m, r in hierarchical_bootstrap(a, b, n_boot=n_boot, seed=seed).items()}
+
+
+def apply_holm(comparisons: Sequence[PairedComparison], alpha: float = HOLM_ALPHA) -> dict[str, int]:
+    """Set holm_p / holm_excludes_0 (adjusted p <= alpha) on every interval of `comparisons`.
+
+    One family per interval kind: all its setting-vs-baseline comparisons on all metrics (the same
+    difference tested two ways is not two hypotheses). Returns {interval unit: family size}.
+    """
+    diffs = [d for c in comparisons for d in c.metrics.values()]
+    families = {UNIT_USERS: [(d, d.p_two_sided) for d in diffs],
+                UNIT_SEEDS_T: [(d.seed_t, d.seed_t.p_value) for d in diffs if d.seed_t],
+                UNIT_HIERARCHICAL: [(d.seed_hier, d.seed_hier.p_value) for d in diffs if d.seed_hier]}
+    for family in families.values():
+        for (member, _), p in zip(family, holm([p for _, p in family])):
+            member.holm_p, member.holm_excludes_0 = p, bool(p <= alpha)
+    return {unit: len(family) for unit, family in families.items()}
+
+
+def _holm_family(n_settings: int, n_metrics: int, sizes: dict[str, int], alpha: float) -> str:
+    kinds = ", ".join(f"{unit}: {n}" for unit, n in sizes.items())
+    return (f"Holm-Bonferroni step-down over every setting-vs-baseline comparison on every metric of this "
+            f"compare call ({n_settings} settings x {n_metrics} metrics), one family per interval kind "
+            f"({kinds} comparisons); excludes 0 after Holm = adjusted p <= {alpha:g}")
 
 
 def compare(runs: Sequence[Run | str | Path], metrics: Iterable[str] | None = None,
@@ -531,12 +643,13 @@ def compare(runs: Sequence[Run | str | Path], metrics: Iterable[str] | None = No
         raise CompareError(f"--baseline {baseline!r}: no such setting (settings: {names})")
     base = settings[names.index(baseline)] if baseline is not None else settings[0]
 
-    notes, summaries, values = [], [], {}
+    notes, summaries, values, run_values = [], [], {}, {}
     for s in settings:
         seeds = s.seeds
         if len(set(map(_key, seeds))) < len(seeds):
             notes.append(f"setting {s.name}: repeated seeds {seeds} (re-runs are averaged like seeds)")
-        users, per_user, per_run = setting_values(s, metrics)
+        users, run_values[s.name] = setting_run_values(s, metrics)
+        per_user, per_run = _averaged(run_values[s.name], metrics)
         values[s.name] = (users, per_user)
         summaries.append(SettingSummary(
             s.name, [str(r.path) for r in s.runs], seeds, s.variant, int(users.size),
@@ -564,16 +677,25 @@ def compare(runs: Sequence[Run | str | Path], metrics: Iterable[str] | None = No
     base_summary = summaries[names.index(base.name)]
     comparisons = []
     for s, summary in others:
+        pairs = _seed_pairs(base.seeds, s.seeds)
+        hier = seed_level(run_values[base.name], run_values[s.name], pairs, metrics, n_boot, seed)
+        t_note, hier_note = _seed_notes(len(pairs))
         diffs = {}
         for m in metrics:
             b0, b1 = base_summary.metrics[m].mean, summary.metrics[m].mean
             r = boot[(s.name, m)]
             paired = _paired_seeds(base_summary, summary, m)
+            seed_diffs = [d for _, d in paired]
             diffs[m] = MetricDifference(b0, b1, (b1 - b0) / b0 if b0 else math.nan, r.diff, r.ci_low,
                                         r.ci_high, r.p_le_0, r.excludes_zero,
-                                        [seed for seed, _ in paired], [d for _, d in paired])
+                                        [seed for seed, _ in paired], seed_diffs,
+                                        p_ge_0=r.p_ge_0, p_two_sided=r.p_two_sided,
+                                        seed_t=seed_t_interval(seed_diffs), seed_t_note=t_note,
+                                        seed_hier=hier.get(m), seed_hier_note=hier_note)
         comparisons.append(PairedComparison(s.name, base.name, int(base_users.size), diffs))
-    return Comparison(metrics, base.name, summaries, comparisons, n_boot, seed, notes)
+    sizes = apply_holm(comparisons)
+    return Comparison(metrics, base.name, summaries, comparisons, n_boot, seed, notes, HOLM_ALPHA,
+                      _holm_family(len(others), len(metrics), sizes, HOLM_ALPHA), sizes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -614,28 +736,68 @@ def table1_rows(result: Comparison, digits: int = 4) -> tuple[list[str], list[li
     return headers, rows
 
 
+def _p(x: float) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:.4f}"
+
+
+def _dagger(excludes: bool) -> str:
+    return "†" if excludes else ""
+
+
+def _interval(iv: Interval | None, note: str, digits: int) -> list[str]:
+    """[95% CI, p, Holm p, †] cells of a seed-level interval, or [its absence note, '', '', '']."""
+    if iv is None:
+        return [note, "", "", ""]
+    return [f"[{iv.low:+.{digits}f}, {iv.high:+.{digits}f}]", _p(iv.p_value), _p(iv.holm_p),
+            _dagger(iv.holm_excludes_0)]
+
+
+def table3_rows(result: Comparison, digits: int = 4) -> tuple[list[str], list[list[str]]]:
+    """Seed level: per setting and metric, the paired seeds, their mean difference, the t interval and
+    the hierarchical bootstrap (each with its p, Holm p and † marker), or why one is absent."""
+    headers = ["setting", "metric", "seeds", "mean seed diff", f"{UNIT_SEEDS_T} 95% CI", "p", "Holm p", "",
+               "seeds then users 95% CI", "p", "Holm p", ""]
+    rows = []
+    for c in result.comparisons:
+        for m, d in c.metrics.items():
+            mean = f"{np.mean(d.seed_diffs):+.{digits}f}" if d.seed_diffs else "-"
+            rows.append([c.setting, metric_label(m), str(len(d.paired_seeds)), mean,
+                         *_interval(d.seed_t, d.seed_t_note, digits),
+                         *_interval(d.seed_hier, d.seed_hier_note, digits)])
+    return headers, rows
+
+
 def format_text(result: Comparison, digits: int = 4) -> str:
-    """Table 1 (mean ± std over seeds) and Table 2 (vs baseline, one line per setting and metric)."""
+    """Table 1 (mean ± std over seeds), Table 2 (vs baseline by user) and Table 3 (vs baseline by seed),
+    one line per setting and metric in Tables 2 and 3, then the Holm family."""
     out = ["Table 1: test metrics per setting, mean ± sample std over seeds (n = runs)",
            _aligned(*table1_rows(result, digits)), ""]
     if not result.comparisons:
         out.append(f"Table 2: only one setting ({result.baseline}): nothing to compare")
         return "\n".join(out)
     n_users = result.comparisons[0].n_users
-    out.append(f"Table 2: vs baseline {result.baseline}; paired bootstrap over {n_users} users, "
-               f"B={result.n_boot}, seed {result.seed}; * = 95% CI excludes 0")
+    out.append(f"Table 2: vs baseline {result.baseline}; interval unit: {UNIT_USERS} (paired bootstrap over "
+               f"{n_users} users of the seed-averaged values, B={result.n_boot}, seed {result.seed}); "
+               f"* = 95% CI excludes 0; † = excludes 0 after Holm at {result.holm_alpha:g}")
     headers = ["setting", "metric", "baseline", "setting", "rel.change", "diff", "95% CI", "", "P(diff<=0)",
-               "seeds ahead"]
+               "p(2-sided)", "Holm p", "", "seeds ahead"]
     rows = []
     for c in result.comparisons:
         for m, d in c.metrics.items():
             rows.append([c.setting, metric_label(m), _num(d.baseline_mean, digits), _num(d.mean, digits),
                          _pct(d.rel_change), f"{d.diff:+.{digits}f}",
                          f"[{d.ci_low:+.{digits}f}, {d.ci_high:+.{digits}f}]", "*" if d.excludes_zero else "",
-                         f"{d.p_le_0:.4f}", d.seeds_ahead or "-"])
+                         f"{d.p_le_0:.4f}", _p(d.p_two_sided), _p(d.holm_p), _dagger(d.holm_excludes_0),
+                         d.seeds_ahead or "-"])
     out.append(_aligned(headers, rows, left=2))
     out.append("seeds ahead = seeds (run by both settings) on which the setting's run beats the baseline's "
-               "run of the same seed")
+               "run of the same seed; p(2-sided) = min(1, 2 min(P(diff<=0), P(diff>=0))) over the resamples")
+    out += ["", (f"Table 3: vs baseline {result.baseline} by seed: per seed both settings ran, the "
+                 f"difference of the two runs' test means; {UNIT_SEEDS_T} = mean ± t(0.975, n-1) sd/sqrt(n) "
+                 f"(n >= 2 seeds); seeds then users = hierarchical bootstrap (n >= 3 seeds, "
+                 f"B={result.n_boot}, seed {result.seed}); † = excludes 0 after Holm at "
+                 f"{result.holm_alpha:g}"),
+            _aligned(*table3_rows(result, digits), left=2), "", f"Holm: {result.holm_family}"]
     return "\n".join(out)
 
 
@@ -657,8 +819,32 @@ def csv_rows(result: Comparison) -> list[dict]:
                     f"{m}_ci_high": "" if d is None else d.ci_high, f"{m}_p_le_0": "" if d is None else d.p_le_0,
                     f"{m}_ci_excludes_0": "" if d is None else d.excludes_zero,
                     f"{m}_seeds_ahead": "" if d is None else d.seeds_ahead}
-        rows.append(row)
+            row |= _csv_stats(m, d)
+        rows.append(row | {"holm_family": result.holm_family})
     return rows
+
+
+def _blank(x: Any) -> Any:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def _csv_stats(m: str, d: MetricDifference | None) -> dict:
+    """The interval units, two-sided and Holm p-values and seed-level intervals of one metric ('' for
+    the baseline row, or where an interval is absent: its note says why)."""
+    row = {f"{m}_interval_unit": d.interval_unit if d else "",
+           f"{m}_p_two_sided": _blank(d.p_two_sided) if d else "",
+           f"{m}_holm_p": _blank(d.holm_p) if d else "",
+           f"{m}_holm_excludes_0": d.holm_excludes_0 if d else "",
+           f"{m}_seed_n": len(d.paired_seeds) if d else ""}
+    for key, unit in (("seed_t", UNIT_SEEDS_T), ("seed_hier", UNIT_HIERARCHICAL)):
+        iv = getattr(d, key) if d else None
+        row |= {f"{m}_{key}_unit": unit if d else "", f"{m}_{key}_diff": iv.diff if iv else "",
+                f"{m}_{key}_low": iv.low if iv else "", f"{m}_{key}_high": iv.high if iv else "",
+                f"{m}_{key}_p": iv.p_value if iv else "",
+                f"{m}_{key}_holm_p": _blank(iv.holm_p) if iv else "",
+                f"{m}_{key}_holm_excludes_0": iv.holm_excludes_0 if iv else "",
+                f"{m}_{key}_note": getattr(d, f"{key}_note") if d else ""}
+    return row
 
 
 def write_csv(result: Comparison, path: str | Path) -> None:
@@ -688,15 +874,36 @@ def format_markdown(result: Comparison, digits: int = 4) -> str:
             star = " *" if d.excludes_zero else ""
             ahead = f", ahead in {d.seeds_ahead} seeds" if d.seeds_ahead else ""
             cells.append(f"{_pct(d.rel_change)} ({d.diff:+.{digits}f} [{d.ci_low:+.{digits}f}, "
-                         f"{d.ci_high:+.{digits}f}], p={d.p_le_0:.3f}{ahead}){star}")
+                         f"{d.ci_high:+.{digits}f}], p={d.p_le_0:.3f}, 2-sided p={d.p_two_sided:.3f}, "
+                         f"Holm p={d.holm_p:.3f}{ahead}){star}{' †' if d.holm_excludes_0 else ''}")
         rows2.append([s.name] + cells)
+    rows3 = [[s.name] + [_md_seed_cell(c.metrics[m], digits) if c else "baseline" for m in result.metrics]
+             for s in result.settings for c in [result.comparison_for(s.name)]]
     n_users = result.settings[0].n_users
+    heads = ["setting"] + [metric_label(m) for m in result.metrics]
     return "\n".join([
         "**Table 1.** Test metrics per setting, mean ± sample std over seeds.", "", table(h1, r1), "",
-        f"**Table 2.** Relative change of the seed mean vs `{result.baseline}`, with the mean per-user "
-        f"difference and its paired-bootstrap 95% CI over {n_users} users (B={result.n_boot}, seed "
-        f"{result.seed}) and P(diff <= 0); * = CI excludes 0.", "",
-        table(["setting"] + [metric_label(m) for m in result.metrics], rows2), ""])
+        (f"**Table 2.** Relative change of the seed mean vs `{result.baseline}`, with the mean per-user "
+         f"difference and its 95% CI, interval unit: {UNIT_USERS} (paired bootstrap over {n_users} users of "
+         f"the seed-averaged values, B={result.n_boot}, seed {result.seed}), P(diff <= 0), the two-sided "
+         f"bootstrap p and its Holm-adjusted p; * = CI excludes 0; † = excludes 0 after Holm at "
+         f"{result.holm_alpha:g}."), "", table(heads, rows2), "",
+        (f"**Table 3.** Seed level vs `{result.baseline}`: per seed both settings ran, the difference of the "
+         f"two runs' test means; {UNIT_SEEDS_T}: mean ± t(0.975, n-1)·sd/√n (n >= 2 seeds); seeds then "
+         f"users: hierarchical bootstrap (n >= 3 seeds, B={result.n_boot}, seed {result.seed}); each with "
+         f"its Holm-adjusted p; † = excludes 0 after Holm at {result.holm_alpha:g}."), "",
+        table(heads, rows3), "", f"Holm: {result.holm_family}.", ""])
+
+
+def _md_seed_cell(d: MetricDifference, digits: int) -> str:
+    if d.seed_t is None:
+        return d.seed_t_note
+    parts = []
+    for iv, note in ((d.seed_t, d.seed_t_note), (d.seed_hier, d.seed_hier_note)):
+        parts.append(note if iv is None else
+                     f"{iv.unit}: [{iv.low:+.{digits}f}, {iv.high:+.{digits}f}], Holm p={iv.holm_p:.3f}"
+                     f"{' †' if iv.holm_excludes_0 else ''}")
+    return f"{d.seed_t.diff:+.{digits}f} over {d.seed_t.n_seeds} seeds; " + "; ".join(parts)
 
 
 def write_markdown(result: Comparison, path: str | Path, digits: int = 4) -> None:
@@ -717,8 +924,10 @@ def _csv_list(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="hm4sr-compare", description="Compare finished runs: mean ± std over seeds per setting and "
-        "paired-bootstrap CIs of each setting against a baseline, from results.json + per_user_test.npz.")
+        prog="hm4sr-compare", description="Compare finished runs: mean ± std over seeds per setting, and "
+        "each setting against a baseline: paired-bootstrap CIs over users, seed-level t intervals (>= 2 "
+        "seeds) and hierarchical-bootstrap CIs over seeds then users (>= 3 seeds), with Holm-adjusted "
+        "p-values, from results.json + per_user_test.npz.")
     p.add_argument("runs", nargs="+", metavar="RUN",
                    help="run folder, glob, or a folder whose subfolders are runs")
     p.add_argument("--metrics", type=_csv_list, default=list(DEFAULT_METRICS),
@@ -730,11 +939,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore", action="append", default=[], metavar="KEY",
                    help=f"also ignore this config key when grouping (always ignored: {', '.join(IGNORED_KEYS)})")
     p.add_argument("--baseline", help="setting to compare against (default: the first RUN's)")
-    p.add_argument("--bootstrap", type=int, default=10000, metavar="B", help="bootstrap resamples (default 10000)")
+    p.add_argument("--bootstrap", type=int, default=10000, metavar="B",
+                   help="bootstrap resamples, user-level and hierarchical (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--digits", type=int, default=4, help="decimals in the tables (default 4)")
     p.add_argument("--csv", metavar="FILE", help="also write one row per setting as CSV")
-    p.add_argument("--markdown", metavar="FILE", help="also write both tables as Markdown")
+    p.add_argument("--markdown", metavar="FILE", help="also write the tables as Markdown")
     p.add_argument("--json", metavar="FILE", help="also write everything as JSON")
     p.add_argument("--no-check", action="store_true",
                    help="skip checking the per-user ranks against the test metrics in results.json")

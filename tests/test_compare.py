@@ -1,4 +1,5 @@
-"""hm4sr-compare: per-user metric maths, the results.json check, seed grouping, paired bootstrap, CLI."""
+"""hm4sr-compare: per-user metric maths, the results.json check, seed grouping (the run identity's
+ignored keys), paired bootstrap, seed-level intervals, Holm adjustment, CLI."""
 
 import csv
 import json
@@ -10,10 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from hm4sr_dist.compare import (CompareError, compare, format_markdown, format_text, group_settings, load_run, main,
-                                paired_bootstrap, per_user_metrics, resolve_metrics)
-from hm4sr_dist.config import ExperimentConfig, to_dict
+from hm4sr_dist.compare import (IGNORED_KEYS, CompareError, compare, format_markdown, format_text,
+                                group_settings, load_run, main, paired_bootstrap, per_user_metrics,
+                                resolve_metrics)
+from hm4sr_dist.config import ExperimentConfig, from_dict, to_dict
 from hm4sr_dist.metrics import finalize, metric_sums
+from hm4sr_dist.stats import holm, seed_t_interval
+from hm4sr_dist.train.identity import NOT_IDENTITY, run_identity
+
+
+HIER = "seeds then users (hierarchical bootstrap)"
 
 
 def write_run(folder, ranks, users=None, seed=2020, variant="hm4sr", dataset="toy", test=None, **overrides):
@@ -194,8 +201,20 @@ def test_cli_writes_one_row_per_setting(study, tmp_path, capsys):
     assert [(r["setting"], r["n"]) for r in rows] == [("hm4sr", "3"), ("loss.idcl_weight=0.0", "3")]
     assert rows[0]["ndcg@10_diff"] == "" and float(rows[1]["ndcg@10_diff"]) < 0
     md_rows = [line for line in out_md.read_text().splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(md_rows) == 2 * (1 + 2)                                 # two tables: header + 2 settings
+    assert len(md_rows) == 3 * (1 + 2)                                 # three tables: header + 2 settings
     assert json.loads(out_json.read_text())["baseline"] == "hm4sr"
+    # Every interval names its unit, in every output; the Holm family is stated.
+    assert {rows[1][f"ndcg@10_{k}"] for k in ("interval_unit", "seed_t_unit", "seed_hier_unit")} == {
+        "users", "seeds (t)", HIER}
+    assert float(rows[1]["ndcg@10_seed_t_low"]) < float(rows[1]["ndcg@10_seed_t_high"]) < 0
+    assert rows[1]["ndcg@10_holm_excludes_0"] == "True" and "2 x" not in rows[1]["holm_family"]
+    md = out_md.read_text()
+    for text in (stdout, md):
+        assert "interval unit: users" in text and "seeds (t)" in text and "seeds then users" in text
+        assert "Holm-Bonferroni step-down over every setting-vs-baseline comparison on every metric" in text
+    saved = json.loads(out_json.read_text())
+    assert saved["holm_family_sizes"] == {"users": 4, "seeds (t)": 4, HIER: 4}
+    assert saved["comparisons"][0]["metrics"]["mrr@5"]["seed_hier"]["unit"].startswith("seeds then users")
     # The module entry point, and an error exit that names the path.
     proc = subprocess.run([sys.executable, "-m", "hm4sr_dist.compare", str(tmp_path / "missing")],
                           capture_output=True, text=True)
@@ -212,3 +231,107 @@ def test_a_study_folder_stands_for_its_finished_runs_only(tmp_path):
     (tmp_path / "notes").mkdir()
     assert expand_runs([tmp_path]) == [tmp_path / "a__seed1", tmp_path / "b__seed1"]
     assert expand_runs([tmp_path / "*"]) == [tmp_path / "a__seed1", tmp_path / "b__seed1"]
+
+
+def test_seed_level_intervals_and_holm_in_compare(study):
+    """Table 3: the t interval of the paired seed differences, the hierarchical bootstrap over seeds
+    then users (wider here than the user-level CI: the seeds disagree), and Holm over the call."""
+    res = compare(study, n_boot=1000, seed=1)
+    c = res.comparisons[0]
+    for d in c.metrics.values():
+        t = seed_t_interval(d.seed_diffs)
+        assert d.paired_seeds == [1, 2, 3] and d.seed_t_note == d.seed_hier_note == ""
+        assert (d.seed_t.low, d.seed_t.high, d.seed_t.p_value) == (t.low, t.high, t.p_value)
+        assert d.seed_t.diff == pytest.approx(np.mean(d.seed_diffs)) == pytest.approx(d.diff)
+        assert d.seed_hier.n_seeds == 3 and d.seed_hier.n_users == 300
+        assert d.seed_hier.high - d.seed_hier.low > d.ci_high - d.ci_low
+        assert d.interval_unit == "users" and d.p_two_sided == min(1, 2 * min(d.p_le_0, d.p_ge_0))
+    # One family per interval kind: all 4 metrics of the one setting, adjusted together
+    diffs = list(c.metrics.values())
+    assert [d.holm_p for d in diffs] == pytest.approx(holm([d.p_two_sided for d in diffs]))
+    assert [d.seed_t.holm_p for d in diffs] == pytest.approx(holm([d.seed_t.p_value for d in diffs]))
+    assert all(d.holm_excludes_0 == (d.holm_p <= 0.05) for d in diffs)
+    assert res.holm_family_sizes == {"users": 4, "seeds (t)": 4, HIER: 4}
+    assert "(1 settings x 4 metrics)" in res.holm_family
+    text = format_text(res)
+    assert "Table 3" in text and "Holm p" in text and "†" in text
+
+
+def test_holm_family_is_every_setting_and_metric_of_the_call(study, tmp_path):
+    """A third setting joins the family: the CIs stay as they were, the Holm p-values are adjusted
+    over 2 settings x 2 metrics = 4 comparisons."""
+    extra = [write_run(tmp_path / f"lr-s{seed}", random_ranks(300, seed + 10), seed=seed, optim__lr=0.01)
+             for seed in (1, 2, 3)]
+    alone = compare(study, metrics=["ndcg@5", "mrr@10"], n_boot=800)
+    both = compare(study + extra, metrics=["ndcg@5", "mrr@10"], n_boot=800)
+    assert both.holm_family_sizes["users"] == 4 and alone.holm_family_sizes["users"] == 2
+    same, _ = both.comparisons
+    for m, d in same.metrics.items():
+        first = alone.comparisons[0].metrics[m]
+        assert (d.ci_low, d.ci_high) == (first.ci_low, first.ci_high)
+    family = [d for c in both.comparisons for d in c.metrics.values()]
+    for kind in ("p_two_sided", "seed_t", "seed_hier"):
+        raw = [getattr(d, kind) if kind == "p_two_sided" else getattr(d, kind).p_value for d in family]
+        held = [d.holm_p if kind == "p_two_sided" else getattr(d, kind).holm_p for d in family]
+        assert held == pytest.approx(holm(raw))
+
+
+def test_too_few_seeds_say_why(tmp_path):
+    """1 paired seed: no seed-level interval; 2: the t interval but no hierarchical bootstrap."""
+    ranks = random_ranks(200, 0)
+    better = ranks.copy()
+    better[:30] = 0
+    base = [write_run(tmp_path / f"a-s{seed}", ranks, seed=seed) for seed in (1, 2, 3)]
+    other = [write_run(tmp_path / f"b-s{seed}", better, seed=seed, loss__idcl_weight=0.5)
+             for seed in (1, 2, 4)]
+    labels = [("A", "*a-*"), ("B", "*b-*")]
+    two = compare(base + other, labels=labels, n_boot=200).comparisons[0].metrics["ndcg@5"]
+    assert two.paired_seeds == [1, 2] and two.seed_t is not None and two.seed_t.n_seeds == 2
+    assert two.seed_hier is None
+    assert two.seed_hier_note == "2 seeds: no hierarchical bootstrap (needs >= 3 seeds)"
+    one = compare([base[0], other[0]], labels=labels, n_boot=200)
+    d = one.comparisons[0].metrics["ndcg@5"]
+    assert d.seed_t is None and d.seed_hier is None
+    assert d.seed_t_note == d.seed_hier_note == "1 seed: no seed-level interval"
+    assert one.holm_family_sizes == {"users": 4, "seeds (t)": 0, HIER: 0}
+    assert "1 seed: no seed-level interval" in format_text(one)
+    assert "1 seed: no seed-level interval" in format_markdown(one)
+    assert one.to_dict()["comparisons"][0]["metrics"]["ndcg@5"]["seed_t"] is None
+    none = compare([base[2], other[2]], labels=labels, n_boot=50).comparisons[0].metrics["ndcg@5"]
+    assert none.seed_t_note == "no seed run by both settings: no seed-level interval"
+
+
+def test_grouping_ignores_exactly_the_run_identity_keys(tmp_path):
+    """Finding 2: compare and the run identity share one list of keys that do not change results."""
+    assert IGNORED_KEYS == ("optim.seed",) + tuple(NOT_IDENTITY)
+    ranks = random_ranks(100, 0)
+    runs = [write_run(tmp_path / "r1", ranks, seed=1, train__checkpoint_every_steps=50, eval__batch_size=64),
+            write_run(tmp_path / "r2", ranks, seed=2, train__checkpoint_every_steps=1000, optim__epochs=7,
+                      train__max_failures=9),
+            # loss.cp_reduction is inert without the CP loss: the identity leaves it out, so does compare
+            write_run(tmp_path / "r3", ranks, seed=3, loss__cp_weight=0.0, loss__cp_reduction="per_element"),
+            write_run(tmp_path / "r4", ranks, seed=4, loss__cp_weight=0.0, loss__cp_reduction="per_item")]
+    settings = group_settings([load_run(r) for r in runs])
+    assert [(s.name, s.seeds) for s in settings] == [("hm4sr", [1, 2]), ("loss.cp_weight=0.0", [3, 4])]
+    # The same verdict as the identity hash (which keeps the seed: set it equal there)
+    for a, b, same in ((runs[0], runs[1], True), (runs[2], runs[3], True), (runs[0], runs[2], False)):
+        hashes = []
+        for r in (a, b):
+            cfg = json.loads((r / "results.json").read_text())["config"]
+            cfg["optim"]["seed"] = 0
+            hashes.append(run_identity(from_dict(ExperimentConfig, cfg), "fp")["hash"])
+        assert (hashes[0] == hashes[1]) == same
+
+
+def test_a_run_older_than_a_key_counts_at_its_legacy_value(tmp_path):
+    """As in the run identity: a results.json without loss.cp_reduction (written before the key
+    existed) ran with its legacy value, per_element, so it groups with per_element runs only."""
+    ranks = random_ranks(100, 1)
+    old = write_run(tmp_path / "old", ranks, seed=1)
+    results = json.loads((old / "results.json").read_text())
+    del results["config"]["loss"]["cp_reduction"]
+    (old / "results.json").write_text(json.dumps(results))
+    legacy = write_run(tmp_path / "legacy", ranks, seed=2, loss__cp_reduction="per_element")
+    new = write_run(tmp_path / "new", ranks, seed=3, loss__cp_reduction="per_item")
+    settings = group_settings([load_run(r) for r in (old, legacy, new)])
+    assert [(s.seeds, s.diff) for s in settings] == [([1, 2], {}), ([3], {"loss.cp_reduction": "per_item"})]

@@ -2,16 +2,22 @@
 
 Tables (`study.csv`, `study.md`): one row per setting: finished/planned runs, mean ± std over seeds
 of the test metrics, relative change of the seed mean vs the baseline row and the paired-bootstrap
-95% CI of the mean per-user difference (`hm4sr_dist.compare.compare`), best epoch and wall time;
+95% CI of the mean per-user difference (`hm4sr_dist.compare.compare`), the seed-level intervals
+(Student t over paired seeds, hierarchical bootstrap from 3 seeds), best epoch and wall time;
 failed, stopped (by ASHA: `seed 2: stopped by ASHA after 2/6 epochs`) or unfinished trials are
 listed under the table, never silently dropped, and never enter its means.
+
+Significance: a table is one family of comparisons, every non-baseline setting x metric in it.
+The user-level CI's two-sided bootstrap p is Holm-adjusted over that family (`table_holm`), and
+only a difference that excludes 0 after the adjustment (Holm p <= 0.05) is bold in `study.md` and
+starred in `diffs.png`; the unadjusted CIs are printed as they are, never bold on their own.
 
 Figures (matplotlib, Agg, PNG): `curves_<setting>.png` (loss terms and validation NDCG@5 per epoch,
 one line per seed), `bars.png` (test metrics per setting with std error bars: Table 1 / Fig. 3 /
 Fig. 5), `diffs.png` (each setting's change vs the baseline in %, with the paired-bootstrap 95% CI:
-the evidence bar, meaningful with one seed too), `fig4.png` (one panel per swept hyper-parameter),
-`routing_<setting>.png` (Temporal-MoE gate weight per expert and interval range, Interactive-MoE
-gate weight per expert and modality).
+the evidence bar, meaningful with one seed too; * over a bar = excludes 0 after Holm), `fig4.png`
+(one panel per swept hyper-parameter), `routing_<setting>.png` (Temporal-MoE gate weight per expert
+and interval range, Interactive-MoE gate weight per expert and modality).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hm4sr_dist.compare import CompareError, compare, load_run, metric_label
+from hm4sr_dist.compare import HOLM_ALPHA, CompareError, compare, load_run, metric_label
+from hm4sr_dist.stats import UNIT_USERS, holm
 from hm4sr_dist.study.plan import slug
 
 METRICS = ("ndcg@5", "ndcg@10", "mrr@10")
@@ -100,10 +107,12 @@ def tabulate(study_dir: Path, n_boot: int = 2000) -> list[dict]:
             row[f"{m}_ci_low"] = d.ci_low if d else math.nan
             row[f"{m}_ci_high"] = d.ci_high if d else math.nan
             row[f"{m}_seeds_ahead"] = d.seeds_ahead if d else ""
+            row |= _seed_fields(m, d)
         row["best_epoch_mean"], row["best_epoch_std"] = _mean_std([r["best_epoch"] for r in fin])
         row["wall_seconds_mean"], row["wall_seconds_std"] = _mean_std([r["wall_seconds"] for r in fin])
         row["train_seconds_mean"], _ = _mean_std([r["train_seconds"] for r in fin])
         rows.append(row)
+    table_holm(rows)
     with open(study_dir / "study.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -111,6 +120,54 @@ def tabulate(study_dir: Path, n_boot: int = 2000) -> list[dict]:
                      for r in rows])
     (study_dir / "study.md").write_text(markdown(plan, rows, comparison, notes))
     return rows
+
+
+def _seed_fields(m: str, d) -> dict:
+    """A row's interval units, two-sided p and seed-level intervals of metric m (`compare`'s
+    MetricDifference d, None for the baseline or an unfinished setting: nan / '')."""
+    row = {f"{m}_interval_unit": d.interval_unit if d else "",
+           f"{m}_p_two_sided": d.p_two_sided if d else math.nan}
+    for key in ("seed_t", "seed_hier"):
+        iv = getattr(d, key) if d else None
+        row |= {f"{m}_{key}_unit": iv.unit if iv else "", f"{m}_{key}_low": iv.low if iv else math.nan,
+                f"{m}_{key}_high": iv.high if iv else math.nan,
+                f"{m}_{key}_p": iv.p_value if iv else math.nan,
+                f"{m}_{key}_note": getattr(d, f"{key}_note") if d else ""}
+    return row
+
+
+def table_holm(rows: list[dict], metrics=METRICS, alpha: float = HOLM_ALPHA) -> int:
+    """Holm-adjust the user-level p of every non-baseline row x metric of one table (its family).
+
+    Sets `{m}_holm_p` (nan outside the family: the baseline, settings without a comparison) and
+    `{m}_holm_excludes_0` (Holm p <= alpha) on every row; returns the family size. See `stats.holm`.
+    """
+    members = [(r, m) for r in rows for m in metrics
+               if not r["baseline"] and math.isfinite(r.get(f"{m}_p_two_sided", math.nan))]
+    for r in rows:
+        for m in metrics:
+            r[f"{m}_holm_p"], r[f"{m}_holm_excludes_0"] = math.nan, False
+    for (r, m), p in zip(members, holm([r[f"{m}_p_two_sided"] for r, m in members])):
+        r[f"{m}_holm_p"], r[f"{m}_holm_excludes_0"] = p, bool(p <= alpha)
+    return len(members)
+
+
+def holm_note(rows: list[dict], metrics=METRICS, alpha: float = HOLM_ALPHA) -> str:
+    """The Markdown paragraph under the table: the family, the adjustment and what survived it."""
+    n = sum(math.isfinite(r[f"{m}_holm_p"]) for r in rows for m in metrics)
+    settings = sum(any(math.isfinite(r[f"{m}_holm_p"]) for m in metrics) for r in rows)
+    hits = [f"{r['setting']} {metric_label(m)} (Holm p={r[f'{m}_holm_p']:.3f})"
+            for r in rows for m in metrics if r[f"{m}_holm_excludes_0"]]
+    names = ", ".join(metric_label(m) for m in metrics)
+    return (f"**Significance.** One family: every non-baseline setting x metric of this table ({settings} "
+            f"settings x {len(metrics)} metrics: {names}; {n} comparisons). Each comparison's two-sided "
+            f"bootstrap p of "
+            f"its user-level CI (interval unit: {UNIT_USERS}), min(1, 2 min(P(diff <= 0), P(diff >= 0))), is "
+            f"adjusted by the Holm-Bonferroni step-down method over the {n}; bold = excludes 0 after Holm "
+            f"(Holm p <= {alpha:g}). "
+            f"The CIs are printed unadjusted and are not bold on their own; the seed-level intervals are "
+            f"unadjusted too. Holm p of every metric: study.csv (`<metric>_holm_p`). Excluding 0 after Holm: "
+            + ("; ".join(hits) if hits else "none") + ".")
 
 
 def code_versions_note(status: list[dict], runs: dict) -> list[str]:
@@ -145,31 +202,38 @@ def code_versions_note(status: list[dict], runs: dict) -> list[str]:
 def markdown(plan: dict, rows: list[dict], comparison, notes: list[str]) -> str:
     m0 = METRICS[0]
     heads = (["setting", "runs"] + [f"{metric_label(m)} (mean ± std)" for m in METRICS] +
-             [f"Δ{metric_label(m0)} vs baseline", "diff [95% CI]", "best epoch", "train min"])
+             [f"Δ{metric_label(m0)} vs baseline", "diff [95% CI], users", "seed-level 95% CI", "best epoch",
+              "train min"])
     lines = ["| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
     for r in rows:
         if r["baseline"]:
-            rel, ci = "baseline", ""
+            rel, ci, seed_ci = "baseline", "", ""
         elif math.isnan(r[f"{m0}_diff"]):
-            rel, ci = "n/a", ""
+            rel, ci, seed_ci = "n/a", "", ""
         else:
-            star = " *" if r[f"{m0}_ci_low"] > 0 or r[f"{m0}_ci_high"] < 0 else ""
             rel = f"{100 * r[f'{m0}_rel_change']:+.2f}%" if math.isfinite(r[f"{m0}_rel_change"]) else "n/a"
-            ci = f"{r[f'{m0}_diff']:+.4f} [{r[f'{m0}_ci_low']:+.4f}, {r[f'{m0}_ci_high']:+.4f}]{star}"
+            ci = f"{r[f'{m0}_diff']:+.4f} [{r[f'{m0}_ci_low']:+.4f}, {r[f'{m0}_ci_high']:+.4f}]"
+            ci = f"**{ci}**" if r[f"{m0}_holm_excludes_0"] else ci
+            ci += f", Holm p={r[f'{m0}_holm_p']:.3f}" if math.isfinite(r[f"{m0}_holm_p"]) else ""
             ci += f", ahead in {r[f'{m0}_seeds_ahead']} seeds" if r[f"{m0}_seeds_ahead"] else ""
+            seed_ci = _seed_cell(r, m0)
         cells = [r["setting"], r["runs"]] + [_fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in METRICS]
-        cells += [rel, ci, _fmt(r["best_epoch_mean"], r["best_epoch_std"], 1),
+        cells += [rel, ci, seed_ci, _fmt(r["best_epoch_mean"], r["best_epoch_std"], 1),
                   _fmt(r["train_seconds_mean"] / 60, math.nan, 1)]
         lines.append("| " + " | ".join(cells) + " |")
     n_users = comparison.settings[0].n_users if comparison else 0
     out = [f"# Study {plan['name']} ({plan['study']})", "",
            f"Test metrics over seeds per setting; Δ = relative change of the seed mean vs the baseline; "
            f"diff = mean per-user difference in {metric_label(m0)} with its paired-bootstrap 95% CI over "
-           f"{n_users} test users (B={comparison.n_boot if comparison else 0}); * = CI excludes 0; ahead in "
+           f"{n_users} test users (B={comparison.n_boot if comparison else 0}; seed-to-seed variance does "
+           f"not enter it), bold only where it excludes 0 after Holm (see Significance); seed-level = over "
+           f"the seeds both ran, the per-seed difference of the two runs' test means: t = mean ± "
+           f"t(0.975, n-1)·sd/√n (>= 2 seeds), hier. = hierarchical bootstrap, seeds then users "
+           f"(>= 3 seeds); ahead in "
            "k/n seeds = the setting's run beats the baseline's run of the same seed on k of the n seeds both ran; "
            "train min = mean over seeds of a run's training epochs, summed over its resumes (validation passes "
            "not included; wall_seconds in study.csv is the last start of each trial only). "
-           "`runs` = finished / planned.", "", *lines, ""]
+           "`runs` = finished / planned.", "", *lines, "", holm_note(rows), ""]
     failed = [r for r in rows if r["failed"]]
     if failed:
         out += ["**Not finished:**", ""] + [f"- {r['setting']}: {r['failed']}" for r in failed] + [""]
@@ -179,6 +243,16 @@ def markdown(plan: dict, rows: list[dict], comparison, notes: list[str]) -> str:
     if notes:
         out += ["**Notes:**", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(out)
+
+
+def _seed_cell(r: dict, m: str) -> str:
+    """'t [lo, hi]; hier. [lo, hi]' of metric m, or why there is none ('1 seed: no seed-level interval')."""
+    if math.isnan(r[f"{m}_seed_t_low"]):
+        return r[f"{m}_seed_t_note"]
+    cell = f"t [{r[f'{m}_seed_t_low']:+.4f}, {r[f'{m}_seed_t_high']:+.4f}]"
+    if math.isnan(r[f"{m}_seed_hier_low"]):
+        return f"{cell}; {r[f'{m}_seed_hier_note']}"
+    return f"{cell}; hier. [{r[f'{m}_seed_hier_low']:+.4f}, {r[f'{m}_seed_hier_high']:+.4f}]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,16 +307,22 @@ def _save(fig, path: Path) -> None:
 
 
 def _grouped_bars(path: Path, settings: list[str], bars: dict[str, tuple], title: str, ylabel: str,
-                  zero_line: bool = False) -> Path:
+                  zero_line: bool = False, marks: dict[str, list[bool]] | None = None) -> Path:
     """One group of bars per setting, one bar per metric: `bars[metric] = (heights, yerr)`, yerr as
-    matplotlib takes it (symmetric values, or [below, above])."""
+    matplotlib takes it (symmetric values, or [below, above]); `marks[metric][i]`: a * beyond the
+    error bar of setting i."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(settings) * len(bars) / 2), 4.5))
     x = np.arange(len(settings))
     width = 0.8 / len(bars)
     for i, (m, (heights, yerr)) in enumerate(bars.items()):
-        ax.bar(x + (i - (len(bars) - 1) / 2) * width, heights, width, yerr=yerr, capsize=3,
-               label=metric_label(m))
+        pos = x + (i - (len(bars) - 1) / 2) * width
+        ax.bar(pos, heights, width, yerr=yerr, capsize=3, label=metric_label(m))
+        below, above = np.broadcast_to(np.asarray(yerr, np.float64), (2, len(settings)))
+        for j in np.flatnonzero((marks or {}).get(m, [False] * len(settings))):
+            up = heights[j] >= 0
+            ax.annotate("*", (pos[j], heights[j] + above[j] if up else heights[j] - below[j]),
+                        ha="center", va="bottom" if up else "top", fontsize=14, fontweight="bold")
     if zero_line:
         ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(x, settings, rotation=30, ha="right")
@@ -275,9 +355,17 @@ def relative_changes(rows: list[dict]) -> dict[str, dict[str, tuple[float, float
             for r in rows if not r["baseline"] and not math.isnan(r[f"{METRICS[0]}_diff"])}
 
 
+def holm_marks(rows: list[dict], settings: list[str]) -> dict[str, list[bool]]:
+    """{metric: [excludes 0 after Holm, per setting in `settings` order]}: the stars of diffs.png
+    (the rows' `{m}_holm_excludes_0`, set by `table_holm` over the table's family)."""
+    by_name = {r["setting"]: r for r in rows}
+    return {m: [bool(by_name[s].get(f"{m}_holm_excludes_0", False)) for s in settings] for m in METRICS}
+
+
 def plot_differences(study_dir: Path, plan: dict, rows: list[dict]) -> Path | None:
     """Per setting, the change of each test metric vs the baseline with its paired-bootstrap 95% CI
-    (`relative_changes`), so "which part helps, and how sure" is one picture."""
+    (`relative_changes`), so "which part helps, and how sure" is one picture; a * marks a change that
+    excludes 0 after Holm over the table's family (`holm_marks`)."""
     changes = relative_changes(rows)
     if not changes:
         return None
@@ -287,10 +375,12 @@ def plot_differences(study_dir: Path, plan: dict, rows: list[dict]) -> Path | No
         rel, lo, hi = (np.array(v) for v in zip(*(c[m] for c in changes.values())))
         bars[m] = (rel, np.clip([rel - lo, hi - rel], 0, None))   # a percentile CI may miss its mean
     name = baseline["setting"]
+    family = sum(math.isfinite(r.get(f"{m}_holm_p", math.nan)) for r in rows for m in METRICS)
     return _grouped_bars(study_dir / "diffs.png", list(changes), bars,
                          f"{plan['name']}: test change vs {name}\n"
-                         f"(paired-bootstrap 95% CI over {baseline['test_users']} users)",
-                         f"% of {name}'s mean", zero_line=True)
+                         f"(paired-bootstrap 95% CI over {baseline['test_users']} users; "
+                         f"* = excludes 0 after Holm over {family} comparisons)",
+                         f"% of {name}'s mean", zero_line=True, marks=holm_marks(rows, list(changes)))
 
 
 def sweep_points(plan: dict, rows: list[dict]) -> dict[str, list[tuple]]:
@@ -343,7 +433,7 @@ def plot_sweeps(study_dir: Path, plan: dict, rows: list[dict]) -> Path | None:
 
 
 def _short(key: str) -> str:
-    from hm4sr_dist.tune.space import PAPER_KEYS
+    from hm4sr_dist.study.space import PAPER_KEYS
     return {v: k for k, v in PAPER_KEYS.items()}.get(key, key.rsplit(".", 1)[-1])
 
 
