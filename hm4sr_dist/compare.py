@@ -59,6 +59,7 @@ from hm4sr_dist.stats import (
     Interval,
     hierarchical_bootstrap,
     holm,
+    paired_differences,
     seed_t_interval,
     two_sided_p,
     user_draws,
@@ -413,14 +414,7 @@ def paired_bootstrap(a: Mapping[str, np.ndarray] | np.ndarray, b: Mapping[str, n
     and B are. The draws depend only on (seed, U, B): a comparison gives the same numbers whatever
     else is in the dict, and the hierarchical bootstrap draws the same users.
     """
-    single = not isinstance(a, Mapping)
-    a_, b_ = ({"value": a}, {"value": b}) if single else (a, b)
-    if set(a_) != set(b_):
-        raise CompareError(f"paired_bootstrap: metrics differ: {sorted(a_)} vs {sorted(b_)}")
-    if n_boot < 1:
-        raise CompareError(f"bootstrap: expected B >= 1 resamples, got {n_boot}")
-    names = list(a_)
-    d = np.stack([np.asarray(b_[m], np.float64) - np.asarray(a_[m], np.float64) for m in names])  # (M, U)
+    single, names, d = paired_differences(a, b, n_boot, "paired_bootstrap", CompareError)   # d: (M, U)
     n = d.shape[1]
     if n == 0:
         raise CompareError("paired_bootstrap: no users")

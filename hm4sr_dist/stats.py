@@ -223,6 +223,20 @@ class HierarchicalResult:
     replicates: np.ndarray      # (B,) the resampled mean differences
 
 
+def paired_differences(a, b, n_boot: int, what: str, error: type = ValueError):
+    """(single, names, b - a stacked as (M, ...)) of aligned per-user values given as arrays or as
+    dicts of metrics; `error` (naming `what`) when the metrics differ or B < 1."""
+    single = not isinstance(a, Mapping)
+    a_, b_ = ({"value": a}, {"value": b}) if single else (a, b)
+    if set(a_) != set(b_):
+        raise error(f"{what}: metrics differ: {sorted(a_)} vs {sorted(b_)}")
+    if n_boot < 1:
+        raise error(f"{what}: expected B >= 1 resamples, got {n_boot}")
+    names = list(a_)
+    return single, names, np.stack([np.asarray(b_[m], np.float64) - np.asarray(a_[m], np.float64)
+                                    for m in names])
+
+
 def hierarchical_bootstrap(a: Mapping[str, np.ndarray] | np.ndarray, b: Mapping[str, np.ndarray] | np.ndarray,
                            n_boot: int = 10000, seed: int = 0, level: float = 0.95,
                            ) -> dict[str, HierarchicalResult] | HierarchicalResult:
@@ -242,14 +256,7 @@ def hierarchical_bootstrap(a: Mapping[str, np.ndarray] | np.ndarray, b: Mapping[
     The interval is the percentile one; p is `bootstrap_p_value` of the replicates. Dicts (of
     metrics) are evaluated on the same draws.
     """
-    single = not isinstance(a, Mapping)
-    a_, b_ = ({"value": a}, {"value": b}) if single else (a, b)
-    if set(a_) != set(b_):
-        raise ValueError(f"hierarchical_bootstrap: keys differ: {sorted(a_)} vs {sorted(b_)}")
-    if n_boot < 1:
-        raise ValueError(f"hierarchical_bootstrap: expected B >= 1 resamples, got {n_boot}")
-    names = list(a_)
-    d = np.stack([np.asarray(b_[m], np.float64) - np.asarray(a_[m], np.float64) for m in names])  # (M, S, U)
+    single, names, d = paired_differences(a, b, n_boot, "hierarchical_bootstrap")    # d: (M, S, U)
     if d.ndim != 3 or d.shape[1] < 3 or d.shape[2] < 1:
         raise ValueError(f"hierarchical_bootstrap: expected (S, U) arrays with S >= 3 seeds and U >= 1 "
                          f"users, got {d.shape[1:]}")
