@@ -69,7 +69,7 @@ PARENT_TAG = "mlflow.parentRunId"        # MLflow's own: the UI nests a run unde
 CHANGED_PREFIX = "param_changed."
 DB_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
-OFF_VALUES = ("off", "none")
+OFF_VALUES = ("off", "none", "false", "no")     # "off" on a command line reads as YAML false
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 PROBE_TIMEOUT_S = 5
 
@@ -104,7 +104,7 @@ def tracking_uri_for(tracking_uri: str, storage_path: str) -> str | None:
     - "" (the default): `sqlite:///<absolute storage path>/mlflow.db` for a local storage path
       (`file://` included). For a URI storage path (s3://, gs://, ...) None, with one note on stderr
       (once per process): no default database can live there, and a local one would differ per node.
-    - "off" or "none" (any case): None.
+    - "off", "none", "false" or "no" (any case; YAML reads `off` as false): None.
     - anything else (`http://host:5000`, `sqlite:////shared/mlflow.db`, `postgresql://...`): as given.
     """
     value = (tracking_uri or "").strip()

@@ -199,14 +199,15 @@ def ensure_prepared(job: DatasetJob, raw_dir: str, prepared_dir: Path, force: bo
 
 
 def run_plan(plan: JobPlan) -> dict:
-    """Start Ray, prepare the data, fit the config to it, train, write the run folder."""
-    from hm4sr_dist.run_folder import write_run_folder
-    from hm4sr_dist.train.launcher import ensure_ray, run_training, stored_identity, trained_by, tracking_of
-    from hm4sr_dist.train.tracking_run import attach_run_folder
+    """Prepare the data if asked, fit the config to it, check the run before Ray Train starts
+    (`launcher.preflight`), then train and write the run folder; a finished run is read, not run."""
+    from hm4sr_dist.train.launcher import (ensure_ray, finished_run_checkpoint, preflight, run_training,
+                                           tracking_of)
     from hm4sr_dist.train.monitor import say
 
     args, job = plan.args, plan.job
-    ensure_ray()          # before the pipeline's own init, which would not forward worker logs
+    if args.raw_dir:      # the pipeline runs on Ray Data: start Ray first so its worker logs reach us
+        ensure_ray()
     manifest = ensure_prepared(job, args.raw_dir, plan.prepared, args.force_prepare, plan.prep)
     fitted = resolve_job_config(args.config, args.overrides, args.variant, DataOffer.from_manifest(manifest),
                                 fit=True, prepared_dir=plan.prepared)
@@ -214,19 +215,64 @@ def run_plan(plan: JobPlan) -> dict:
     cfg.name = job_run_label(job, args.variant)
     for note in notes:
         say(f"note: {note}")
-    result = run_training(cfg)
+    run = preflight(cfg)             # data, run name, identity, epoch cap: before any worker starts
+    out = Path(args.output or Path("outputs") / cfg.train.run_name)
+    finished = finished_run_checkpoint(cfg, run)
+    if finished is not None:
+        return _read_finished_run(plan, cfg, run, finished, out, notes)
+    try:
+        result = run_training(cfg)
+    except Exception:
+        from hm4sr_dist.train.tracking_run import mark_failed
+        mark_failed(tracking_of(cfg))
+        raise
     if result.checkpoint is None:
         raise RuntimeError(f"{cfg.train.run_name}: the Train run left no checkpoint")
-    out = Path(args.output or Path("outputs") / (cfg.train.run_name or cfg.name))
-    with result.checkpoint.as_directory() as folder:
-        results = write_run_folder(out, Path(folder), config=to_dict(cfg), dataset=job.name,
-                                   identity=stored_identity(cfg), fingerprint=manifest.get("fingerprint"),
-                                   wall_seconds=time.time() - plan.started,
-                                   checkpoint_uri=result.checkpoint.path, code=trained_by(cfg),
-                                   variant=args.variant, notes=notes, counts=manifest.get("counts", {}))
+    results = _write_run_folder(plan, cfg, run, result.checkpoint, out, notes, time.time() - plan.started)
+    from hm4sr_dist.train.tracking_run import attach_run_folder
     attach_run_folder(tracking_of(cfg), out)
-    say("test " + "  ".join(f"{k} {v:.4f}" for k, v in results["test"].items() if k != "count"))
+    say("test " + _test_line(results))
     say(f"wrote {out / 'results.json'}")
+    return results
+
+
+def _test_line(results: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in results["test"].items() if k != "count")
+
+
+def _write_run_folder(plan: JobPlan, cfg: ExperimentConfig, run, checkpoint, out: Path, notes: list,
+                      wall_seconds: float, extra: dict | None = None) -> dict:
+    from hm4sr_dist.run_folder import write_run_folder
+    from hm4sr_dist.train.launcher import trained_by
+
+    with checkpoint.as_directory() as folder:
+        return write_run_folder(out, Path(folder), config=to_dict(cfg), dataset=run.dataset,
+                                identity=run.identity["hash"], fingerprint=run.manifest.get("fingerprint"),
+                                wall_seconds=wall_seconds, checkpoint_uri=checkpoint.path, code=trained_by(cfg),
+                                variant=plan.args.variant, notes=notes,
+                                counts=run.manifest.get("counts", {}), extra=extra)
+
+
+def _read_finished_run(plan: JobPlan, cfg: ExperimentConfig, run, checkpoint, out: Path, notes: list) -> dict:
+    """A re-run of a finished run: its stored results, printed; no Ray, no worker, no checkpoint, no
+    TensorBoard point, and an existing results.json of the run left as it is (one in another
+    --output folder is written from the run's final checkpoint)."""
+    from hm4sr_dist.run_folder import RunFolderError, read_results
+    from hm4sr_dist.train.monitor import say
+
+    try:
+        results = read_results(out)
+    except RunFolderError:
+        results = None
+    if results is not None and results.get("identity") == run.identity["hash"]:
+        say(f"run {cfg.train.run_name} is finished (nothing to train at optim.epochs={cfg.optim.epochs}): "
+            f"its results, unchanged, from {out / 'results.json'}")
+    else:
+        results = _write_run_folder(plan, cfg, run, checkpoint, out, notes, 0.0,
+                                    extra={"read_from_finished_run": True})
+        say(f"run {cfg.train.run_name} is finished (nothing to train at optim.epochs={cfg.optim.epochs}): "
+            f"wrote {out / 'results.json'} from its final checkpoint")
+    say("test " + _test_line(results))
     return results
 
 

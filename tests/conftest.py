@@ -1,5 +1,9 @@
 """Shared tiny fixtures: a generated log and a small model configuration."""
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -48,3 +52,13 @@ def prepared_sequences(tmp_path_factory, local_ray):
     root = tmp_path_factory.mktemp("seq")
     return prepare_sequence_log(root, root / "prepared")
 
+
+@pytest.fixture
+def work():
+    """A fresh, short temp folder (Ray's socket paths must stay under 107 bytes, were it to start)
+    with `tmp/` (the jobs' RAY_TMPDIR, see hm4sr_test_utils.run) and `raw/`."""
+    root = Path(tempfile.mkdtemp(prefix="cli"))
+    (root / "tmp").mkdir()
+    (root / "raw").mkdir()
+    yield root
+    shutil.rmtree(root, ignore_errors=True)

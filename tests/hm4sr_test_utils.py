@@ -1,5 +1,8 @@
 """Small shared test helpers (a uniquely named module: several conftest.py files exist)."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from hm4sr_dist.config import ExperimentConfig
@@ -30,3 +33,32 @@ def prepare_sequence_log(raw: Path, out: Path) -> Path:
     assert prepare(["--source", "sequence", "--input-dir", str(raw), "--name", "Toy",
                     "--out-dir", str(out), "--min-shards", "4", "--no-progress"]) == 0
     return out
+
+
+# -- job command lines run as a user would: a subprocess with its own (empty) Ray temp folder --------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(work: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RAY_TMPDIR": str(work / "tmp"), "TMPDIR": str(work / "tmp"), "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def assert_user_error(work: Path, result: subprocess.CompletedProcess, line: str = "",
+                      start: str = "", notes_allowed: bool = False) -> None:
+    """One `error: ...` line on stderr, exit code 2, no traceback, Ray never started; nothing on
+    stdout unless `notes_allowed` (a job fitting its config to the data prints its notes first)."""
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    assert notes_allowed or result.stdout == "", result.stdout
+    if line:
+        assert lines[0] == line
+    if start:
+        assert lines[0].startswith(start), lines[0]
+    tmp = work / "tmp"
+    assert not (tmp / "ray").exists() and not list(tmp.rglob("session_*")), "Ray was started"

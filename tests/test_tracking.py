@@ -68,7 +68,7 @@ def test_default_uri_rules(tmp_path, monkeypatch, capsys):
     assert tracking_uri_for("", "outputs/ray_results") == f"sqlite:///{tmp_path}/outputs/ray_results/mlflow.db"
     assert tracking_uri_for("", str(tmp_path / "s")) == f"sqlite:///{tmp_path}/s/mlflow.db"
     assert tracking_uri_for("", f"file://{tmp_path}/s") == f"sqlite:///{tmp_path}/s/mlflow.db"
-    for off in ("off", "none", " OFF ", "None"):
+    for off in ("off", "none", " OFF ", "None", "false", "no"):      # `off` reads as YAML false
         assert tracking_uri_for(off, str(tmp_path)) is None
         assert tracking_uri_for(off, "s3://bucket/results") is None
     for given in ("http://mlflow.internal:5000", "sqlite:////shared/mlflow.db", "file:///shared/mlruns"):

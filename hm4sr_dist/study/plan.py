@@ -2,7 +2,8 @@
 
 Studies (paper §4): `table1` (HM4SR vs SASRec), `fig3` (the ablations the data supports), `fig4`
 (one-at-a-time sweeps of k1, k2, l2, l3, beta over `hm4sr_dist.study.space.PAPER_GRID`), `fig5` (the
-five alternative time embeddings and the default) and `custom` (variants and `key=value` settings).
+five alternative time embeddings and the default), `grid` (the full product of the --param keys'
+grids, or of their --values) and `custom` (variants and `key=value` settings).
 
 `plan_study` builds every trial's resolved config (base YAML + command-line overrides, the setting's
 variant and overrides fitted to the data by `hm4sr_dist.feasibility`, the seed) and keys it by its

@@ -92,7 +92,7 @@ def write_trial_folder(run_dir: Path, result, trial: dict, config: dict, plan_in
 def study_trial(config: dict, *, configs: dict, study_dir: str, plan_info: dict) -> None:
     """The Tune trainable: one Ray Train run of the trial's resolved config (`configs[key]`)."""
     from hm4sr_dist.config import ExperimentConfig, from_dict
-    from hm4sr_dist.train.launcher import build_trainer, trained_by, tracking_of
+    from hm4sr_dist.train.launcher import build_trainer, fit, trained_by, tracking_of
     from hm4sr_dist.train.tracking_run import attach_run_folder
 
     trial, folder = config["trial"], Path(study_dir)
@@ -119,7 +119,7 @@ def study_trial(config: dict, *, configs: dict, study_dir: str, plan_info: dict)
     trainer = build_trainer(cfg, callbacks=[HM4SRTuneReportCallback(valid_key)],
                             tracking_parent=plan_info.get("tracking_parent"))
     clear_stop(stop_file(storage_root(cfg), cfg.train.run_name))   # a request meant an earlier trial
-    result = trainer.fit()
+    result = fit(trainer)
     summary = write_trial_folder(run_dir, result, trial, configs[trial["key"]], plan_info,
                                time.time() - started, code=trained_by(cfg))
     attach_run_folder(tracking_of(cfg, plan_info.get("tracking_parent")), run_dir)
@@ -227,7 +227,6 @@ def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, tria
     finished, stopped (by ASHA, between epochs), failed (with the error) or unfinished."""
     study_dir = study_dir.resolve()
     check_epoch_caps(plan, study_dir)
-    (study_dir / "runs").mkdir(parents=True, exist_ok=True)
     base = plan.trials[0].config
     ensure_ray()
     # Only trials that will train start workers: a finished or reusable one needs its driver alone.
@@ -236,9 +235,10 @@ def run_study(plan: StudyPlan, study_dir: Path, *, max_concurrent: int = 1, tria
     launch = {"--max-concurrent": max_concurrent, "--max-failures": max_failures, "--asha": asha}
     if asha:
         launch |= {"--asha-grace": asha_grace, "--asha-reduction": asha_reduction}
-    max_concurrent, note = fit_concurrency(max_concurrent, shapes, trial_cpus)
+    max_concurrent, note = fit_concurrency(max_concurrent, shapes, trial_cpus)   # refuses what cannot fit
     if note:
         print(f"note: {note}", flush=True)
+    (study_dir / "runs").mkdir(parents=True, exist_ok=True)
     from hm4sr_dist.config import ExperimentConfig, from_dict
     storage = storage_root(from_dict(ExperimentConfig, base))
     parent = study_tracker(plan, study_dir)       # the study's MLflow run; each trial is a child

@@ -12,18 +12,22 @@ re-run resumes (or, finished, returns at once).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from hm4sr_dist.config import ConfigError, ExperimentConfig, to_dict
 from hm4sr_dist.data.manifest import ManifestError, read_manifest, verify_shards
 from hm4sr_dist.run_folder import train_run_name
 from hm4sr_dist.train.code_version import code_version
+from hm4sr_dist.train.data_errors import install as install_data_error_policy
+from hm4sr_dist.train.data_errors import raise_data_error
 from hm4sr_dist.train.identity import check_identity, read_identity, record_identity, run_identity
-from hm4sr_dist.train.state import epoch_cap_error, stored_train_state
+from hm4sr_dist.train.state import epoch_cap_error, finished_checkpoint, stored_train_state
 from hm4sr_dist.train.tracking_run import as_loop_config, open_for_driver, plan_tracking
 from hm4sr_dist.train.worker import train_loop_per_worker
 
@@ -101,6 +105,38 @@ def check_prepared(cfg: ExperimentConfig) -> dict:
     return manifest
 
 
+@dataclass
+class Preflight:
+    """What the driver checked before Ray Train starts (`preflight`)."""
+    manifest: dict
+    dataset: str
+    identity: dict                 # run_identity(): its hash and the keys it covers
+    status: str                    # check_identity(): "new", "same" or "changed"
+    stored: dict | None            # the run folder's recorded identity
+
+
+def preflight(cfg: ExperimentConfig) -> Preflight:
+    """Every check a run can fail before a worker reads anything, in the driver and without Ray:
+    the prepared data (manifest, every shard's size, a shard per worker: `check_prepared`), the run
+    name (set to `<data set>-<identity>` when unset) and the stored run's identity (a clash is a
+    RunIdentityError), the epoch cap. Writes nothing."""
+    manifest = check_prepared(cfg)
+    identity = run_identity(cfg, manifest.get("fingerprint"))
+    dataset = manifest.get("dataset") or Path(cfg.data.prepared_dir).name
+    cfg.train.run_name = cfg.train.run_name or train_run_name(dataset, identity["hash"])
+    status, stored = check_identity(run_folder(cfg), identity, allow_change=cfg.train.allow_config_change)
+    check_epoch_cap(cfg)
+    return Preflight(manifest, dataset, identity, status, stored)
+
+
+def finished_run_checkpoint(cfg: ExperimentConfig, run: Preflight):
+    """The final checkpoint of the stored Train run when it is this config's and has nothing left to
+    train (reached optim.epochs or stopped early), else None: the run is then read, not resumed."""
+    if run.status != "same":
+        return None
+    return finished_checkpoint(run_folder(cfg), cfg.optim.epochs, cfg.eval.patience)
+
+
 def build_trainer(cfg: ExperimentConfig, callbacks: list | None = None,
                   tracking_parent: str | None = None) -> TorchTrainer:
     """The TorchTrainer for one run, with optional extra Train `UserCallback`s (a Tune trial adds its
@@ -110,18 +146,14 @@ def build_trainer(cfg: ExperimentConfig, callbacks: list | None = None,
     ManifestError when the data cannot be read by every worker (`check_prepared`). Opens (or
     continues) the run's MLflow run and logs its config (`train/tracking_run.py`; a study passes its
     parent run as `tracking_parent`), so a wrong tracking URI stops here too."""
-    manifest = check_prepared(cfg)
-    identity = run_identity(cfg, manifest.get("fingerprint"))
-    dataset = manifest.get("dataset") or Path(cfg.data.prepared_dir).name
-    name = cfg.train.run_name = cfg.train.run_name or train_run_name(dataset, identity["hash"])
-    storage = storage_root(cfg)
-    folder = run_folder(cfg)
-    status, stored = check_identity(folder, identity, allow_change=cfg.train.allow_config_change)
-    check_epoch_cap(cfg)                       # both refusals before anything is written
-    record_identity(folder, identity, status, stored, code=code_version())
-    tracking = plan_tracking(cfg, dataset, identity["hash"], tracking_parent)
+    run = preflight(cfg)
+    name, storage, folder = cfg.train.run_name, storage_root(cfg), run_folder(cfg)
+    record_identity(folder, run.identity, run.status, run.stored, code=code_version())
+    tracking = plan_tracking(cfg, run.dataset, run.identity["hash"], tracking_parent)
+    dataset = run.dataset
     open_for_driver(tracking, cfg, dataset)
     ensure_ray()
+    install_data_error_policy()
     use_gpu = {"auto": cluster_has_gpus(), "true": True, "false": False}[cfg.train.use_gpu]
     return TorchTrainer(
         train_loop_per_worker,
@@ -146,4 +178,14 @@ def run_training(cfg: ExperimentConfig):
     if not cfg.data.prepared_dir:
         raise ValueError("data.prepared_dir: no prepared data set given (run the data pipeline first)")
     cfg.data.prepared_dir = str(Path(cfg.data.prepared_dir).resolve())
-    return build_trainer(cfg).fit()
+    return fit(build_trainer(cfg))
+
+
+def fit(trainer: TorchTrainer):
+    """`trainer.fit()`, with a data error in a worker raised once as a one-line ManifestError
+    (`train/data_errors.py`: not retried)."""
+    try:
+        return trainer.fit()
+    except TrainingFailedError as exc:
+        raise_data_error(exc)
+        raise

@@ -6,10 +6,11 @@ resumed run (or a study trial that continues a Train run) appends to the same ML
 - the driver, before Ray Train starts (`open_for_driver`): opens or continues the run, logs the
   resolved config as params and the tags; a wrong tracking URI stops the job here, in one line;
 - worker rank 0 (`open_for_worker`, inside `train_loop_per_worker`, as Ray Train v2 expects: its
-  RunConfig takes no Tune logger callbacks): per-step and per-epoch metrics, the test metrics, and
-  the run's status at the end (the `Monitor` forwards what it writes to TensorBoard);
+  RunConfig takes no Tune logger callbacks): per-step and per-epoch metrics and the test metrics
+  (the `Monitor` forwards what it writes to TensorBoard);
 - the driver, once the run folder is written (`attach_run_folder`): results.json and the per-user
-  ranks as artifacts (a study adds its tables and figures to its parent run).
+  ranks as artifacts, and the run's status, FINISHED (a study adds its tables and figures to its
+  parent run); a job whose training fails marks it FAILED (`mark_failed`).
 
 `TrackingPlan` is what the driver hands the workers in `train_loop_config` (plain data).
 """
@@ -81,6 +82,19 @@ def attach_run_folder(plan: TrackingPlan | None, run_dir: Path) -> None:
         if file.is_file():
             tracker.log_artifact(file, artifact_path="run_folder")
     tracker.finish("FINISHED")
+
+
+def mark_failed(plan: TrackingPlan | None) -> None:
+    """Best effort, while the training error is on its way up: the run's MLflow status FAILED (a
+    tracking error here must not hide the training one)."""
+    from hm4sr_dist.tracking import TrackingError
+
+    if plan is None or not plan.identity:
+        return
+    try:
+        plan.open().finish("FAILED")
+    except TrackingError:
+        pass
 
 
 def open_study_run(uri_setting: str, storage_path: str, dataset: str, study_name: str,

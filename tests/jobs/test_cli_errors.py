@@ -6,48 +6,20 @@ folder: a local `ray.init()` creates `$RAY_TMPDIR/ray/session_<date>_<pid>/` (se
 `jobs/train.py --dataset beauty` with Ray 2.60), so an empty folder afterwards means Ray never started.
 """
 
-import os
-import shutil
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+import hm4sr_test_utils
+from hm4sr_test_utils import run
+
 VARIANTS = "['hm4sr', '-IMoE', '-TMoE', '-CP', '-IDCL', '-PCL', '-Text', '-Image', 'sasrec']"
 
 
-@pytest.fixture
-def work():
-    """A fresh, short temp folder (Ray's socket paths must stay under 107 bytes, were it to start)."""
-    root = Path(tempfile.mkdtemp(prefix="cli"))
-    (root / "tmp").mkdir()
-    (root / "raw").mkdir()
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def run(work: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= {"RAY_TMPDIR": str(work / "tmp"), "TMPDIR": str(work / "tmp"), "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
-
-
-def assert_user_error(work: Path, result: subprocess.CompletedProcess, line: str = "",
-                      start: str = "") -> None:
-    lines = result.stderr.splitlines()
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr and result.stdout == ""
-    if line:
-        assert lines[0] == line
-    if start:
-        assert lines[0].startswith(start), lines[0]
-    tmp = work / "tmp"
-    assert not (tmp / "ray").exists() and not list(tmp.rglob("session_*")), "Ray was started"
+def assert_user_error(work: Path, result: subprocess.CompletedProcess, line: str = "", start: str = "") -> None:
+    """One `error:` line, exit 2, Ray not started (hm4sr_test_utils), and no data prepared."""
+    hm4sr_test_utils.assert_user_error(work, result, line, start)
     assert not (work / "prepared").exists(), "data preparation started"
 
 

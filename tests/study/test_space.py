@@ -140,6 +140,26 @@ def test_report_callback_renames_tune_reserved_keys():
     assert cb._training_actor_item_queue == []
 
 
+@pytest.mark.slow
+def test_study_refuses_a_plan_whose_trial_does_not_fit_the_cpus(prepared_sequences, local_ray, tmp_path, capsys):
+    """1 CPU for the trial's driver + 2 workers x 1 CPU > the session Ray's 2 CPUs: the worker group
+    would wait forever. The study stops before any trial with one line naming the fix
+    (`hm4sr_dist.study.resources.check_trials_fit`)."""
+    from jobs.common import exit_on_user_error
+    from jobs.study import main
+
+    argv = ["--prepared-dir", str(prepared_sequences), "--study", "fig4", "--param", "l2", "--values", "0.5",
+            "--seeds", "1", "--output", str(tmp_path / "out"), "--trial-cpus", "1",
+            *TINY, "train.num_workers=2", f"train.storage_path={tmp_path / 'runs'}"]
+    with pytest.raises(SystemExit) as stop:
+        exit_on_user_error(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("error: --trial-cpus")
+    assert "1 + workers = 3 CPUs" in err and "--trial-cpus 0.5 with train.num_workers=1" in err
+    assert not (tmp_path / "out" / "trials.jsonl").exists() and not (tmp_path / "out" / "runs").exists()
+    assert not list((tmp_path / "runs").glob("*/run_identity.json"))      # no Train run was started
+
+
 def test_trial_fit_check_counts_each_trials_workers():
     from hm4sr_dist.study.resources import check_trials_fit
 

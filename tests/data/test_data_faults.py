@@ -1,0 +1,125 @@
+"""Fault injection on a prepared folder (issue 25): each broken input ends the training job with one
+`error: ...` line and exit code 2, and none is retried.
+
+- Found by the driver's pre-flight, before Ray starts (a subprocess whose RAY_TMPDIR stays empty):
+  a truncated shard, a missing shard, too few shards for the workers, a missing manifest, a folder
+  of an older manifest schema.
+- Found by a worker as it reads (the bytes keep their size, so only reading finds them): a byte
+  flipped inside the catalogue (the shard's sha256, at the shard's end) and a broken npy header
+  (at decode). Ray Train would retry these `train.max_failures` times; the run stops on the first
+  attempt instead (`train/data_errors.py`): one TensorBoard event file, one worker start.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from hm4sr_dist.data.manifest import MANIFEST_NAME, SHARD_DIR, ManifestError
+from hm4sr_test_utils import assert_user_error, run
+
+TINY = ["model.hidden_size=8", "model.inner_size=16", "model.max_seq_len=12", "model.n_layers=1",
+        "optim.epochs=1", "eval.batch_size=256"]
+
+
+def copy_of(prepared: Path, dest: Path) -> Path:
+    shutil.copytree(prepared, dest)
+    return dest
+
+
+def shards(folder: Path) -> list[Path]:
+    return sorted((folder / SHARD_DIR).glob("*.tar"))
+
+
+def train(work: Path, prepared: Path, *args: str):
+    return run(work, "jobs/train.py", "--dataset", "beauty", "--prepared-dir", str(prepared),
+               "--output", str(work / "out"), f"train.storage_path={work / 'runs'}", *TINY, *args)
+
+
+def truncate(folder: Path) -> str:
+    shard = shards(folder)[0]
+    shard.write_bytes(shard.read_bytes()[:-2048])
+    return f"shard {shard}: "
+
+
+def remove_shard(folder: Path) -> str:
+    shard = shards(folder)[-1]
+    shard.unlink()
+    return f"shard {shard}: listed in the manifest but missing"
+
+
+def remove_manifest(folder: Path) -> str:
+    (folder / MANIFEST_NAME).unlink()
+    return str(folder)
+
+
+def older_schema(folder: Path) -> str:
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    manifest["schema_version"] = manifest["schema_version"] - 1
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return "schema_version"
+
+
+@pytest.mark.parametrize("fault", [truncate, remove_shard, remove_manifest, older_schema])
+def test_a_broken_folder_stops_the_job_before_ray_starts(work, prepared_sequences, fault):
+    folder = copy_of(prepared_sequences, work / "prepared")
+    expected = fault(folder)
+    result = train(work, folder, "train.num_workers=1", "optim.batch_size=64")
+    assert_user_error(work, result, notes_allowed=True)
+    assert expected in result.stderr, result.stderr
+    assert not (work / "runs").exists() and not (work / "out").exists()
+
+
+def test_too_few_shards_for_the_workers_stops_the_job_before_ray_starts(work, prepared_sequences):
+    n = len(shards(prepared_sequences))
+    result = train(work, prepared_sequences, f"train.num_workers={n + 1}", f"optim.batch_size={64 * (n + 1)}")
+    assert_user_error(work, result, start=f"error: {prepared_sequences}: {n} shards for train.num_workers={n + 1}",
+                      notes_allowed=True)
+
+
+def flip_item_byte(folder: Path) -> str:
+    """One byte of the first sample's first item ID changed to another valid ID: size kept."""
+    from test_shard_integrity import first_item_offset
+
+    shard = shards(folder)[0]
+    data = bytearray(shard.read_bytes())
+    offset = first_item_offset(shard)
+    data[offset] = 1 if data[offset] != 1 else 2
+    shard.write_bytes(bytes(data))
+    return f"shard {shard}: its bytes do not match the manifest's sha256"
+
+
+def break_npy_header(folder: Path) -> str:
+    """The first sample's npy magic overwritten: the tar is intact, its size kept."""
+    shard = shards(folder)[0]
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar if m.isfile())
+    data = bytearray(shard.read_bytes())
+    data[member.offset_data:member.offset_data + 6] = b"NOTNPY"
+    shard.write_bytes(bytes(data))
+    return f"shard {shard}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", [flip_item_byte, break_npy_header])
+def test_a_corrupt_shard_stops_the_run_on_its_first_pass_without_retries(prepared_sequences, local_ray,
+                                                                         tmp_path, fault):
+    from jobs.train import DatasetJob
+    from jobs.common import run_job
+
+    folder = copy_of(prepared_sequences, tmp_path / "prepared")
+    expected = fault(folder)
+    argv = ["--prepared-dir", str(folder), "--output", str(tmp_path / "out"), *TINY,
+            "optim.batch_size=64", "train.num_workers=1", "train.max_failures=2", "train.run_name=faulty",
+            f"train.storage_path={tmp_path / 'runs'}", "train.tracking_uri=off"]
+    with pytest.raises(ManifestError) as err:
+        run_job(DatasetJob("seq", "sequence"), argv)
+    message = str(err.value)
+    assert expected in message and "\n" not in message and "without retrying" in message
+    events = list((tmp_path / "runs" / "faulty" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1, events                     # one worker start: the error was not retried
+    assert not (tmp_path / "out").exists()
