@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             in_list, seeds = "seeds", (seeds or []) + ([value] if value else [])
         elif in_list == "variants" and not a.startswith("--") and "=" not in a:
             variants.append(a)
-        elif in_list == "seeds" and not a.startswith("-") and "=" not in a:
+        elif in_list == "seeds" and (not a.startswith("-") or a[1:].isdigit()) and "=" not in a:  # -1 too
             seeds.append(a)
         else:
             in_list = None

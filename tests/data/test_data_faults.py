@@ -123,3 +123,31 @@ def test_a_corrupt_shard_stops_the_run_on_its_first_pass_without_retries(prepare
     events = list((tmp_path / "runs" / "faulty" / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1, events                     # one worker start: the error was not retried
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_name_clash_and_a_short_epoch_cap_stop_the_job_before_ray_starts(work, prepared_sequences):
+    """Issue 25, finding 7: both were reported only after Ray had started."""
+    from hm4sr_dist.config import load_config
+    from hm4sr_dist.data.manifest import read_manifest
+    from hm4sr_dist.train.identity import check_or_record, run_identity
+    from hm4sr_dist.train.state import TrainState, save_worker_files
+
+    fingerprint = read_manifest(prepared_sequences).get("fingerprint")
+    other = load_config("configs/hm4sr_paper.yaml", ["loss.idcl_weight=0.5"])
+    check_or_record(str(work / "runs" / "clash"), run_identity(other, fingerprint))
+    result = train(work, prepared_sequences, "train.run_name=clash", "train.num_workers=1", "optim.batch_size=64")
+    assert_user_error(work, result, start="error: train.run_name", notes_allowed=True)
+    assert "loss.idcl_weight" in result.stderr
+
+    mine = load_config("configs/hm4sr_paper.yaml", [*TINY, "train.num_workers=1", "optim.batch_size=64",
+                                                     f"data.prepared_dir={prepared_sequences}"])
+    from hm4sr_dist.feasibility import DataOffer, resolve
+    mine = resolve(mine, DataOffer.from_manifest(read_manifest(prepared_sequences))).config
+    run_dir = work / "runs" / "long"
+    check_or_record(str(run_dir), run_identity(mine, fingerprint))
+    checkpoint = run_dir / "checkpoint_2026-01-01_00-00-00.000000"
+    checkpoint.mkdir()
+    save_worker_files(checkpoint, 0, TrainState(epoch=3, best_epoch=2), None)
+    result = train(work, prepared_sequences, "train.run_name=long", "train.num_workers=1", "optim.batch_size=64")
+    assert_user_error(work, result, start="error: optim.epochs=1: run long has already trained 3 epochs",
+                      notes_allowed=True)

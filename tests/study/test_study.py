@@ -240,6 +240,10 @@ def test_overrides_may_follow_the_seed_and_variant_lists():
             parse_args(["--prepared-dir", "d", "--study", "table1", *wrong])
     with pytest.raises(SystemExit):
         parse_args(["--prepared-dir", "d", "--study", "table1", "--seeds", "x1"])      # not an int
+    # a negative seed is a seed (refused by the plan as one), not an override (issue 25, finding 7)
+    assert parse_args(["--prepared-dir", "d", "--study", "table1", "--seeds", "1", "-1"]).seeds == [1, -1]
+    with pytest.raises(ConfigError, match=r"^--seeds: expected seeds >= 0, got '1 -1'$"):
+        _plan("table1", seeds=[1, -1])
 
 
 @pytest.mark.slow
