@@ -62,3 +62,13 @@ def assert_user_error(work: Path, result: subprocess.CompletedProcess, line: str
         assert lines[0].startswith(start), lines[0]
     tmp = work / "tmp"
     assert not (tmp / "ray").exists() and not list(tmp.rglob("session_*")), "Ray was started"
+
+
+def mlflow_runs(db: Path, experiment: str):
+    """(client, runs of `experiment`) in the SQLite tracking store `db`, through an explicit client:
+    `mlflow.set_tracking_uri` would set a process-wide URI that other tests' searches then use."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    found = client.get_experiment_by_name(experiment)
+    return client, (client.search_runs([found.experiment_id]) if found else [])

@@ -19,7 +19,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1]
 
 # Parts of the package that plan, schedule or report runs but compute none of their numbers.
-NOT_COMPUTING = ("study", "compare.py", "stats.py", "run_folder.py", "tracking.py")
+NOT_COMPUTING = ("study", "serving", "compare.py", "stats.py", "run_folder.py", "tracking.py")
 
 
 def source_files(package: Path = PACKAGE) -> list[Path]:

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train import TrainingFailedError
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from hm4sr_dist.config import ConfigError, ExperimentConfig, to_dict
@@ -150,8 +149,7 @@ def build_trainer(cfg: ExperimentConfig, callbacks: list | None = None,
     name, storage, folder = cfg.train.run_name, storage_root(cfg), run_folder(cfg)
     record_identity(folder, run.identity, run.status, run.stored, code=code_version())
     tracking = plan_tracking(cfg, run.dataset, run.identity["hash"], tracking_parent)
-    dataset = run.dataset
-    open_for_driver(tracking, cfg, dataset)
+    open_for_driver(tracking, cfg, run.dataset)
     ensure_ray()
     install_data_error_policy()
     use_gpu = {"auto": cluster_has_gpus(), "true": True, "false": False}[cfg.train.use_gpu]

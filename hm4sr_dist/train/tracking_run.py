@@ -84,6 +84,23 @@ def attach_run_folder(plan: TrackingPlan | None, run_dir: Path) -> None:
     tracker.finish("FINISHED")
 
 
+def attach_export(results: dict, export_dir: Path) -> str | None:
+    """An export (`hm4sr-export`) as artifacts `export/` of its run's MLflow run, found by the run
+    identity in the run's results.json; returns the run id, or None when tracking is off or the
+    run has no MLflow run (trained before tracking, or elsewhere)."""
+    from hm4sr_dist.tracking import find_run
+
+    train = (results.get("config") or {}).get("train") or {}
+    identity, dataset = results.get("identity"), results.get("dataset")
+    uri = tracking_uri_for(train.get("tracking_uri", ""), train.get("storage_path", ""))
+    if not (uri and identity and dataset) or find_run(uri, experiment_name(dataset), identity) is None:
+        return None
+    tracker = Tracker.open(uri, experiment_name(dataset), identity, train.get("run_name", ""))
+    tracker.log_artifacts(export_dir, artifact_path="export")
+    tracker.finish("FINISHED")
+    return tracker.run_id
+
+
 def mark_failed(plan: TrackingPlan | None) -> None:
     """Best effort, while the training error is on its way up: the run's MLflow status FAILED (a
     tracking error here must not hide the training one)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from hm4sr_test_utils import mlflow_runs
 from jobs.common import DatasetJob, run_job
 
 pytestmark = pytest.mark.slow
@@ -22,8 +23,6 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_a_finished_run_is_read_not_run_again(prepared_sequences, local_ray, tmp_path, monkeypatch, capsys):
-    import mlflow
-
     from hm4sr_dist.train import launcher
 
     job = DatasetJob("seq", "sequence")
@@ -49,6 +48,5 @@ def test_a_finished_run_is_read_not_run_again(prepared_sequences, local_ray, tmp
     elsewhere = run_job(job, argv[:3] + [str(tmp_path / "elsewhere")] + argv[4:])
     assert elsewhere["test"] == first["test"] and elsewhere["read_from_finished_run"] is True
     assert snapshot(storage) == {k: v for k, v in before.items() if not k.startswith("out/")}
-    mlflow.set_tracking_uri(f"sqlite:///{storage / 'mlflow.db'}")
-    [run] = mlflow.search_runs(experiment_names=[f"hm4sr-{first['dataset']}"], output_format="list")
+    _, [run] = mlflow_runs(storage / "mlflow.db", f"hm4sr-{first['dataset']}")
     assert run.info.status == "FINISHED" and run.data.tags["hm4sr.identity"] == first["identity"]

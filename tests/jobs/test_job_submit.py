@@ -16,6 +16,7 @@ import pytest
 
 from data_pipelines.demo import generate_demo
 from hm4sr_dist.run_folder import read_results
+from hm4sr_test_utils import mlflow_runs
 from hm4sr_dist.train.code_version import fingerprint
 from suite_guards import descendants, process_table, processes_with_env, terminate
 
@@ -134,13 +135,10 @@ def test_submitted_home_job_writes_results_and_events(ray_head, tmp_path):
     assert "epoch 1 done" in logs, logs[-3000:]                  # progress reaches the job's log
     assert read_results(out)["train_run"] == "home-job"            # the one schema, strictly read
     # MLflow, the default tracker (SQLite under the storage path): params, metrics, artifacts
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{storage / 'mlflow.db'}")
-    [run] = mlflow.search_runs(experiment_names=["hm4sr-home"], output_format="list")
+    client, [run] = mlflow_runs(storage / "mlflow.db", "hm4sr-home")
     assert run.data.params["model.hidden_size"] == "16" and run.data.params["train.run_name"] == "home-job"
     assert run.data.tags["hm4sr.identity"] == results["identity"] and run.info.status == "FINISHED"
     assert run.data.metrics["test/ndcg_at_10"] == pytest.approx(results["test"]["ndcg@10"])
     assert "valid/ndcg_at_5" in run.data.metrics and "loss/total" in run.data.metrics
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "run_folder")}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "run_folder")}
     assert artifacts == {"run_folder/results.json", "run_folder/per_user_test.npz"}

@@ -150,7 +150,8 @@ def test_study_refuses_a_plan_whose_trial_does_not_fit_the_cpus(prepared_sequenc
 
     argv = ["--prepared-dir", str(prepared_sequences), "--study", "fig4", "--param", "l2", "--values", "0.5",
             "--seeds", "1", "--output", str(tmp_path / "out"), "--trial-cpus", "1",
-            *TINY, "train.num_workers=2", f"train.storage_path={tmp_path / 'runs'}"]
+            *[o for o in TINY if not o.startswith("train.num_workers")], "train.num_workers=2",
+            f"train.storage_path={tmp_path / 'runs'}"]
     with pytest.raises(SystemExit) as stop:
         exit_on_user_error(lambda: main(argv))
     err = capsys.readouterr().err

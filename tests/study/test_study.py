@@ -15,6 +15,7 @@ import pytest
 from hm4sr_dist.config import ConfigError, command_line_keys, load_tracked
 from hm4sr_dist.feasibility import DataOffer, resolve
 from hm4sr_dist.run_folder import read_results
+from hm4sr_test_utils import mlflow_runs
 from hm4sr_dist.study.plan import parse_setting, plan_study
 from hm4sr_dist.train.code_version import fingerprint
 
@@ -296,15 +297,11 @@ def test_study_is_killed_resumed_and_tabulated(prepared_sequences, local_ray, tm
     for r in status:                           # every trial's folder reads as the one schema
         assert read_results(out / "runs" / r["run"])["identity"] == r["key"]
     # MLflow: the study is a parent run, each trial a child with its config, metrics and run folder
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'ray' / 'mlflow.db'}")
     dataset = read_results(out / "runs" / status[0]["run"])["dataset"]
-    runs = mlflow.search_runs(experiment_names=[f"hm4sr-{dataset}"], output_format="list")
+    client, runs = mlflow_runs(tmp_path / "ray" / "mlflow.db", f"hm4sr-{dataset}")
     [parent] = [r for r in runs if "hm4sr.study" in r.data.tags]
     children = {r.data.tags["hm4sr.identity"]: r for r in runs if r is not parent}
     assert set(children) == {r["key"] for r in status}
-    client = mlflow.MlflowClient()
     for r in status:
         child = children[r["key"]]
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id

@@ -152,22 +152,21 @@ def test_changed_config_trains_anew_and_unchanged_resumes(prepared_sequences, tm
         {k: v for k, v in first.metrics.items() if k.startswith("test/")}
     # MLflow (the default: a SQLite file under the storage path): one run per Train run, found by
     # its identity; the resumed run continued the first one's MLflow run instead of opening another
-    import mlflow
-
     from hm4sr_dist.tracking import IDENTITY_TAG
     from hm4sr_dist.train.tracking_run import experiment_name
+    from hm4sr_test_utils import mlflow_runs
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=[experiment_name(manifest["dataset"])])
-    assert len(runs) == 2 and set(runs[f"tags.{IDENTITY_TAG}"]) == {
+    _, runs = mlflow_runs(tmp_path / "mlflow.db", experiment_name(manifest["dataset"]))
+    by_identity = {r.data.tags[IDENTITY_TAG]: r for r in runs}
+    assert len(runs) == 2 and set(by_identity) == {
         identity, run_identity(changed_cfg, manifest.get("fingerprint"))["hash"]}
-    mine = runs[runs[f"tags.{IDENTITY_TAG}"] == identity].iloc[0]
-    assert mine["params.loss.idcl_weight"] == "1.0" and mine["params.optim.epochs"] == "2"
-    assert mine["tags.hm4sr.train_run"] == first_cfg.train.run_name
-    assert mine["metrics.test/ndcg_at_10"] == pytest.approx(first.metrics["test/ndcg@10"])
-    assert mine["metrics.valid/ndcg_at_5"] >= 0 and mine["metrics.loss/total"] > 0
-    other = runs[runs[f"tags.{IDENTITY_TAG}"] != identity].iloc[0]
-    assert other["params.loss.idcl_weight"] == "0.0"
+    mine = by_identity.pop(identity)
+    assert mine.data.params["loss.idcl_weight"] == "1.0" and mine.data.params["optim.epochs"] == "2"
+    assert mine.data.tags["hm4sr.train_run"] == first_cfg.train.run_name
+    assert mine.data.metrics["test/ndcg_at_10"] == pytest.approx(first.metrics["test/ndcg@10"])
+    assert mine.data.metrics["valid/ndcg_at_5"] >= 0 and mine.data.metrics["loss/total"] > 0
+    [other] = by_identity.values()
+    assert other.data.params["loss.idcl_weight"] == "0.0"
     clash = config(*common, "loss.idcl_weight=0.0", f"train.run_name={first_cfg.train.run_name}")
     with pytest.raises(RunIdentityError, match="loss.idcl_weight: 1.0 -> 0.0"):
         run_training(clash)
