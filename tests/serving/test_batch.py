@@ -32,7 +32,7 @@ from hm4sr_dist.serving.scorer import Scorer
 from hm4sr_dist.synthetic import generate_log
 
 # the hand-made run's helpers (a random-weight model, the run folder's code record, max_len 7)
-from test_export_scorer import CODE, MAX_LEN, randomize_, tiny_config
+from test_export_scorer import CODE, MAX_LEN, randomize_, tiny_config, write_feature_tables
 
 K, KS = 10, [5, 10]
 
@@ -57,17 +57,7 @@ def _prepare(root: Path) -> Path:
     # writes them
     manifest = json.loads((out / "manifest.json").read_text())
     n = int(manifest["counts"]["items"])
-    rng = np.random.default_rng(0)
-    text = rng.standard_normal((n + 1, 6)).astype(np.float16)
-    image = rng.standard_normal((n + 1, 5)).astype(np.float32)
-    cats = (rng.random((n + 1, 4)) < 0.4).astype(np.float32)
-    text[0] = image[0] = cats[0] = 0
-    np.save(out / "text_features.npy", text)
-    np.save(out / "image_features.npy", image)
-    np.save(out / "categories.npy", cats)
-    manifest["features"] = {"text": {"file": "text_features.npy", "width": 6, "dtype": "float16"},
-                            "image": {"file": "image_features.npy", "width": 5, "dtype": "float32"}}
-    manifest["categories"], manifest["n_categories"] = {"file": "categories.npy", "n": 4}, 4
+    manifest |= write_feature_tables(out, n, np.random.default_rng(0))
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 

@@ -37,6 +37,21 @@ FINGERPRINT = "f0" * 32
 CODE = {"code": {"fingerprint": "c0ffee123456", "git": "9133ff6a2b41", "dirty": False}, "code_history": []}
 
 
+def write_feature_tables(folder: Path, n_items: int, rng) -> dict:
+    """Random text (fp16, width 6), image (fp32, width 5) and category (4) tables for items 1..n
+    (row 0, the padding item, zero) in `folder`; returns their manifest entries."""
+    text = rng.standard_normal((n_items + 1, 6)).astype(np.float16)
+    image = rng.standard_normal((n_items + 1, 5)).astype(np.float32)
+    cats = (rng.random((n_items + 1, 4)) < 0.4).astype(np.float32)
+    text[0] = image[0] = cats[0] = 0
+    np.save(folder / "text_features.npy", text)
+    np.save(folder / "image_features.npy", image)
+    np.save(folder / "categories.npy", cats)
+    return {"features": {"text": {"file": "text_features.npy", "width": 6, "dtype": "float16"},
+                         "image": {"file": "image_features.npy", "width": 5, "dtype": "float32"}},
+            "categories": {"file": "categories.npy", "n": 4}, "n_categories": 4}
+
+
 def write_prepared(root: Path) -> Path:
     """A prepared folder's item side, by hand: what export and load_catalog read (no shards)."""
     rng = np.random.default_rng(0)
@@ -46,18 +61,9 @@ def write_prepared(root: Path) -> Path:
     pq.write_table(pa.table({"item_id": pa.array(rows + 1, pa.int64()),
                              "raw_id": pa.array([raw[r] for r in rows], pa.large_string())}),
                    root / "items.parquet")
-    text = rng.standard_normal((N_ITEMS + 1, 6)).astype(np.float16)
-    image = rng.standard_normal((N_ITEMS + 1, 5)).astype(np.float32)
-    cats = (rng.random((N_ITEMS + 1, 4)) < 0.4).astype(np.float32)
-    text[0] = image[0] = cats[0] = 0
-    np.save(root / "text_features.npy", text)
-    np.save(root / "image_features.npy", image)
-    np.save(root / "categories.npy", cats)
     manifest = {
         "schema_version": 1, "dataset": "toy", "fingerprint": FINGERPRINT, "max_len": 50, "shards": [],
-        "features": {"text": {"file": "text_features.npy", "width": 6, "dtype": "float16"},
-                     "image": {"file": "image_features.npy", "width": 5, "dtype": "float32"}},
-        "categories": {"file": "categories.npy", "n": 4},
+        **write_feature_tables(root, N_ITEMS, rng),
         "counts": {"items": N_ITEMS, "users": 0, "actions": 0},
         "interval": {"mu": 100.0, "max_train_interval_seconds": 40 * DAY},
         "time": {"min": T0, "max": T0 + 90 * DAY, "n_days": 91},
