@@ -1,28 +1,9 @@
-"""From a trained run to recommendations, without Ray or DeepSpeed.
+"""From a trained run to recommendations (docs/serving.md).
 
 `export` turns a run folder into a self-contained, checksummed export (weights as safetensors, the
 resolved config, the raw <-> dense item ID map, the frozen feature tables the model reads) and
-loads it back as an eval-mode `HM4SR`; `scorer` ranks the catalogue for (raw item, unix time)
-histories exactly as the evaluator ranks it. Names resolve lazily, as in `hm4sr_dist.data`, so
-importing one module does not import the other.
+loads it back as an eval-mode `HM4SR`, without Ray or DeepSpeed; `scorer` ranks the catalogue for
+(raw item, unix time) histories exactly as the evaluator ranks it; `batch` runs the scorer over a
+split or a histories file on a Ray Data actor pool (`hm4sr-recommend`); `online` serves it on Ray
+Serve (`hm4sr-serve`). Import from the modules: `from hm4sr_dist.serving.scorer import Scorer`.
 """
-
-from importlib import import_module
-
-_WHERE = {
-    "ExportError": "export", "ItemIdMap": "export", "LoadedExport": "export", "export_run": "export",
-    "load_export": "export", "Scorer": "scorer", "ScoringError": "scorer", "chunked_topk": "scorer",
-}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
-    globals()[name] = value  # resolved once
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))

@@ -271,7 +271,7 @@ def test_cli(run, tmp_path, capsys):
 def test_loading_needs_neither_ray_nor_deepspeed(run):
     script = (
         "import sys, json\n"
-        "from hm4sr_dist.serving import Scorer, load_export\n"
+        "from hm4sr_dist.serving.export import load_export\nfrom hm4sr_dist.serving.scorer import Scorer\n"
         f"export = load_export({str(run[2])!r})\n"
         "scorer = Scorer.from_export(export)\n"
         "hist = [(export.id_map.raw(3), 1700000000), (export.id_map.raw(5), 1700003600)]\n"
