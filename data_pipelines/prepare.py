@@ -129,6 +129,7 @@ def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
     """`prepare`'s work; `spill` is the streaming path's scratch folder (None: in memory)."""
     started = time.time()
     out = Path(cfg.out_dir)
+    _refuse_foreign(out)
     inputs = describe_inputs(cfg)
     fp = fingerprint(inputs, cfg)
     if not cfg.force and (old := up_to_date(out, fp, inputs, cfg)) is not None:
@@ -210,6 +211,15 @@ def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
     (build / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))  # last: marks completion
     _swap_in(build, out)
     return {**manifest, "status": "written"}
+
+
+def _refuse_foreign(out: Path) -> None:
+    """The prepared folder is replaced whole on a rebuild: never one that holds something else."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: --prepared-dir exists and is not a folder")
+    if out.is_dir() and not (out / MANIFEST_NAME).is_file() and any(out.iterdir()):
+        raise DataError(f"{out}: --prepared-dir exists, is not empty and holds no prepared data set "
+                        f"({MANIFEST_NAME}); it would be replaced whole: choose a new or empty folder")
 
 
 def _swap_in(build: Path, out: Path) -> None:

@@ -59,14 +59,22 @@ def _history(checkpoint: Path) -> list[dict]:
             for h in state.get("history", [])]
 
 
+def _replace(path: Path, write) -> None:
+    """Write `path` through a hidden file beside it and rename it into place: whole or absent."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
 def write_run_folder(run_dir: Path, checkpoint: Path, *, config: dict, dataset: str, identity: str,
                      fingerprint: str | None, wall_seconds: float, checkpoint_uri: str | None = None,
                      code: dict | None = None, variant: str | None = None, setting: str | None = None,
                      seed: int | None = None, study: str | None = None, notes: list | None = None,
                      counts: dict | None = None, extra: dict | None = None) -> dict:
     """Write the run folder of a finished Train run from its final checkpoint (a local folder):
-    results.json + per_user_test.npz, or stopped.json alone for a run stopped early. The folder is
-    built beside `run_dir` and renamed into place, so it is complete or absent. Returns the summary."""
+    results.json + per_user_test.npz, or stopped.json alone for a run stopped early. Each file is
+    renamed into place whole, results.json after the ranks it summarises; other files in `run_dir`
+    are left alone. Returns the summary."""
     run_dir = Path(run_dir)
     final = json.loads((checkpoint / FINAL_METRICS_FILE).read_text())
     stopped = bool(final.get("stopped_early"))
@@ -92,15 +100,18 @@ def write_run_folder(run_dir: Path, checkpoint: Path, *, config: dict, dataset: 
     if stopped:    # its test metrics are of an under-trained run: kept for reading, out of the tables
         results |= {"status": "stopped", "stopped_by": final.get("stopped_by"),
                     "epochs": config["optim"]["epochs"]}
-    tmp = run_dir.with_name(f".{run_dir.name}.tmp")     # hidden: `hm4sr-compare runs/` passes it over
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    # Only the files this module owns are replaced, each atomically, and results.json last: the
+    # folder may be shared (the quickstart's workdir holds its raw data, shards and Train runs).
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary_file = STOPPED_FILE if stopped else RESULTS_FILE
+    for stale in (RESULTS_FILE, PER_USER_FILE) if stopped else ():
+        (run_dir / stale).unlink(missing_ok=True)        # an under-trained run leaves no result
     if not stopped:
-        shutil.copy(checkpoint / PER_USER_FILE, tmp / PER_USER_FILE)
-    (tmp / (STOPPED_FILE if stopped else RESULTS_FILE)).write_text(
-        json.dumps(results, indent=2, default=str))
-    shutil.rmtree(run_dir, ignore_errors=True)
-    tmp.rename(run_dir)
+        _replace(run_dir / PER_USER_FILE, lambda tmp: shutil.copyfile(checkpoint / PER_USER_FILE, tmp))
+    _replace(run_dir / summary_file,
+             lambda tmp: tmp.write_text(json.dumps(results, indent=2, default=str)))
+    if not stopped:
+        (run_dir / STOPPED_FILE).unlink(missing_ok=True)
     return results
 
 

@@ -55,6 +55,13 @@ def test_cli_summary_and_clear_errors(tmp_path, local_ray, capsys):
     rc = main(["--source", "movielens", "--input-dir", str(tmp_path / "ml"), "--out-dir",
                str(tmp_path / "o3"), "--k-core", "50", "--no-text", "--no-progress"])
     assert rc == 2 and "nothing left after the 50-core" in capsys.readouterr().err
+    busy = tmp_path / "busy"               # a folder with other things in it is never replaced
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    rc = main(["--source", "movielens", "--input-dir", str(tmp_path / "ml"), "--out-dir", str(busy),
+               "--k-core", "3", "--no-text", "--no-progress"])
+    assert rc == 2 and f"{busy}: --prepared-dir exists, is not empty" in capsys.readouterr().err
+    assert (busy / "notes.txt").read_text() == "mine"
 
 
 def test_image_download_retries_and_caches(tmp_path):
