@@ -30,7 +30,10 @@ def intervals(time_seq: Tensor, real: Tensor) -> Tensor:
 
     A negative step (unsorted input) is clamped to 0 rather than fed to log2.
     """
-    previous = torch.cat([time_seq[:, :1], time_seq[:, :-1]], dim=1)
+    # a roll, not a cat of [:, :1] and [:, :-1]: a width-(L-1) slice makes torch.export specialise
+    # on L == 2, and the serving program (serving/user_program.py) is dynamic in L from 1
+    first = torch.arange(time_seq.shape[1], device=time_seq.device) == 0
+    previous = torch.where(first, time_seq, time_seq.roll(1, dims=1))
     return ((time_seq - previous).clamp_min(0)) * real
 
 

@@ -11,6 +11,11 @@ parses in full. `export_run` copies out exactly what scoring needs, into one fol
     items.parquet         raw <-> dense item IDs (dense 1..n_items; 0 is padding), copied
     <m>_features.npy      the frozen feature tables of the content modalities the model uses, as
                           the manifest names them (categories are not copied: CP is training-only)
+    user_side.pt2         the user side (histories -> sequence vectors, eq. 6-18) as a torch.export
+                          program, dynamic in batch and length (`user_program.py`; not with
+                          --no-program)
+    item_vectors.npy      (n_items + 1, M*d) float32 item representations the program reads and
+                          eq. 19 scores against (row 0: padding)
     manifest.json         format version, run identity, code fingerprint, the data's fingerprint,
                           what the model needs of the data (max_len, interval mu and largest
                           bucket, time axis, n_items) and the sha256 + bytes of every other file
@@ -47,6 +52,7 @@ from hm4sr_dist.model.feature_file import FeatureTableError, open_feature_table
 from hm4sr_dist.model.hm4sr import HM4SR
 from hm4sr_dist.model.time import max_bucket_for
 from hm4sr_dist.run_folder import RESULTS_FILE, STOPPED_FILE, RunFolderError, read_results
+from hm4sr_dist.serving.user_program import write_user_program
 
 FORMAT = "hm4sr-export"
 FORMAT_VERSION = 1
@@ -134,10 +140,11 @@ class ItemIdMap:
 
 # -- export -----------------------------------------------------------------------------------
 
-def export_run(run_dir: str | Path, out_dir: str | Path) -> dict:
+def export_run(run_dir: str | Path, out_dir: str | Path, program: bool = True) -> dict:
     """Export the run in `run_dir` (a run folder with results.json) to `out_dir`; returns the
-    export's manifest. An existing export at `out_dir` is replaced; any other existing, non-empty
-    folder is refused (it is not ours to delete)."""
+    export's manifest. `program`: also the user side as a torch.export program with the item
+    vectors it scores against (`user_program.py`). An existing export at `out_dir` is replaced;
+    any other existing, non-empty folder is refused (it is not ours to delete)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     results = _read_run(run_dir)
     config = results["config"]
@@ -155,7 +162,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict:
         features = _copy_features(prepared, data_manifest, model_cfg, tmp)
         manifest = _export_manifest(results, model_cfg, prepared, data_manifest, features, tmp)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-        load_export(tmp, verify=False)      # the weights fit the config's model: fail before publishing
+        loaded = load_export(tmp, verify=False)   # the weights fit the config's model: fail before publishing
+        if program:
+            manifest["program"] = write_user_program(loaded.model, tmp)
+            manifest["files"] = _file_entries(tmp)
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -320,9 +331,13 @@ def _export_manifest(results: dict, model_cfg: ModelConfig, prepared: Path, data
         "modalities": list(model_cfg.modalities),
         "features": features,
         "training_only_weights": list(TRAINING_ONLY),
-        "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                  for p in sorted(tmp.iterdir()) if p.name != MANIFEST_FILE},
+        "files": _file_entries(tmp),
     }
+
+
+def _file_entries(folder: Path) -> dict:
+    return {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(folder.iterdir()) if p.name != MANIFEST_FILE}
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
@@ -507,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("run", help="the run folder (holds results.json)")
     parser.add_argument("--out", required=True, help="the export folder to write (replaced if it is "
                         "an earlier export)")
+    parser.add_argument("--no-program", action="store_true",
+                        help="skip the torch.export program of the user side and item_vectors.npy "
+                        "(docs/serving.md)")
     parser.add_argument("--no-tracking", action="store_true",
                         help="do not attach the export to the run's MLflow run (docs/tracking.md)")
     return parser
@@ -515,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        manifest = export_run(args.run, args.out)
+        manifest = export_run(args.run, args.out, program=not args.no_program)
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from hm4sr_dist.batch import Batch
 from hm4sr_dist.config import ExperimentConfig, to_dict
 from hm4sr_dist.data import load_catalog
 from hm4sr_dist.data.reader import collate
@@ -166,8 +167,10 @@ def test_export_holds_what_scoring_needs(run):
     assert manifest["data"]["fingerprint"] == FINGERPRINT
     assert (manifest["max_len"], manifest["n_items"], manifest["interval"]["mu"]) == (MAX_LEN, N_ITEMS, 100.0)
     assert manifest["interval"]["max_bucket"] == model.time_embedding.max_bucket
-    assert sorted(manifest["files"]) == ["config.json", "image_features.npy", "items.parquet",
-                                         "model.safetensors", "text_features.npy"]   # no categories
+    assert sorted(manifest["files"]) == ["config.json", "image_features.npy", "item_vectors.npy",
+                                         "items.parquet", "model.safetensors", "text_features.npy",
+                                         "user_side.pt2"]   # no categories
+    assert manifest["program"]["inputs"] == ["item_seq", "time_seq", "seq_len", "item_vectors"]
     for name, entry in manifest["files"].items():
         data = (export / name).read_bytes()
         assert entry["bytes"] == len(data)
@@ -282,6 +285,108 @@ def test_loading_needs_neither_ray_nor_deepspeed(run):
                           timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"n": 3, "loaded": []}
+
+
+# -- the user-side program ----------------------------------------------------------------------
+
+def program_inputs(scorer: Scorer, hists) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch = scorer.batch(scorer.dense_histories(hists))        # last max_len items, trimmed
+    return batch.item_seq, batch.time_seq, batch.seq_len
+
+
+def test_user_program_equals_the_eager_model_at_every_batch_and_width(run, scorer):
+    """The torch.export program (dynamic batch and width), loaded from the export with torch only,
+    gives the original model's sequence vectors bit for bit on this CPU, at widths 1..max_len and
+    batch sizes 1..17; its item_vectors.npy is the model's item table."""
+    from hm4sr_dist.serving.user_program import load_user_program
+
+    _, model, export = run
+    program, vectors = load_user_program(export)
+    with torch.no_grad():
+        assert torch.equal(vectors, model.item_representations())
+    hists = histories(scorer.id_map, n=17, seed=5)
+    widths = set()
+    for start, stop in ((0, 1), (1, 3), (0, 17), (3, 9)):
+        part = hists[start:stop]
+        item_seq, time_seq, seq_len = program_inputs(scorer, part)
+        widths.add(item_seq.shape[1])
+        with torch.no_grad():
+            eager = model(Batch(item_seq, time_seq, seq_len, seq_len), item_repr=vectors).seq_repr
+            got = program(item_seq, time_seq, seq_len, vectors)
+        assert got.shape == (len(part), 3 * 8)
+        assert torch.equal(got, eager), (start, stop)
+        # the scorer encodes 4 histories at a time, each group trimmed to its own width: the same
+        # vectors up to fp32 rounding of differently sized products
+        torch.testing.assert_close(got, scorer.encode(part), rtol=0, atol=1e-5)
+    one = [[(scorer.id_map.raw(4), T0)]]                       # width 1
+    with torch.no_grad():
+        assert torch.equal(program(*program_inputs(scorer, one), vectors), scorer.encode(one))
+    assert 1 in widths | {1} and MAX_LEN in widths              # both ends of the dynamic width
+
+
+def test_user_program_top_k_equals_the_scorer(run):
+    """Eq. 19 on the program's vectors and the exported item vectors gives the scorer's top-K
+    (the scorer encoding the same histories in one batch: the same width, the same numbers)."""
+    from hm4sr_dist.serving.user_program import load_user_program
+
+    scorer = Scorer.from_export(run[2], item_chunk_size=5, batch_size=64)
+    program, vectors = load_user_program(run[2])
+    hists = histories(scorer.id_map, n=9, seed=3)
+    with torch.no_grad():
+        seq = program(*program_inputs(scorer, hists), vectors)
+    scores, ids = chunked_topk(seq, vectors, k=5, chunk_size=7)
+    for row, (items, item_scores) in enumerate(scorer.recommend(hists, k=5)):
+        assert items == [scorer.id_map.raw(i) for i in ids[row].tolist()]
+        assert item_scores == scores[row].tolist()
+
+
+def test_user_program_runs_without_this_package_and_refuses_a_width_past_max_len(run):
+    script = (
+        "import sys, json, numpy as np, torch\n"
+        f"folder = {str(run[2])!r}\n"
+        "program = torch.export.load(folder + '/user_side.pt2').module()\n"
+        "vectors = torch.from_numpy(np.load(folder + '/item_vectors.npy'))\n"
+        "seq = torch.tensor([[3, 5, 0], [7, 0, 0]]); t = torch.tensor([[1700000000, 1700003600, 0]] * 2)\n"
+        "out = program(seq, t, torch.tensor([2, 1]), vectors)\n"
+        f"wide = torch.ones(1, {MAX_LEN + 1}, dtype=torch.long)\n"
+        "try:\n    program(wide, wide * 1700000000, torch.tensor([1]), vectors); refused = False\n"
+        "except Exception as exc:\n    refused = True\n"
+        "print(json.dumps({'shape': list(out.shape), 'refused': refused, "
+        "'imported': sorted(m for m in sys.modules if m.startswith(('hm4sr_dist', 'ray', 'deepspeed')))}))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd="/", capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"shape": [2, 24], "refused": True,
+                                                                "imported": []}
+
+
+@pytest.mark.parametrize("change", [
+    {"time_embedding": "day"}, {"time_embedding": "day_of_year"}, {"time_embedding": "cos_interval"},
+    {"time_embedding": "absolute", "use_interactive_moe": False},
+    {"modalities": ["id"], "use_temporal_moe": False, "use_interactive_moe": False},   # SASRec
+])
+def test_user_program_of_other_settings_matches_eager(run, change):
+    from hm4sr_dist.serving.user_program import build_user_program
+
+    cfg = tiny_config(Path(json.loads((run[0] / "results.json").read_text())["config"]["data"]["prepared_dir"]))
+    for key, value in change.items():
+        setattr(cfg.model, key, value)
+    if not cfg.model.use_temporal_moe:             # PCL's placeholder needs the Temporal MoE (eq. 24)
+        cfg.loss.pcl_weight = 0.0
+    model = build_objective(cfg.model, cfg.loss, load_catalog(cfg.data.prepared_dir, mu=100.0)).model.eval()
+    with torch.no_grad():
+        vectors = model.item_representations()
+    program = build_user_program(model, vectors).module()
+    rng = np.random.default_rng(0)
+    for b, width in ((1, 1), (5, MAX_LEN), (3, 4)):
+        seq_len = torch.from_numpy(rng.integers(1, width + 1, b)).long()
+        seq_len[0] = width
+        item_seq = torch.from_numpy(rng.integers(1, N_ITEMS + 1, (b, width))).long()
+        item_seq[torch.arange(width)[None, :] >= seq_len[:, None]] = 0
+        time_seq = torch.from_numpy(np.sort(rng.integers(T0, T0 + 90 * DAY, (b, width)), axis=1)).long()
+        with torch.no_grad():
+            eager = model(Batch(item_seq, time_seq, seq_len, seq_len), item_repr=vectors).seq_repr
+            assert torch.equal(program(item_seq, time_seq, seq_len, vectors), eager), (change, b, width)
 
 
 # -- scorer -------------------------------------------------------------------------------------
