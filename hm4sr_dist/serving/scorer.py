@@ -60,9 +60,24 @@ class ScoringError(ValueError):
 # -- ranking ------------------------------------------------------------------------------------
 
 def _top_in_block(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k best columns of each row of a block under (score desc, column asc): `torch.topk`
-    finds the k-th best score, then ties AT that score are taken lowest column first (topk alone
-    picks among them arbitrarily). Returns (scores, columns), (B, k), columns ascending."""
+    """The k best columns of each row of a block under (score desc, column asc). Returns (scores,
+    columns), (B, k), columns ascending. `torch.topk`'s set is the answer unless a row has items
+    tied at its k-th score left outside it (topk picks among ties arbitrarily): only those rows
+    take the slower tie-ordered selection."""
+    values, columns = scores.topk(k, dim=1, sorted=False)
+    kth = values.min(dim=1, keepdim=True).values
+    tied_outside = (scores == kth).sum(1) != (values == kth).sum(1)
+    if bool(tied_outside.any()):
+        rows = tied_outside.nonzero()[:, 0]
+        values, columns = values.clone(), columns.clone()
+        values[rows], columns[rows] = _top_in_block_with_ties(scores[rows], k)
+    columns, order = columns.sort(dim=1)
+    return values.gather(1, order), columns
+
+
+def _top_in_block_with_ties(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`_top_in_block` for rows with ties at the k-th score: topk finds that score, then the
+    ties AT it are taken lowest column first."""
     kth = scores.topk(k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values     # (B, 1)
     above, tied = scores > kth, scores == kth
     need = k - above.sum(1, keepdim=True)

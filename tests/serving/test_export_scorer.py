@@ -450,6 +450,20 @@ def test_ties_go_to_the_lower_dense_id():
             assert pos <= rank and (pos == rank) == (item == int(tied.max()) or len(tied) == 1)
 
 
+def test_rows_with_and_without_ties_in_one_block():
+    """The fast path (topk's set) and the tie-ordered path mixed in one block, per row."""
+    g = torch.Generator().manual_seed(4)
+    item_repr = torch.cat([torch.randn(300, 3, generator=g), torch.randint(-1, 2, (300, 3), generator=g).float()], 1)
+    seq = torch.zeros(8, 6)
+    seq[::2, :3] = torch.randn(4, 3, generator=g)               # even rows: no ties
+    seq[1::2, 3:] = torch.randint(1, 3, (4, 3), generator=g).float()   # odd rows: ties everywhere
+    scores = seq @ item_repr.T
+    scores[:, 0] = float("-inf")
+    for k in (1, 5, 50):
+        for chunk in (0, 64):
+            assert chunked_topk(seq, item_repr, k, chunk)[1].tolist() == brute_force(scores, k)
+
+
 def test_exclude_history(run, scorer):
     _, model, _ = run
     hists = histories(scorer.id_map, seed=2)
