@@ -159,6 +159,9 @@ def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
     pq.write_table(pa.table({"user_id": pa.array(np.arange(prep.n_users, dtype=np.int64)),
                              "raw_id": raw_id_column(prep.user_raw)}), build / "users.parquet")
     items = item_tables.align_items(data, prep, stats)
+    if items is None:     # no metadata: still the raw <-> dense item IDs, which export and serving read
+        pq.write_table(pa.table({"item_id": pa.array(np.arange(1, prep.n_items + 1, dtype=np.int64)),
+                                 "raw_id": raw_id_column(prep.item_raw)}), build / "items.parquet")
     clock = time.time()
     if spill is None or items is not None:  # the streaming path writes shards without Ray
         ensure_ray(cfg)
@@ -200,7 +203,7 @@ def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
         "interval": prep.interval_stats() if spill is not None else interval_stats(prep, cfg.mu),
         "time": {"min": tmin, "max": tmax, "n_days": (tmax - tmin) // SECONDS_PER_DAY + 1},
         "shards": shards,
-        "tables": {"users": "users.parquet", "items": "items.parquet" if items is not None else None},
+        "tables": {"users": "users.parquet", "items": "items.parquet"},
         "config": cfg.fingerprint_fields(),
         "elapsed_s": round(time.time() - started, 2),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},

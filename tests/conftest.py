@@ -36,13 +36,15 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """One embedded Ray for the whole session (each start costs seconds)."""
+    """One embedded Ray for the whole session (each start costs seconds). `address="local"`: always
+    a Ray of its own, never one that another process on this machine started."""
     import os
 
     import ray
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     return ray
 
 

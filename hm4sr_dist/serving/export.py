@@ -158,6 +158,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, program: bool = True) -
     try:
         _save_weights(weights, tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+        if not (prepared / ITEMS_FILE).is_file():
+            raise ExportError(f"{prepared / ITEMS_FILE}: missing (the raw <-> dense item ID map; folders "
+                              "prepared from sequence files before 2026-12-07 have none: prepare again "
+                              "with --force, the fingerprint stays the same)")
         _copy(prepared / ITEMS_FILE, tmp / ITEMS_FILE, "the raw <-> dense item ID map")
         features = _copy_features(prepared, data_manifest, model_cfg, tmp)
         manifest = _export_manifest(results, model_cfg, prepared, data_manifest, features, tmp)
