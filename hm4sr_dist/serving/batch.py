@@ -36,7 +36,10 @@ Idempotent by output: the result is written under a temporary name beside `--out
 when complete, so `--out` is a whole output or absent. Each output records its request (the
 export's identity and manifest sha256, k, --exclude-history, the source: split + data
 fingerprint, or the histories file's sha256) in the Parquet metadata (key `hm4sr.recommend`) and,
-for a folder, in `_recommend.json`. Re-running the same request over a complete output says so
+for a folder, in `_recommend.json`. A folder output is also resumable: its parts are closed after
+whole users and recorded in `.<out>.partial/_progress.json`, so the same request started again
+after a failure, Ctrl-C or a lost node continues after the last closed part (a single .parquet
+file starts again). Re-running the same request over a complete output says so
 and returns without computing; a different request is an error unless `--force` (which replaces
 it). Anything else already at `--out` is refused (it is not ours to replace).
 
@@ -83,6 +86,7 @@ FORMAT = "hm4sr-recommend"
 FORMAT_VERSION = 1
 METADATA_KEY = b"hm4sr.recommend"
 FOLDER_RECORD = "_recommend.json"
+PROGRESS_FILE = "_progress.json"        # a folder output being written: what a resume skips
 COLUMNS = ("user", "item", "time")
 SPLITS = ("valid", "test")
 DEFAULT_BATCH = 256
@@ -444,22 +448,69 @@ def read_record(out: str | Path) -> dict | None:
 
 
 class _Writer:
-    """Parquet rows into the temporary output: one file, or a folder of parts."""
+    """Parquet rows into the temporary output: one file, or a folder of parts.
 
-    def __init__(self, out: Path, record: dict, rows_per_file: int = ROWS_PER_FILE):
-        self.out, self.tmp, self.record = out, _tmp_name(out), record
-        self.folder, self.rows_per_file = is_folder_output(out), rows_per_file
-        _remove(self.tmp)
-        if self.folder:
-            self.tmp.mkdir(parents=True)
-        else:
-            self.tmp.parent.mkdir(parents=True, exist_ok=True)
+    A folder output is resumable: its parts are written into `.<out>.partial/` beside `out`, each
+    closed after a whole number of users, and `_progress.json` there records the request, the
+    closed parts and the users they hold, so a run stopped in any way (an error, Ctrl-C, a killed
+    node) and started again with the same request continues after the last closed part
+    (`resume_at`). A single .parquet file is written through a temporary and is not resumable."""
+
+    def __init__(self, out: Path, record: dict, k: int, rows_per_file: int = ROWS_PER_FILE):
+        self.out, self.record, self.k = out, record, int(k)
+        self.folder = is_folder_output(out)
+        # a part ends between users, so the progress can count whole users
+        self.rows_per_file = max(self.k, rows_per_file - rows_per_file % self.k)
         meta = {METADATA_KEY: json.dumps(record).encode()}
         self.schema = OUTPUT_SCHEMA.with_metadata(meta)
         self.writer: pq.ParquetWriter | None = None
         self.parts: list[Path] = []
+        self.closed: dict[str, int] = {}
         self.in_part = 0
+        self.resume_at = 0                      # users already in closed parts
+        self.discarded = False                  # an unusable partial output was removed
+        if self.folder:
+            self.tmp = _partial_name(out)
+            self._open_partial()
+        else:
+            self.tmp = _tmp_name(out)
+            _remove(self.tmp)
+            self.tmp.parent.mkdir(parents=True, exist_ok=True)
 
+    # -- a resumable folder -------------------------------------------------------------------------
+    def _open_partial(self) -> None:
+        progress = _read_progress(self.tmp)
+        if progress is not None and progress.get("pid") != os.getpid() and _alive(progress.get("pid")):
+            raise BatchError(f"{self.out}: another hm4sr-recommend (pid {progress['pid']}) is writing "
+                             f"it ({self.tmp})")
+        usable = (progress is not None and progress.get("request") == self.record["request"]
+                  and all((self.tmp / n).is_file() and (self.tmp / n).stat().st_size == b
+                          for n, b in progress.get("parts", {}).items()))
+        self.discarded = progress is not None and not usable and int(progress.get("users", 0)) > 0
+        if not usable:
+            _remove(self.tmp)
+            self.tmp.mkdir(parents=True)
+            progress = {"parts": {}, "users": 0}
+        for stray in self.tmp.glob("part-*.parquet"):    # a part open when the run stopped
+            if stray.name not in progress["parts"]:
+                stray.unlink()
+        self.closed = dict(progress["parts"])
+        self.parts = [self.tmp / n for n in sorted(self.closed)]
+        self.resume_at = int(progress["users"])
+        self._save_progress()
+
+    def _save_progress(self) -> None:
+        users = sum(self._rows_of(n) for n in self.closed) // self.k
+        body = {"request": self.record["request"], "pid": os.getpid(), "parts": self.closed,
+                "users": users}
+        tmp = self.tmp / f".{PROGRESS_FILE}.tmp"
+        tmp.write_text(json.dumps(body, indent=2))
+        tmp.replace(self.tmp / PROGRESS_FILE)
+
+    def _rows_of(self, name: str) -> int:
+        return pq.ParquetFile(self.tmp / name).metadata.num_rows
+
+    # -- writing ------------------------------------------------------------------------------------
     def write(self, table: pa.Table) -> None:
         table = table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
         table = table.replace_schema_metadata(self.schema.metadata)
@@ -479,6 +530,10 @@ class _Writer:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+            if self.folder:
+                part = self.parts[-1]
+                self.closed[part.name] = part.stat().st_size
+                self._save_progress()
 
     def publish(self) -> None:
         """Close, then rename into place (an earlier output, replaced under --force, is moved aside
@@ -491,6 +546,7 @@ class _Writer:
         if self.folder:
             files = {p.name: p.stat().st_size for p in self.parts}
             (self.tmp / FOLDER_RECORD).write_text(json.dumps(self.record | {"files": files}, indent=2))
+            (self.tmp / PROGRESS_FILE).unlink()
         old = None
         if self.out.exists():
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
@@ -501,10 +557,41 @@ class _Writer:
             _remove(old)
 
     def abort(self) -> None:
+        """A folder keeps its closed parts for a resume (the open one is dropped then); a single
+        file's temporary is removed."""
+        if self.folder:
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
+            return
         try:
             self._close_part()
         finally:
             _remove(self.tmp)
+
+
+def _partial_name(out: Path) -> Path:
+    return out.with_name(f".{out.name}.partial")
+
+
+def _read_progress(folder: Path) -> dict | None:
+    try:
+        progress = json.loads((folder / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return progress if isinstance(progress, dict) else None
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -641,8 +728,6 @@ def _resources(actors: int | None) -> tuple[int, bool]:
 def _run(export: _Export, histories: Histories, k: int, out: Path, request: dict, exclude_history: bool,
          actors: int | None, batch_size: int, item_chunk_size: int, progress_every: int,
          log: Callable | None) -> dict:
-    import ray
-
     check_k(k, histories, export.id_map.n_items, exclude_history)
     if batch_size < 1 or item_chunk_size < 0 or progress_every < 0:
         raise BatchError(f"batch size >= 1, item chunk >= 0 and progress_every >= 0, got {batch_size}, "
@@ -652,8 +737,6 @@ def _run(export: _Export, histories: Histories, k: int, out: Path, request: dict
     total = histories.n_users
     n_batches = -(-total // batch_size)
     actors = min(actors, n_batches)
-    per_block = batch_size * -(-n_batches // MAX_BLOCKS)
-    blocks = [histories.table.slice(s, per_block) for s in range(0, total, per_block)]
     started = time.time()
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, "request": request,
               "result": {"users": total, "rows": total * int(k), "export": str(export.path),
@@ -664,39 +747,63 @@ def _run(export: _Export, histories: Histories, k: int, out: Path, request: dict
         log(f"scoring {total} users of {histories.where}{skipped} with {export.path} (k={k}"
             f"{', history excluded' if exclude_history else ''}): {actors} actor(s) on "
             f"{'GPU' if gpu else 'CPU'}, batches of {batch_size}")
+    writer = _Writer(out, record, k, rows_per_file=ROWS_PER_FILE)
+    if writer.discarded and log is not None:
+        log(f"{writer.tmp}: an unfinished output of another request (or with changed parts) was "
+            "discarded")
+    try:
+        rows = _score_into(writer, histories, export, k, exclude_history, actors, gpu, batch_size,
+                           item_chunk_size, progress_every, started, log)
+        seconds = time.time() - started
+        writer.publish()
+    except BaseException:
+        writer.abort()
+        raise
+    rate = (total - writer.resume_at) / max(seconds, 1e-9)
+    if log is not None:
+        log(f"wrote {out}: {total} users x k={k} = {rows} rows in {seconds:.1f} s ({rate:.1f} users/s)")
+    return {"out": str(out), "status": "written", "users": total, "rows": rows, "seconds": seconds,
+            "users_per_s": rate, "resumed_at_user": writer.resume_at}
+
+
+def _score_into(writer: _Writer, histories: Histories, export: _Export, k: int, exclude_history: bool,
+                actors: int, gpu: bool, batch_size: int, item_chunk_size: int, progress_every: int,
+                started: float, log: Callable | None) -> int:
+    """Score the users the writer does not hold yet, in input order, into it; returns all rows."""
+    import ray
+
+    total, first = histories.n_users, writer.resume_at
+    if first and log is not None:
+        log(f"resuming: {first} of {total} users are in {writer.tmp} already")
+    rows = first * k
+    left = histories.table.slice(first)
+    if left.num_rows == 0:
+        return rows
+    n_batches = -(-left.num_rows // batch_size)
+    per_block = batch_size * -(-n_batches // MAX_BLOCKS)
+    blocks = [left.slice(s, per_block) for s in range(0, left.num_rows, per_block)]
     ds = ray.data.from_arrow(blocks).map_batches(
         TopKActor, batch_size=batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"export_dir": str(export.path), "k": int(k),
                                "exclude_history": bool(exclude_history),
                                "item_chunk_size": int(item_chunk_size), "batch_size": int(batch_size),
                                "device": "cuda" if gpu else "cpu", "threads": 0 if gpu else 1},
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, num_gpus=1 if gpu else None)
+        compute=ray.data.ActorPoolStrategy(size=min(actors, n_batches)), num_cpus=1,
+        num_gpus=1 if gpu else None)
     ds.context.execution_options.preserve_order = True     # the file lists users in input order
     ds.context.enable_progress_bars = False                 # ours are the progress lines
-    writer = _Writer(out, record)
-    rows = done = batches = 0
-    try:
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            writer.write(table)
-            rows += table.num_rows
-            done = rows // k
-            batches += 1
-            if log is not None and progress_every and batches % progress_every == 0:
-                elapsed = time.time() - started
-                log(f"  {done}/{total} users ({100.0 * done / total:.1f}%), "
-                    f"{done / max(elapsed, 1e-9):.1f} users/s")
-        if rows != total * k:
-            raise RuntimeError(f"hm4sr-recommend: {rows} rows for {total} users x k={k}")
-        seconds = time.time() - started
-        writer.publish()
-    except BaseException:
-        writer.abort()
-        raise
-    rate = total / max(seconds, 1e-9)
-    if log is not None:
-        log(f"wrote {out}: {total} users x k={k} = {rows} rows in {seconds:.1f} s ({rate:.1f} users/s)")
-    return {"out": str(out), "status": "written", "users": total, "rows": rows, "seconds": seconds,
-            "users_per_s": rate}
+    batches = 0
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        writer.write(table)
+        rows += table.num_rows
+        batches += 1
+        if log is not None and progress_every and batches % progress_every == 0:
+            done, elapsed = rows // k, time.time() - started
+            log(f"  {done}/{total} users ({100.0 * done / total:.1f}%), "
+                f"{(done - first) / max(elapsed, 1e-9):.1f} users/s")
+    if rows != total * k:
+        raise RuntimeError(f"hm4sr-recommend: {rows} rows for {total} users x k={k}")
+    return rows
 
 
 # -- command line -----------------------------------------------------------------------------------

@@ -224,6 +224,54 @@ def test_a_csv_of_the_split_inputs_gives_the_split_output(toy, split_run, tmp_pa
     assert first == list(dict.fromkeys(events["user"]))             # users in order of first row
 
 
+def test_a_folder_output_stopped_midway_resumes_after_its_last_closed_part(toy, split_run, tmp_path,
+                                                                        monkeypatch):
+    """Parts of 2 users; the run fails while writing its 4th part (as a killed node would leave it:
+    3 closed parts, one open); the same request again scores only the users after the closed
+    parts and gives the uninterrupted output, row for row."""
+    prepared, export, _ = toy
+    monkeypatch.setattr(batch, "ROWS_PER_FILE", 2 * K + 1)       # rounded down to whole users: 2
+    real_write = batch._Writer.write
+
+    def failing_write(self, table):
+        real_write(self, table)
+        if len(self.closed) >= 3:
+            raise RuntimeError("node lost")
+
+    monkeypatch.setattr(batch._Writer, "write", failing_write)
+    out = tmp_path / "recs"
+    with pytest.raises(RuntimeError, match="node lost"):
+        recommend_split(export, prepared, "test", K, out=out, batch_size=3, actors=1, log=None)
+    partial = tmp_path / ".recs.partial"
+    progress = json.loads((partial / "_progress.json").read_text())
+    assert not out.exists() and sorted(progress["parts"]) == ["part-00000.parquet", "part-00001.parquet",
+                                                              "part-00002.parquet"]
+    assert progress["users"] == 6
+    monkeypatch.setattr(batch._Writer, "write", real_write)
+    lines: list[str] = []
+    summary = recommend_split(export, prepared, "test", K, out=out, batch_size=3, actors=1, log=lines.append)
+    assert summary["resumed_at_user"] == 6 and any(line.startswith("resuming: 6 of ") for line in lines)
+    assert not partial.exists() and not (out / "_progress.json").exists()
+    whole = pq.read_table(split_run[0])
+    mine = pq.read_table(out)                    # the parts in order: the users in input order
+    for column in ("user", "rank", "item"):
+        assert mine.column(column).to_pylist() == whole.column(column).to_pylist()
+    np.testing.assert_allclose(mine.column("score").to_numpy(), whole.column("score").to_numpy(),
+                               rtol=0, atol=1e-5)       # other batches: fp32 rounding apart at most
+    assert all(pq.read_metadata(f).num_rows == 2 * K for f in sorted(out.glob("part-*"))[:-1])
+    assert read_record(out)["request"]["k"] == K
+    # another request finds the partial of this one useless: it is discarded, never mixed in
+    monkeypatch.setattr(batch._Writer, "write", failing_write)
+    with pytest.raises(RuntimeError, match="node lost"):
+        recommend_split(export, prepared, "test", K, out=tmp_path / "other", batch_size=3, actors=1, log=None)
+    monkeypatch.setattr(batch._Writer, "write", real_write)
+    lines.clear()
+    recommend_split(export, prepared, "test", K - 1, out=tmp_path / "other", batch_size=3, actors=1,
+                    log=lines.append)
+    assert any("discarded" in line for line in lines) and not any("resuming" in line for line in lines)
+    assert pq.read_table(tmp_path / "other").num_rows == whole.num_rows // K * (K - 1)
+
+
 def test_a_parquet_file_with_integer_ids_into_a_folder(toy, tmp_path):
     """Integer item IDs (their decimal spelling), histories longer than max_len, repeated items,
     --exclude-history, a folder output: equal to `Scorer.recommend` on the same histories."""
