@@ -135,6 +135,7 @@ def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
     if not cfg.force and (old := up_to_date(out, fp, inputs, cfg)) is not None:
         log.info("%s is up to date (fingerprint %s): nothing to do", out, fp[:12])
         return {**old, "status": "up_to_date"}
+    _refuse_other_entries(out)
 
     timings: dict[str, float] = {}
     clock = time.time()
@@ -216,13 +217,35 @@ def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
     return {**manifest, "status": "written"}
 
 
+PREPARED_ENTRIES = {MANIFEST_NAME, SHARD_DIR, "users.parquet", "items.parquet", "category_names.json"}
+
+
 def _refuse_foreign(out: Path) -> None:
-    """The prepared folder is replaced whole on a rebuild: never one that holds something else."""
+    """The prepared folder is replaced whole on a rebuild: never one that holds something else (an
+    export also has a manifest.json; a user's files may sit beside a prepared set)."""
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: --prepared-dir exists and is not a folder")
-    if out.is_dir() and not (out / MANIFEST_NAME).is_file() and any(out.iterdir()):
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not (isinstance(manifest, dict) and "schema_version" in manifest and "shards" in manifest):
         raise DataError(f"{out}: --prepared-dir exists, is not empty and holds no prepared data set "
                         f"({MANIFEST_NAME}); it would be replaced whole: choose a new or empty folder")
+
+
+def _refuse_other_entries(out: Path) -> None:
+    """Before a rebuild replaces `out` whole: nothing in it but what a preparation writes."""
+    if not out.is_dir():
+        return
+    others = sorted(e.name for e in out.iterdir()
+                    if e.name not in PREPARED_ENTRIES and not e.name.endswith(".npy"))
+    if others:
+        raise DataError(f"{out}: --prepared-dir holds {', '.join(others[:3])}"
+                        f"{' ...' if len(others) > 3 else ''} beside the prepared data set; a rebuild "
+                        "replaces the folder whole: move them out or choose another folder")
 
 
 def _swap_in(build: Path, out: Path) -> None:

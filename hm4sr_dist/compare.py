@@ -44,7 +44,7 @@ import glob
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -75,6 +75,7 @@ from hm4sr_dist.train.identity import INERT_WHEN, NOT_IDENTITY, default_identity
 # (`INERT_WHEN`, e.g. loss.cp_reduction when loss.cp_weight = 0).
 IGNORED_KEYS = ("optim.seed",) + tuple(NOT_IDENTITY)
 HOLM_ALPHA = 0.05
+HIER_TEST_MIN_SEEDS = 8     # fewer paired seeds: the hierarchical interval is shown without p or Holm
 DEFAULT_METRICS = ("ndcg", "mrr")
 DEFAULT_KS = (5, 10)
 METRIC_LABELS = {"ndcg": "NDCG", "mrr": "MRR", "hit": "Hit"}
@@ -593,7 +594,12 @@ def seed_level(base_runs: list[dict[str, np.ndarray]], other_runs: list[dict[str
         return {}
     a = {m: np.stack([base_runs[i][m] for _, i, _ in pairs]) for m in metrics}
     b = {m: np.stack([other_runs[j][m] for _, _, j in pairs]) for m in metrics}
-    return {m: r.interval for m, r in hierarchical_bootstrap(a, b, n_boot=n_boot, seed=seed).items()}
+    out = {m: r.interval for m, r in hierarchical_bootstrap(a, b, n_boot=n_boot, seed=seed).items()}
+    if len(pairs) < HIER_TEST_MIN_SEEDS:
+        # a resample of a few seeds never falls below the smallest seed difference: with 3 seeds
+        # all ahead the interval excludes 0 whatever their spread. Shown, but not a test.
+        out = {m: replace(iv, p_value=math.nan) for m, iv in out.items()}
+    return out
 
 
 def apply_holm(comparisons: Sequence[PairedComparison], alpha: float = HOLM_ALPHA) -> dict[str, int]:
@@ -605,7 +611,8 @@ def apply_holm(comparisons: Sequence[PairedComparison], alpha: float = HOLM_ALPH
     diffs = [d for c in comparisons for d in c.metrics.values()]
     families = {UNIT_USERS: [(d, d.p_two_sided) for d in diffs],
                 UNIT_SEEDS_T: [(d.seed_t, d.seed_t.p_value) for d in diffs if d.seed_t],
-                UNIT_HIERARCHICAL: [(d.seed_hier, d.seed_hier.p_value) for d in diffs if d.seed_hier]}
+                UNIT_HIERARCHICAL: [(d.seed_hier, d.seed_hier.p_value) for d in diffs
+                                    if d.seed_hier and not math.isnan(d.seed_hier.p_value)]}
     for family in families.values():
         for (member, _), p in zip(family, holm([p for _, p in family])):
             member.holm_p, member.holm_excludes_0 = p, bool(p <= alpha)
@@ -642,6 +649,10 @@ def compare(runs: Sequence[Run | str | Path], metrics: Iterable[str] | None = No
         seeds = s.seeds
         if len(set(map(_key, seeds))) < len(seeds):
             notes.append(f"setting {s.name}: repeated seeds {seeds} (re-runs are averaged like seeds)")
+        caps = sorted({(r.config.get("optim") or {}).get("epochs") for r in s.runs}, key=str)
+        if len(caps) > 1:     # one setting for the run identity (a run taken further is the same run)
+            notes.append(f"setting {s.name}: runs with different epoch caps {caps} are averaged as one "
+                         "setting; give them --label globs to compare them")
         users, run_values[s.name] = setting_run_values(s, metrics)
         per_user, per_run = _averaged(run_values[s.name], metrics)
         values[s.name] = (users, per_user)
@@ -789,7 +800,9 @@ def format_text(result: Comparison, digits: int = 4) -> str:
     out += ["", (f"Table 3: vs baseline {result.baseline} by seed: per seed both settings ran, the "
                  f"difference of the two runs' test means; {UNIT_SEEDS_T} = mean ± t(0.975, n-1) sd/sqrt(n) "
                  f"(n >= 2 seeds); seeds then users = hierarchical bootstrap (n >= 3 seeds, "
-                 f"B={result.n_boot}, seed {result.seed}); † = excludes 0 after Holm at "
+                 f"B={result.n_boot}, seed {result.seed}; its p and Holm only from "
+                 f"{HIER_TEST_MIN_SEEDS} seeds: a resample of fewer never falls below the smallest seed "
+                 f"difference); † = excludes 0 after Holm at "
                  f"{result.holm_alpha:g}"),
             _aligned(*table3_rows(result, digits), left=2), "", f"Holm: {result.holm_family}"]
     return "\n".join(out)
@@ -884,8 +897,10 @@ def format_markdown(result: Comparison, digits: int = 4) -> str:
          f"{result.holm_alpha:g}."), "", table(heads, rows2), "",
         (f"**Table 3.** Seed level vs `{result.baseline}`: per seed both settings ran, the difference of the "
          f"two runs' test means; {UNIT_SEEDS_T}: mean ± t(0.975, n-1)·sd/√n (n >= 2 seeds); seeds then "
-         f"users: hierarchical bootstrap (n >= 3 seeds, B={result.n_boot}, seed {result.seed}); each with "
-         f"its Holm-adjusted p; † = excludes 0 after Holm at {result.holm_alpha:g}."), "",
+         f"users: hierarchical bootstrap (n >= 3 seeds, B={result.n_boot}, seed {result.seed}; tested only "
+         f"from {HIER_TEST_MIN_SEEDS} seeds: a resample of fewer never falls below the smallest seed "
+         f"difference); each with its Holm-adjusted p; † = excludes 0 after Holm at "
+         f"{result.holm_alpha:g}."), "",
         table(heads, rows3), "", f"Holm: {result.holm_family}.", ""])
 
 
@@ -895,8 +910,9 @@ def _md_seed_cell(d: MetricDifference, digits: int) -> str:
     parts = []
     for iv, note in ((d.seed_t, d.seed_t_note), (d.seed_hier, d.seed_hier_note)):
         parts.append(note if iv is None else
-                     f"{iv.unit}: [{iv.low:+.{digits}f}, {iv.high:+.{digits}f}], Holm p={iv.holm_p:.3f}"
-                     f"{' †' if iv.holm_excludes_0 else ''}")
+                     f"{iv.unit}: [{iv.low:+.{digits}f}, {iv.high:+.{digits}f}], "
+                     + (f"not tested (< {HIER_TEST_MIN_SEEDS} seeds)" if math.isnan(iv.p_value) else
+                        f"Holm p={iv.holm_p:.3f}{' †' if iv.holm_excludes_0 else ''}"))
     return f"{d.seed_t.diff:+.{digits}f} over {d.seed_t.n_seeds} seeds; " + "; ".join(parts)
 
 

@@ -24,6 +24,7 @@ from typing import Iterable
 from hm4sr_dist.config import (ExperimentConfig, apply_variant, check_repeats, command_line_keys,
                                load_tracked)
 from hm4sr_dist.feasibility import DataOffer, check, resolve
+from hm4sr_dist.tracking import absolute_tracking_uri
 
 
 @dataclass
@@ -55,4 +56,5 @@ def resolve_job_config(config_path: str | Path | None, overrides: Iterable[str] 
         value = getattr(cfg.train, key)
         if value and "://" not in value:
             setattr(cfg.train, key, str(Path(value).resolve()))
+    cfg.train.tracking_uri = absolute_tracking_uri(cfg.train.tracking_uri)
     return JobConfig(cfg.validate(explicit), explicit, notes)

@@ -24,6 +24,7 @@ data set, shared by every job and study that trains the same thing.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -61,9 +62,12 @@ def _history(checkpoint: Path) -> list[dict]:
 
 def _replace(path: Path, write) -> None:
     """Write `path` through a hidden file beside it and rename it into place: whole or absent."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")     # two writers never share one
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_run_folder(run_dir: Path, checkpoint: Path, *, config: dict, dataset: str, identity: str,

@@ -98,6 +98,23 @@ class TrackingError(ValueError):
 
 # --- the URI --------------------------------------------------------------------------------------
 
+def absolute_tracking_uri(tracking_uri: str) -> str:
+    """`train.tracking_uri` with a relative local store made absolute (`sqlite:///mlflow.db`, a
+    plain folder): the driver, each Tune trial and each Ray worker run in folders of their own, and
+    a relative path would give each its own database. Anything else is returned as given."""
+    value = (tracking_uri or "").strip()
+    if value.lower() in OFF_VALUES or not value:
+        return tracking_uri
+    if value.startswith("sqlite:///"):
+        path = value[len("sqlite:///"):]
+        if path and not path.startswith("/") and not path.startswith(":memory:"):
+            return f"sqlite:///{Path(path).resolve()}"
+        return value
+    if "://" not in value and not value.startswith("file:"):
+        return str(Path(value).resolve())
+    return value
+
+
 def tracking_uri_for(tracking_uri: str, storage_path: str) -> str | None:
     """The MLflow tracking URI for `train.tracking_uri` and `train.storage_path`; None = tracking off.
 

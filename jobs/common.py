@@ -264,7 +264,10 @@ def _read_finished_run(plan: JobPlan, cfg: ExperimentConfig, run, checkpoint, ou
         results = read_results(out)
     except RunFolderError:
         results = None
-    if results is not None and results.get("identity") == run.identity["hash"]:
+    # the same identity is not enough: the Train run may have been taken further since (a study
+    # trial or a job with a higher epoch cap shares it); the folder must hold its final checkpoint's
+    if (results is not None and results.get("identity") == run.identity["hash"]
+            and results.get("checkpoint") == checkpoint.path):
         say(f"run {cfg.train.run_name} is finished (nothing to train at optim.epochs={cfg.optim.epochs}): "
             f"its results, unchanged, from {out / 'results.json'}")
     else:

@@ -48,6 +48,31 @@ MIN_BOOTSTRAP = 100         # paired-bootstrap resamples below which a 95% CI me
 say = functools.partial(print, flush=True)
 
 
+class _InOrder(argparse._AppendAction):
+    """--param / --values: appended as usual, and also to `args.param_order` as (flag, value), so a
+    --values binds to the --param just before it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        order = list(getattr(namespace, "param_order", None) or [])
+        setattr(namespace, "param_order", order + [(self.dest, values)])
+
+
+def param_values(order: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
+    """(param, its --values or None) in command-line order; ConfigError for a --values with no
+    --param before it or a second --values for one --param."""
+    pairs: list[list] = []
+    for flag, value in order:
+        if flag == "param":
+            pairs.append([value, None])
+        elif not pairs or pairs[-1][1] is not None:
+            raise ConfigError(f"every --values needs a --param just before it (--values {value} follows "
+                              "none of its own)", key="--values")
+        else:
+            pairs[-1][1] = value
+    return [(param, values) for param, values in pairs]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # allow_abbrev=False: `--variant` (the training jobs' flag) must not silently become --variant-list
     p = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -58,11 +83,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default="configs/hm4sr_paper.yaml", help="base config of every trial")
     p.add_argument("--variant-list", nargs="+", default=None, metavar="VARIANT",
                    help="variants (table1, fig3, custom), e.g. hm4sr sasrec; write -TMoE as is")
-    p.add_argument("--param", action="append", default=[],
+    p.add_argument("--param", action=_InOrder, default=[],
                    help="fig4: a panel (k1, k2, l2, l3, beta); grid: a key of the product (a paper name, "
                         "tau too, or a dotted key); repeatable")
-    p.add_argument("--values", action="append", default=[],
-                   help="fig4, grid: the values of the --param at the same position, e.g. 0.5,1.0 "
+    p.add_argument("--values", action=_InOrder, default=[],
+                   help="fig4, grid: the values of the --param just before it, e.g. 0.5,1.0 "
                         "(default: the paper's grid)")
     p.add_argument("--setting", action="append", default=[], metavar="[LABEL:]KEY=VALUE ...",
                    help="custom: one setting of key=value overrides; repeatable")
@@ -131,9 +156,8 @@ def plan(argv: list[str] | None) -> dict:
                           key="--variant-list")
     if args.param and args.study not in ("fig4", "grid"):
         raise ConfigError("only fig4 and grid take --param", key="--param")
-    if len(args.values) > len(args.param):
-        raise ConfigError("every --values needs a --param before it", key="--values")
-    values = {resolve_param(p): parse_values(v) for p, v in zip(args.param, args.values)}
+    values = {resolve_param(p): parse_values(v)
+              for p, v in param_values(getattr(args, "param_order", [])) if v is not None}
     if args.setting and args.study != "custom":
         raise ConfigError("only the custom study takes --setting", key="--setting")
     prepared = Path(args.prepared_dir)

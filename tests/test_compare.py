@@ -213,7 +213,7 @@ def test_cli_writes_one_row_per_setting(study, tmp_path, capsys):
         assert "interval unit: users" in text and "seeds (t)" in text and "seeds then users" in text
         assert "Holm-Bonferroni step-down over every setting-vs-baseline comparison on every metric" in text
     saved = json.loads(out_json.read_text())
-    assert saved["holm_family_sizes"] == {"users": 4, "seeds (t)": 4, HIER: 4}
+    assert saved["holm_family_sizes"] == {"users": 4, "seeds (t)": 4, HIER: 0}     # 3 seeds: not tested
     assert saved["comparisons"][0]["metrics"]["mrr@5"]["seed_hier"]["unit"].startswith("seeds then users")
     # The module entry point, and an error exit that names the path.
     proc = subprocess.run([sys.executable, "-m", "hm4sr_dist.compare", str(tmp_path / "missing")],
@@ -251,10 +251,14 @@ def test_seed_level_intervals_and_holm_in_compare(study):
     assert [d.holm_p for d in diffs] == pytest.approx(holm([d.p_two_sided for d in diffs]))
     assert [d.seed_t.holm_p for d in diffs] == pytest.approx(holm([d.seed_t.p_value for d in diffs]))
     assert all(d.holm_excludes_0 == (d.holm_p <= 0.05) for d in diffs)
-    assert res.holm_family_sizes == {"users": 4, "seeds (t)": 4, HIER: 4}
+    # 3 seeds: the hierarchical interval is shown, not tested (a resample of 3 seeds never falls
+    # below the smallest seed difference), so it is in no Holm family and never marked
+    assert all(math.isnan(d.seed_hier.p_value) and not d.seed_hier.holm_excludes_0 for d in diffs)
+    assert res.holm_family_sizes == {"users": 4, "seeds (t)": 4, HIER: 0}
     assert "(1 settings x 4 metrics)" in res.holm_family
     text = format_text(res)
     assert "Table 3" in text and "Holm p" in text and "†" in text
+    assert "not tested (< 8 seeds)" in format_markdown(res)
 
 
 def test_holm_family_is_every_setting_and_metric_of_the_call(study, tmp_path):
@@ -270,10 +274,25 @@ def test_holm_family_is_every_setting_and_metric_of_the_call(study, tmp_path):
         first = alone.comparisons[0].metrics[m]
         assert (d.ci_low, d.ci_high) == (first.ci_low, first.ci_high)
     family = [d for c in both.comparisons for d in c.metrics.values()]
-    for kind in ("p_two_sided", "seed_t", "seed_hier"):
+    for kind in ("p_two_sided", "seed_t"):      # seed_hier: not tested with 3 seeds
         raw = [getattr(d, kind) if kind == "p_two_sided" else getattr(d, kind).p_value for d in family]
         held = [d.holm_p if kind == "p_two_sided" else getattr(d, kind).holm_p for d in family]
         assert held == pytest.approx(holm(raw))
+
+
+def test_from_eight_seeds_the_hierarchical_interval_is_tested_and_holm_adjusted(tmp_path):
+    dirs = []
+    for weight, tag in ((1.0, "full"), (0.0, "noidcl")):
+        for seed in range(1, 9):
+            ranks = random_ranks(120, seed)
+            if weight == 0.0:
+                ranks[:40] += 7
+            dirs.append(write_run(tmp_path / f"{tag}-s{seed}", ranks, seed=seed, loss__idcl_weight=weight))
+    res = compare(dirs, metrics=["ndcg@5", "mrr@10"], n_boot=400, seed=3)
+    diffs = list(res.comparisons[0].metrics.values())
+    assert all(d.seed_hier.n_seeds == 8 and 0 <= d.seed_hier.p_value <= 1 for d in diffs)
+    assert res.holm_family_sizes[HIER] == 2
+    assert [d.seed_hier.holm_p for d in diffs] == pytest.approx(holm([d.seed_hier.p_value for d in diffs]))
 
 
 def test_too_few_seeds_say_why(tmp_path):
@@ -313,6 +332,8 @@ def test_grouping_ignores_exactly_the_run_identity_keys(tmp_path):
             write_run(tmp_path / "r4", ranks, seed=4, loss__cp_weight=0.0, loss__cp_reduction="per_item")]
     settings = group_settings([load_run(r) for r in runs])
     assert [(s.name, s.seeds) for s in settings] == [("hm4sr", [1, 2]), ("loss.cp_weight=0.0", [3, 4])]
+    notes = compare([load_run(r) for r in runs], n_boot=50).notes     # r2's cap 7 averaged in: said
+    assert any("setting hm4sr: runs with different epoch caps" in n for n in notes), notes
     # The same verdict as the identity hash (which keeps the seed: set it equal there)
     for a, b, same in ((runs[0], runs[1], True), (runs[2], runs[3], True), (runs[0], runs[2], False)):
         hashes = []

@@ -88,6 +88,20 @@ def test_default_uri_rules(tmp_path, monkeypatch, capsys):
     assert default_artifact_location("http://mlflow.internal:5000") is None
 
 
+def test_a_relative_local_store_is_made_absolute_for_every_process(tmp_path, monkeypatch):
+    from hm4sr_dist.job_config import resolve_job_config
+    from hm4sr_dist.tracking import absolute_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_tracking_uri("sqlite:///runs/mlflow.db") == f"sqlite:///{tmp_path}/runs/mlflow.db"
+    assert absolute_tracking_uri("mlruns") == str(tmp_path / "mlruns")
+    for given in ("sqlite:////shared/mlflow.db", "http://host:5000", "off", "", "sqlite:///:memory:",
+                  "postgresql://u@h/db", "file:///abs/mlruns"):
+        assert absolute_tracking_uri(given) == given
+    cfg = resolve_job_config(None, ["train.tracking_uri=sqlite:///mlflow.db"]).config
+    assert cfg.train.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+
+
 def test_metric_key_sanitising():
     from mlflow.utils.validation import _validate_metric_name, _validate_param_name, _validate_tag_name
 
@@ -317,6 +331,18 @@ def test_a_bad_uri_is_one_quick_error_naming_it(tmp_path):
     assert f"http://me:***@127.0.0.1:{port}" in str(caught.value) and "s3cret" not in str(caught.value)
     copy = pickle.loads(pickle.dumps(caught.value))                # Ray ships a worker's error pickled
     assert str(copy) == str(caught.value) and copy.uri == caught.value.uri
+
+
+def test_a_store_gone_when_a_worker_opens_it_stops_tracking_not_training(capsys):
+    """The driver reached the store before Ray started; when rank 0 (or a restarted worker group)
+    cannot, training goes on without tracking (docs/tracking.md), with one line saying so."""
+    from hm4sr_dist.train.tracking_run import TrackingPlan, as_loop_config, open_for_worker
+
+    plan = as_loop_config(TrackingPlan(f"http://127.0.0.1:{_closed_port()}", "exp", "x" * 16, "run"))
+    tracker = open_for_worker(plan, rank=0)
+    assert isinstance(tracker, NullTracker)
+    assert "warning: experiment tracking stopped: MLflow tracking at http://127.0.0.1:" in capsys.readouterr().out
+    assert isinstance(open_for_worker(plan, rank=1), NullTracker)
 
 
 @pytest.fixture

@@ -25,7 +25,17 @@ SHARD_DIR = "shards"
 
 
 class ManifestError(ValueError):
-    """The manifest is missing, malformed, or does not match the files beside it."""
+    """The manifest is missing, malformed, or does not match the files beside it. `transient`: an
+    I/O failure that may pass (a network reset, a storage timeout), which a retry may get past."""
+
+    transient = False
+
+
+def transient_io(exc: BaseException) -> bool:
+    """An OSError that reading the same bytes again may not raise: not a missing file, a folder
+    where a file belongs, or a refused permission (those fail the same way on every attempt)."""
+    return isinstance(exc, OSError) and not isinstance(
+        exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError))
 
 
 def is_uri(where: Any) -> bool:
@@ -95,7 +105,9 @@ class DataLocation:
         except FileNotFoundError:
             raise ManifestError(f"{self.name(*parts)}: missing") from None
         except OSError as exc:
-            raise ManifestError(f"{self.name(*parts)}: cannot {what} ({_short(exc)})") from exc
+            error = ManifestError(f"{self.name(*parts)}: cannot {what} ({_short(exc)})")
+            error.transient = transient_io(exc)
+            raise error from exc
 
     def size(self, *parts: str) -> int | None:
         """Bytes of a file; None when there is no such file."""

@@ -31,7 +31,10 @@ Sample = tuple  # (items: ndarray, times: ndarray, end: int); input = items[:end
 
 
 class ShardError(IOError):
-    """A shard is unreadable, truncated or holds a malformed sample; the message names it."""
+    """A shard is unreadable, truncated or holds a malformed sample; the message names it.
+    `transient`: the read failed on I/O that may pass (manifest.transient_io), not on the bytes."""
+
+    transient = False
 
 
 def user_key(uid: int) -> str:
@@ -191,7 +194,11 @@ def iter_shard_tarfile(path, sha256: str | None = None,
     except ShardError:
         raise
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ShardError(f"shard {path}: unreadable or truncated tar ({exc})") from None
+        from hm4sr_dist.data.manifest import transient_io
+
+        error = ShardError(f"shard {path}: unreadable or truncated tar ({exc})")
+        error.transient = transient_io(exc)
+        raise error from None
 
 
 def iter_shard_webdataset(path, sha256: str | None = None,

@@ -58,6 +58,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ from hm4sr_dist.serving.export import (
     ExportError,
     ItemIdMap,
     check_files,
+    clear_stale_tmp,
     read_export_manifest,
 )
 from hm4sr_dist.serving.scorer import DEFAULT_ITEM_CHUNK, MAX_UNIX_SECONDS, ScoringError
@@ -298,6 +300,10 @@ def _time_column(col: pa.Array, path: Path, fail: Callable) -> np.ndarray:
                 raise fail(i, "time", value, "expected whole unix seconds (an integer)") from None
             raise fail(i, "time", value, f"outside [0, {MAX_UNIX_SECONDS}] (1970 to 9999)")
         times = text.cast(pa.int64()).to_numpy()
+        bad = np.flatnonzero(times > MAX_UNIX_SECONDS)        # 12 digits reach past 9999
+        if bad.size:
+            i = int(bad[0])
+            raise fail(i, "time", col[i].as_py(), f"outside [0, {MAX_UNIX_SECONDS}] (1970 to 9999)")
     elif pa.types.is_integer(col.type):
         values = col.to_numpy()
         bad = np.flatnonzero(values > MAX_UNIX_SECONDS if pa.types.is_unsigned_integer(col.type)
@@ -389,18 +395,6 @@ def _tmp_name(out: Path) -> Path:
     return out.with_name(f".{out.name}.tmp-{os.getpid()}")
 
 
-def _clear_stale_tmp(out: Path) -> None:
-    """Remove temporaries of `out` left by dead processes (a live one may be writing its own)."""
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        try:
-            pid = int(stale.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            _remove(stale)
-        except (ValueError, PermissionError):
-            continue
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -480,7 +474,9 @@ class _Writer:
     # -- a resumable folder -------------------------------------------------------------------------
     def _open_partial(self) -> None:
         progress = _read_progress(self.tmp)
-        if progress is not None and progress.get("pid") != os.getpid() and _alive(progress.get("pid")):
+        # a live writer on this host holds it (one on another host sharing the folder is not seen)
+        if (progress is not None and progress.get("host") == socket.gethostname()
+                and progress.get("pid") != os.getpid() and _alive(progress.get("pid"))):
             raise BatchError(f"{self.out}: another hm4sr-recommend (pid {progress['pid']}) is writing "
                              f"it ({self.tmp})")
         usable = (progress is not None and progress.get("request") == self.record["request"]
@@ -501,7 +497,8 @@ class _Writer:
 
     def _save_progress(self) -> None:
         users = sum(self._rows_of(n) for n in self.closed) // self.k
-        body = {"request": self.record["request"], "pid": os.getpid(), "parts": self.closed,
+        body = {"request": self.record["request"], "host": socket.gethostname(), "pid": os.getpid(),
+                "parts": self.closed,
                 "users": users}
         tmp = self.tmp / f".{PROGRESS_FILE}.tmp"
         tmp.write_text(json.dumps(body, indent=2))
@@ -705,7 +702,7 @@ def _already(out: Path, record: dict, log: Callable | None) -> dict:
     result = record.get("result") or {}
     if log is not None:
         log(f"{out}: already complete for this request ({result.get('users')} users, k="
-            f"{record['request']['k']}); nothing to do (--force recomputes it)")
+            f"{record['request']['k']}); nothing to do (remove it to compute it again)")
     return {"out": str(out), "status": "complete", "users": result.get("users"),
             "rows": result.get("rows"), "seconds": 0.0, "users_per_s": None}
 
@@ -732,7 +729,7 @@ def _run(export: _Export, histories: Histories, k: int, out: Path, request: dict
     if batch_size < 1 or item_chunk_size < 0 or progress_every < 0:
         raise BatchError(f"batch size >= 1, item chunk >= 0 and progress_every >= 0, got {batch_size}, "
                          f"{item_chunk_size}, {progress_every}")
-    _clear_stale_tmp(out)
+    clear_stale_tmp(out)
     actors, gpu = _resources(actors)
     total = histories.n_users
     n_batches = -(-total // batch_size)

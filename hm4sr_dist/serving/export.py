@@ -152,6 +152,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, program: bool = True) -
     weights = _checkpoint_weights(results, run_dir / RESULTS_FILE)
     prepared, data_manifest = _prepared_data(results, config, run_dir / RESULTS_FILE)
     _refuse_foreign(out_dir)
+    clear_stale_tmp(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -251,6 +252,22 @@ def _prepared_data(results: dict, config: dict, results_path: Path) -> tuple[Pat
         if key not in (manifest.get(section) or {}):
             raise ExportError(f"{prepared / MANIFEST_NAME}: missing field {section}.{key}")
     return prepared, manifest
+
+
+def clear_stale_tmp(out: Path) -> None:
+    """Remove the temporaries `.<out>.tmp-<pid>` beside `out` whose process is gone (a killed
+    export or recommendation leaves one; a live process may be writing its own)."""
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            pid = int(stale.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            continue
 
 
 def _refuse_foreign(out_dir: Path) -> None:

@@ -6,7 +6,8 @@ same way on every attempt. Ray Train v2 retries any worker-group failure up to
 `train.max_failures` times (minutes each, then a ~300-line `WorkerGroupError`), and its public
 `FailureConfig` has no per-exception rule. So the launcher installs `DataErrorsAreFinal`, Ray
 Train's default failure policy with one exception: a worker-group failure whose workers failed with
-a data error is raised, not retried. Every other failure (a killed worker, an OOM, a preemption)
+a data error is raised, not retried. Every other failure (a killed worker, an OOM, a preemption,
+and a data read that failed on transient I/O, `transient_io`: a network reset, a storage timeout)
 is retried as before. `raise_data_error` turns the raised `WorkerGroupError` into a
 `ManifestError` with the data error's own message (one line in the jobs; the worker's traceback
 is in its log).
@@ -35,7 +36,8 @@ def data_error_of(failure: BaseException | None) -> BaseException | None:
     while failure is not None and id(failure) not in seen:
         seen.add(id(failure))
         if isinstance(failure, DATA_ERRORS):
-            return failure
+            # an I/O hiccup of the storage (a network reset) may pass: retried like any failure
+            return None if getattr(failure, "transient", False) else failure
         cause = getattr(failure, "cause", None)          # RayTaskError keeps the user's exception here
         failure = cause if isinstance(cause, BaseException) else (failure.__cause__ or failure.__context__)
     return None

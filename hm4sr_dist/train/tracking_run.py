@@ -21,7 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hm4sr_dist.config import ExperimentConfig, to_dict
-from hm4sr_dist.tracking import STUDY_TAG, NullTracker, Tracker, tracking_uri_for
+from hm4sr_dist.run_folder import PER_USER_FILE, RESULTS_FILE, STOPPED_FILE
+from hm4sr_dist.tracking import STUDY_TAG, NullTracker, Tracker, TrackingError, tracking_uri_for
+from hm4sr_dist.train.monitor import say
 
 
 @dataclass
@@ -65,7 +67,11 @@ def open_for_worker(plan: dict | None, rank: int) -> Tracker:
     """Rank 0's tracker (the same MLflow run the driver opened); a no-op tracker elsewhere."""
     if rank != 0 or not plan:
         return NullTracker()
-    return TrackingPlan(**plan).open()
+    try:
+        return TrackingPlan(**plan).open()
+    except TrackingError as exc:    # the driver reached it before Ray started: gone since, not wrong
+        say(f"warning: experiment tracking stopped: {exc} (training goes on; TensorBoard keeps logging)")
+        return NullTracker()
 
 
 def as_loop_config(plan: TrackingPlan | None) -> dict | None:
@@ -78,9 +84,9 @@ def attach_run_folder(plan: TrackingPlan | None, run_dir: Path) -> None:
     if plan is None:
         return
     tracker = plan.open()
-    for file in sorted(Path(run_dir).iterdir()):
-        if file.is_file():
-            tracker.log_artifact(file, artifact_path="run_folder")
+    for name in (RESULTS_FILE, PER_USER_FILE, STOPPED_FILE):    # the folder may hold other things
+        if (Path(run_dir) / name).is_file():
+            tracker.log_artifact(Path(run_dir) / name, artifact_path="run_folder")
     tracker.finish("FINISHED")
 
 
@@ -104,8 +110,6 @@ def attach_export(results: dict, export_dir: Path) -> str | None:
 def mark_failed(plan: TrackingPlan | None) -> None:
     """Best effort, while the training error is on its way up: the run's MLflow status FAILED (a
     tracking error here must not hide the training one)."""
-    from hm4sr_dist.tracking import TrackingError
-
     if plan is None or not plan.identity:
         return
     try:

@@ -151,3 +151,44 @@ def test_a_run_name_clash_and_a_short_epoch_cap_stop_the_job_before_ray_starts(w
     result = train(work, prepared_sequences, "train.run_name=long", "train.num_workers=1", "optim.batch_size=64")
     assert_user_error(work, result, start="error: optim.epochs=1: run long has already trained 3 epochs",
                       notes_allowed=True)
+
+
+def test_a_storage_hiccup_is_retried_and_a_bad_byte_is_not(tmp_path, monkeypatch):
+    """Only errors of the bytes are final (`data_errors.data_error_of` finds them); an I/O failure
+    that may pass (a network reset while a shard streams, a storage timeout) is retried as any
+    worker failure, so a flaky bucket does not end a long run."""
+    import builtins
+
+    from hm4sr_dist.data.manifest import DataLocation
+    from hm4sr_dist.data.records import ShardError, iter_shard_tarfile
+    from hm4sr_dist.train.data_errors import data_error_of
+
+    shard = tmp_path / "shard-00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        (tmp_path / "u000000000.seq.npy").write_bytes(b"x")
+        tar.add(tmp_path / "u000000000.seq.npy", arcname="u000000000.seq.npy")
+    real_open = builtins.open
+
+    def flaky_open(file, *args, **kwargs):
+        if str(file) == str(shard):
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", flaky_open)
+    with pytest.raises(ShardError) as reset:
+        list(iter_shard_tarfile(shard))
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert reset.value.transient and data_error_of(reset.value) is None
+
+    shard.write_bytes(shard.read_bytes()[:700])                         # cut short: the same every time
+    with pytest.raises(ShardError, match="truncated") as cut:
+        list(iter_shard_tarfile(shard))
+    assert not cut.value.transient and data_error_of(cut.value) is cut.value
+
+    where = DataLocation(str(tmp_path))
+    with pytest.raises(ManifestError) as timeout:
+        where._call("read", ("x",), lambda _: (_ for _ in ()).throw(TimeoutError("storage timed out")))
+    assert timeout.value.transient and data_error_of(timeout.value) is None
+    with pytest.raises(ManifestError, match="missing") as missing:
+        where.read_bytes("no-such-file")
+    assert not missing.value.transient and data_error_of(missing.value) is missing.value

@@ -62,6 +62,17 @@ def test_cli_summary_and_clear_errors(tmp_path, local_ray, capsys):
                "--k-core", "3", "--no-text", "--no-progress"])
     assert rc == 2 and f"{busy}: --prepared-dir exists, is not empty" in capsys.readouterr().err
     assert (busy / "notes.txt").read_text() == "mine"
+    export_like = tmp_path / "export"          # a manifest.json of another kind (an hm4sr-export's)
+    export_like.mkdir()
+    (export_like / "manifest.json").write_text('{"format": "hm4sr-export"}')
+    rc = main(["--source", "movielens", "--input-dir", str(tmp_path / "ml"), "--out-dir", str(export_like),
+               "--k-core", "3", "--no-text", "--no-progress"])
+    assert rc == 2 and "holds no prepared data set" in capsys.readouterr().err
+    (tmp_path / "out" / "my_notes.md").write_text("mine")   # a user's file beside a prepared set
+    rc = main(["--source", "movielens", "--input-dir", str(tmp_path / "ml"), "--out-dir",
+               str(tmp_path / "out"), "--k-core", "2", "--no-text", "--no-progress"])
+    assert rc == 2 and "holds my_notes.md beside the prepared data set" in capsys.readouterr().err
+    assert (tmp_path / "out" / "my_notes.md").read_text() == "mine"
 
 
 def test_image_download_retries_and_caches(tmp_path):

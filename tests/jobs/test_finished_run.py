@@ -48,5 +48,13 @@ def test_a_finished_run_is_read_not_run_again(prepared_sequences, local_ray, tmp
     elsewhere = run_job(job, argv[:3] + [str(tmp_path / "elsewhere")] + argv[4:])
     assert elsewhere["test"] == first["test"] and elsewhere["read_from_finished_run"] is True
     assert snapshot(storage) == {k: v for k, v in before.items() if not k.startswith("out/")}
+    # a results.json of an earlier checkpoint of the same Train run (trained further since, by a
+    # study trial or a higher epoch cap) is not its result: rewritten from the final checkpoint
+    older = json.loads(results_bytes) | {"checkpoint": "storage/older/checkpoint_0", "test": {"ndcg@10": 0.0}}
+    (out / "results.json").write_text(json.dumps(older))
+    capsys.readouterr()
+    current = run_job(job, argv)
+    assert "wrote" in capsys.readouterr().out and current["test"] == first["test"]
+    assert current["checkpoint"] == first["checkpoint"]
     _, [run] = mlflow_runs(storage / "mlflow.db", f"hm4sr-{first['dataset']}")
     assert run.info.status == "FINISHED" and run.data.tags["hm4sr.identity"] == first["identity"]

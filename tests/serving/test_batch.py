@@ -309,6 +309,8 @@ def _bad_files(a: str):
          r"\(row 1 \(line 2\), 100\)")
     yield "range.csv", ok + f"u1,{a},1000000000000\n", \
         r"row 1 \(line 2\), column 'time' = '1000000000000': outside"
+    yield "range12.csv", ok + f"u1,{a},100\nu1,{a},300000000000\n", \
+        r"row 2 \(line 3\), column 'time' = '300000000000': outside"        # 12 digits, past 9999
     yield "empty.csv", ok + f"u1,{a},1\n,{a},2\n", r"row 2 \(line 3\), column 'user' = '': empty ID"
     yield "columns.csv", f"user,item,timestamp\nu1,{a},1\n", r"columns\.csv: missing column\(s\) 'time'"
     yield "float.parquet", pa.table({"user": ["u"], "item": [a], "time": [1.5]}), \

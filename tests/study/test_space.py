@@ -107,13 +107,27 @@ def test_grid_is_the_product_of_the_params(prepared_sequences):
     assert study.aliases == {"l2=1.0 tau=0.2": "default"}
 
 
+def test_values_bind_to_the_param_just_before_them(prepared_sequences):
+    """`--param l2 --param tau --values 0.2,0.5` sweeps tau over 0.2, 0.5 and l2 over its paper grid
+    (by position the values went to l2, silently); a second --values for one --param is an error."""
+    study = _study_plan(prepared_sequences, "--study", "grid", "--param", "l2", "--param", "tau",
+                        "--values", "0.2,0.5")
+    taus = {t.config["loss"]["idcl_temperature"] for t in study.trials}
+    l2s = {t.config["loss"]["idcl_weight"] for t in study.trials}
+    assert taus == {0.2, 0.5} and len(l2s) == len(PAPER_GRID["loss.idcl_weight"])
+    with pytest.raises(ConfigError, match=r"--values 0.1 follows none of its own"):
+        _study_plan(prepared_sequences, "--study", "grid", "--param", "l2", "--values", "0.5", "--values", "0.1")
+    with pytest.raises(ConfigError, match=r"--values 0.5 follows none of its own"):
+        _study_plan(prepared_sequences, "--study", "grid", "--values", "0.5", "--param", "l2")
+
+
 def test_sweep_errors_name_the_key_before_ray(prepared_sequences):
     with pytest.raises(ConfigError, match=r"^unknown key loss.idcl_weigth \(--param\); did you mean "
                                           r"loss.idcl_weight\?"):
         _study_plan(prepared_sequences, "--study", "grid", "--param", "loss.idcl_weigth")
     with pytest.raises(ConfigError, match=r"^loss.idcl_weight \(--values\): expected a number >= 0, got -1"):
         _study_plan(prepared_sequences, "--study", "grid", "--param", "l2", "--values", "0.5,-1")
-    with pytest.raises(ConfigError, match=r"^--values: every --values needs a --param before it"):
+    with pytest.raises(ConfigError, match=r"^--values: every --values needs a --param just before it"):
         _study_plan(prepared_sequences, "--study", "fig4", "--values", "0.5")
     with pytest.raises(ConfigError, match=r"has no effect, as .*every trial would train the same model"):
         _study_plan(prepared_sequences, "--study", "grid", "--param", "beta")     # PCL is off in TINY
