@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -61,9 +63,11 @@ def prepare_log(cfg: PrepConfig) -> tuple[CanonicalData, "RayLog"]:
     data = _canonical(cfg, extra, drops, rows_read)
     read = _stats(users)
     total = sum(s["rows"] for s in read)
-    log.info("read %s rows (%s dropped) in %d parts; %s users, %s rows after dropping duplicates",
-             f"{rows_read:,}", f"{sum(drops.counts.values()):,}", len(parts),
-             f"{users.count():,}", f"{total:,}")
+    placement = {"read": Counter(extra.pop("nodes")), "dedupe": Counter(s["node"] for s in read)}
+    log.info("read %s rows (%s dropped) in %d parts on %d node(s); %s users, %s rows after dropping "
+             "duplicates (%d tasks on %d node(s))", f"{rows_read:,}", f"{sum(drops.counts.values()):,}",
+             len(parts), len(placement["read"]), f"{users.count():,}", f"{total:,}", len(read),
+             len(placement["dedupe"]))
     if total == 0:
         raise EmptyResultError(f"{data.name}: no valid interactions were read")
     dups = [s["dup"] for s in read if s["dup"]]
@@ -83,6 +87,9 @@ def prepare_log(cfg: PrepConfig) -> tuple[CanonicalData, "RayLog"]:
                                            fn_kwargs={**state, "item_raw": item_raw, "mu": cfg.mu})
                  .materialize())
     prep = RayLog(final, item_raw, rounds, cfg.mu, cfg.progress)
+    prep.placement = {**placement, **prep.placement}
+    log.info("placement (tasks per node, per step): %s",
+             json.dumps({step: dict(nodes) for step, nodes in prep.placement.items()}))
     log.info("kept %s users, %s items, %s actions after %d k-core rounds (%.1fs)", f"{prep.n_users:,}",
              f"{prep.n_items:,}", f"{prep.n_actions:,}", rounds, time.time() - started)
     return data, prep
@@ -112,7 +119,7 @@ def histories(rows: pa.Table) -> pa.Table:
     starts = np.flatnonzero(np.r_[True, uk[1:] != uk[:-1]])
     offsets = pa.array(np.r_[starts, len(keep)].astype(np.int32))
     take = pa.array(keep)
-    stats = {"rows": len(keep), "dups": int(dup.sum()), "dup": first_dup}
+    stats = {"rows": len(keep), "dups": int(dup.sum()), "dup": first_dup, "node": _node()}
     return pa.table({
         "user": users.dictionary.take(pa.array(uk[starts])),
         "items": pa.ListArray.from_arrays(offsets, rows["item"].take(take)),
@@ -120,6 +127,11 @@ def histories(rows: pa.Table) -> pa.Table:
         "seqs": pa.ListArray.from_arrays(offsets, rows["seq"].take(take)),
         "stats": _stats_column(len(starts), stats),
     })
+
+
+def _node() -> str:
+    """The Ray node a task runs on (the placement the cluster test and the progress lines show)."""
+    return ray.get_runtime_context().get_node_id()
 
 
 def _stats_column(n: int, stats: dict) -> pa.Array:
@@ -257,7 +269,7 @@ def finish(batch: pa.Table, died: pa.Table, r: int, k_user: int, item_raw: pa.Ar
     users = batch["user"].combine_chunks().take(pa.array(live))
     keys = _int_keys(users)
     part = Prepared(np.arange(len(live)), np.zeros(0), offsets, items, times, 0)
-    stats = {"users": len(live), "actions": int(lengths.sum()),
+    stats = {"users": len(live), "actions": int(lengths.sum()), "node": _node(),
              "bytes": estimated_bytes(lengths) - 2 * TAR_BLOCK, "not_int": keys.null_count,
              "tmin": int(times.min(initial=1 << 62)), "tmax": int(times.max(initial=-1)),
              "interval": interval_counts(part, mu),
@@ -273,6 +285,7 @@ class RayLog:
 
     def __init__(self, final, item_raw: pa.Array, rounds: int, mu: float, progress: bool):
         stats = _stats(final)
+        self.placement = {"encode": Counter(s["node"] for s in stats)}   # node -> tasks, per step
         self.item_raw, self.kcore_rounds, self.progress = item_raw, rounds, progress
         self.n_users = sum(s["users"] for s in stats)
         self.n_actions = sum(s["actions"] for s in stats)
@@ -322,8 +335,20 @@ class RayLog:
         keyed = self.sorted.map_batches(_keyed, batch_size=None, batch_format="pyarrow",
                                         fn_kwargs={"offsets": offsets})
         entries = _run(lambda: write_samples(keyed, shard_dir, n_shards, self.progress))
-        log.info("wrote %d shards of %s users", len(entries), f"{self.n_users:,}")
+        log.info("wrote %d shards of %s users; object store spilled %s MiB so far", len(entries),
+                 f"{self.n_users:,}", spilled_mib())
         return entries
+
+
+def spilled_mib() -> str:
+    """Bytes the object store spilled to disk (Ray's own memory summary), or '?' if unreadable."""
+    try:
+        from ray._private.internal_api import memory_summary
+
+        found = re.search(r"Spilled (\d+) MiB", memory_summary(stats_only=True))
+        return found.group(1) if found else "0"
+    except Exception:  # noqa: BLE001 - an internal API: the figure is informative only
+        return "?"
 
 
 def _head(block: pa.Table) -> pa.Table:

@@ -120,7 +120,8 @@ def _read_part(index: int, part: dict, cfg: PrepConfig, n_buckets: int, report):
     if part["kind"] != "adapter":  # the dropped CSV lines were read too
         rows_read = counted.rows + drops.counts.get("malformed_line", 0)
     ray.get(report.add.remote(index, {"rows_read": rows_read, "counts": list(drops.counts.items()),
-                                      "examples": drops.examples, **extra}))
+                                      "examples": drops.examples, "node": ray.get_runtime_context().get_node_id(),
+                                      **extra}))
 
 
 class _TabularFrames:
@@ -161,10 +162,12 @@ def _block(df: pd.DataFrame, seq0: int, n_buckets: int) -> pa.Table:
 
 def merged_report(parts: dict[int, dict], strict: bool) -> tuple[DropLog, int, dict]:
     """(the drops of all parts as one sequential read counts them, rows read, the whole-source
-    part's extras); with `strict`, the first bad row in input order raises as `DropLog` would."""
+    part's extras and `nodes`: the node of each part's task); with `strict`, the first bad row in
+    input order raises as `DropLog` would."""
     drops = DropLog()
     rows = 0
     extra: dict = {}
+    nodes = [parts[i]["node"] for i in sorted(parts)]
     for index in sorted(parts):
         part = parts[index]
         rows += part["rows_read"]
@@ -176,5 +179,5 @@ def merged_report(parts: dict[int, dict], strict: bool) -> tuple[DropLog, int, d
         for reason, shown in part["examples"].items():
             room = drops.max_examples - len(drops.examples.setdefault(reason, []))
             drops.examples[reason].extend(shown[:max(room, 0)])
-        extra = {k: v for k, v in part.items() if k not in ("rows_read", "counts", "examples")} or extra
-    return drops, rows, extra
+        extra = {k: v for k, v in part.items() if k not in ("rows_read", "counts", "examples", "node")} or extra
+    return drops, rows, {**extra, "nodes": nodes}
