@@ -65,7 +65,7 @@ def prepare_log(cfg: PrepConfig) -> tuple[CanonicalData, "RayLog"]:
     total = sum(s["rows"] for s in read)
     placement = {"read": Counter(extra.pop("nodes")), "dedupe": Counter(s["node"] for s in read)}
     log.info("read %s rows (%s dropped) in %d parts on %d node(s); %s users, %s rows after dropping "
-             "duplicates (%d tasks on %d node(s))", f"{rows_read:,}", f"{sum(drops.counts.values()):,}",
+             "duplicates (%d groups on %d node(s))", f"{rows_read:,}", f"{sum(drops.counts.values()):,}",
              len(parts), len(placement["read"]), f"{users.count():,}", f"{total:,}", len(read),
              len(placement["dedupe"]))
     if total == 0:
