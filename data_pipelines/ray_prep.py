@@ -75,14 +75,14 @@ def prepare_log(cfg: PrepConfig) -> tuple[CanonicalData, "RayLog"]:
         _, user, item, ts = min(dups)
         drops.note("duplicate_row", sum(s["dups"] for s in read), f"e.g. user {user!r}, item {item!r}, t={ts}")
     k, k_user = cfg.k_core, max(cfg.k_core, 3)
-    died, rounds, kept = _kcore(users, k, k_user)
+    died, rounds, kept = _kcore(users, k, k_user, n_parts)
     drops.note(f"kcore_{k}", total - kept)
     if kept == 0:
         raise EmptyResultError(f"{data.name}: nothing left after the {k}-core filter "
                                f"({total - kept} of {total} actions removed in {rounds} rounds); "
                                "lower k_core or check the input")
     state = {"died": died, "r": rounds, "k_user": k_user}
-    item_raw = _item_order(users, state)
+    item_raw = _item_order(users, state, n_parts)
     final = _run(lambda: users.map_batches(finish, batch_format="pyarrow",
                                            fn_kwargs={**state, "item_raw": item_raw, "mu": cfg.mu})
                  .materialize())
@@ -176,43 +176,52 @@ def _kept(batch: pa.Table, died: pa.Table, r: int, k_user: int):
     return flat, owner, kept, user_alive
 
 
-def _item_counts(batch: pa.Table, died: pa.Table, r: int, k_user: int) -> pa.Table:
-    flat, _, kept, _ = _kept(batch, died, r, k_user)
-    counts = pa.table({"item": flat.filter(pa.array(kept))}).group_by("item").aggregate([("item", "count")])
-    return pa.table({"item": counts["item"], "n": counts["item_count"].cast(pa.int64())})
-
-
-def _below(counts: pa.Table, k: int) -> pa.Table:
-    n = counts["sum(n)"]
-    return counts.select(["item"]).filter(pc.and_(pc.greater(n, 0), pc.less(n, k)))
-
-
-def _user_counts(batch: pa.Table, died: pa.Table, r: int, k_user: int) -> pa.Table:
-    _, owner, kept, user_alive = _kept(batch, died, r, k_user)
+def _round_counts(batch: pa.Table, died: pa.Table, r: int, k_user: int) -> pa.Table:
+    """Round r's kept rows per item, and (on the batch's first row only, so that the sums over
+    the items add up over batches) the batch's kept rows and users below `k_user`."""
+    flat, owner, kept, user_alive = _kept(batch, died, r, k_user)
     count = np.bincount(owner[kept], minlength=batch.num_rows)
     below = int((user_alive & (count > 0) & (count < k_user)).sum())
-    return pa.table({"kept": [int(kept.sum())], "below": [below]})
+    counts = pa.table({"item": flat.filter(pa.array(kept))}).group_by("item").aggregate([("item", "count")])
+    first = np.zeros(counts.num_rows, dtype=np.int64)
+    firsts = [first.copy(), first.copy()]
+    if counts.num_rows:
+        firsts[0][0], firsts[1][0] = int(kept.sum()), below
+    return pa.table({"item": counts["item"], "n": counts["item_count"].cast(pa.int64()),
+                     "kept": firsts[0], "below": firsts[1]})
 
 
-def _kcore(users, k: int, k_user: int) -> tuple[pa.Table, int, int]:
-    """(items with the round they fell in, rounds, rows kept): `preprocess.kcore`'s loop."""
+def _falling_or_first(sums: pa.Table, k: int) -> pa.Table:
+    """The items below k (0 < n < k) and the rows that carry the batches' user counts."""
+    n = sums["sum(n)"]
+    keep = pc.or_(pc.and_(pc.greater(n, 0), pc.less(n, k)),
+                  pc.or_(pc.greater(sums["sum(kept)"], 0), pc.greater(sums["sum(below)"], 0)))
+    return sums.filter(keep)
+
+
+def _kcore(users, k: int, k_user: int, n_parts: int) -> tuple[pa.Table, int, int]:
+    """(items with the round they fell in, rounds, rows kept): `preprocess.kcore`'s loop, one Ray
+    Data job per round (a map over the user rows, a hash aggregation by item)."""
+    from ray.data.aggregate import Sum
+
     died = pa.table({"item": pa.array([], pa.string()), "round": pa.array([], pa.int64())})
+    schema = pa.schema([("item", pa.string()), ("sum(n)", pa.int64()), ("sum(kept)", pa.int64()),
+                        ("sum(below)", pa.int64())])
     r = 0
     while True:
         r += 1
-        kw = {"died": died, "r": r, "k_user": k_user}
-        falling = _arrow(users.map_batches(_item_counts, fn_kwargs=kw, batch_format="pyarrow")
-                         .groupby("item").sum("n")
-                         .map_batches(_below, fn_kwargs={"k": k}, batch_format="pyarrow"),
-                         pa.schema([("item", pa.string())]))["item"]
-        counts = _arrow(users.map_batches(_user_counts, fn_kwargs=kw, batch_format="pyarrow"),
-                        pa.schema([("kept", pa.int64()), ("below", pa.int64())]))
-        kept, below = int(pc.sum(counts["kept"]).as_py() or 0), int(pc.sum(counts["below"]).as_py() or 0)
+        sums = _arrow(users.map_batches(_round_counts, batch_format="pyarrow",
+                                        fn_kwargs={"died": died, "r": r, "k_user": k_user})
+                      .groupby("item", num_partitions=n_parts).aggregate(Sum("n"), Sum("kept"), Sum("below"))
+                      .map_batches(_falling_or_first, fn_kwargs={"k": k}, batch_format="pyarrow"), schema)
+        n = sums["sum(n)"]
+        falling = sums.filter(pc.and_(pc.greater(n, 0), pc.less(n, k)))["item"]
+        kept, below = (int(pc.sum(sums[c]).as_py() or 0) for c in ("sum(kept)", "sum(below)"))
         log.info("k-core round %d: %s rows kept; %s users and %s items below %d/%d", r, f"{kept:,}",
                  f"{below:,}", f"{len(falling):,}", k_user, k)
         if below == 0 and len(falling) == 0:
             return died, r, kept
-        died = pa.concat_tables([died, pa.table({"item": falling.cast(pa.string()),
+        died = pa.concat_tables([died, pa.table({"item": falling.combine_chunks().cast(pa.string()),
                                                  "round": pa.array(np.full(len(falling), r, np.int64))})])
 
 
@@ -225,11 +234,11 @@ def _first_seen(batch: pa.Table, died: pa.Table, r: int, k_user: int) -> pa.Tabl
             .group_by("item").aggregate([("seq", "min")]))
 
 
-def _item_order(users, state: dict) -> pa.Array:
+def _item_order(users, state: dict, n_parts: int) -> pa.Array:
     """Dense item order: kept items by first kept appearance, then `sorted_id_order` (the rule of
     `preprocess._sorted_ids`). O(items) on the driver."""
     first = _arrow(users.map_batches(_first_seen, fn_kwargs=state, batch_format="pyarrow")
-                   .groupby("item").min("seq_min"),
+                   .groupby("item", num_partitions=n_parts).min("seq_min"),
                    pa.schema([("item", pa.string()), ("min(seq_min)", pa.int64())]))
     first = first.sort_by("min(seq_min)")
     raw = first["item"].combine_chunks().cast(pa.string())
