@@ -74,17 +74,20 @@ def prepare_log(cfg: PrepConfig) -> tuple[CanonicalData, "RayLog"]:
     if dups:
         _, user, item, ts = min(dups)
         drops.note("duplicate_row", sum(s["dups"] for s in read), f"e.g. user {user!r}, item {item!r}, t={ts}")
+    vocab = _vocabulary(users, n_parts)
+    users = _run(lambda: users.map_batches(_coded, fn_kwargs={"vocab": vocab}, batch_format="pyarrow")
+                 .materialize())
     k, k_user = cfg.k_core, max(cfg.k_core, 3)
-    died, rounds, kept = _kcore(users, k, k_user, n_parts)
+    died, rounds, kept = _kcore(users, len(vocab), k, k_user, n_parts)
     drops.note(f"kcore_{k}", total - kept)
     if kept == 0:
         raise EmptyResultError(f"{data.name}: nothing left after the {k}-core filter "
                                f"({total - kept} of {total} actions removed in {rounds} rounds); "
                                "lower k_core or check the input")
     state = {"died": died, "r": rounds, "k_user": k_user}
-    item_raw = _item_order(users, state, n_parts)
+    item_raw, dense = _item_order(users, state, vocab, n_parts)
     final = _run(lambda: users.map_batches(finish, batch_format="pyarrow",
-                                           fn_kwargs={**state, "item_raw": item_raw, "mu": cfg.mu})
+                                           fn_kwargs={**state, "dense": dense, "mu": cfg.mu})
                  .materialize())
     prep = RayLog(final, item_raw, rounds, cfg.mu, cfg.progress)
     prep.placement = {**placement, **prep.placement}
@@ -153,41 +156,62 @@ def _arrow(ds, empty: pa.Schema) -> pa.Table:
     return pa.concat_tables(tables) if tables else empty.empty_table()
 
 
-# -- k-core --------------------------------------------------------------------------------------
-def _alive(items: pa.Array, died: pa.Table, r: int) -> np.ndarray:
-    """Items alive in round r: never fell below k, or fell in round r or later."""
-    at = pc.index_in(items, value_set=died["item"].combine_chunks())
-    fell = pc.take(died["round"].combine_chunks(), at)
-    return pc.fill_null(pc.greater_equal(fell, r), True).to_numpy(zero_copy_only=False)
+# -- item codes ----------------------------------------------------------------------------------
+def _distinct(batch: pa.Table) -> pa.Table:
+    return pa.table({"item": pc.unique(pc.list_flatten(batch["items"].combine_chunks()))})
 
 
-def _kept(batch: pa.Table, died: pa.Table, r: int, k_user: int):
-    """(flat items, owning row, kept mask, users alive) of round r. A user is alive in r iff it
-    held >= k_user rows of items alive in r-1: counts only fall, so this is "never fell below"."""
+def _vocabulary(users, n_parts: int) -> pa.Array:
+    """The distinct raw items, sorted (O(items) on the driver): item code = index in it."""
+    distinct = _arrow(users.map_batches(_distinct, batch_format="pyarrow")
+                      .groupby("item", num_partitions=n_parts).count(),
+                      pa.schema([("item", pa.string()), ("count()", pa.int64())]))["item"]
+    distinct = distinct.combine_chunks().cast(pa.string())
+    return distinct.take(pc.sort_indices(distinct))
+
+
+def _coded(batch: pa.Table, vocab: pa.Array) -> pa.Table:
+    """The user rows with each item as its int32 code: the k-core rounds then index numpy arrays
+    instead of hashing strings."""
     lists = batch["items"].combine_chunks()
-    flat = pc.list_flatten(lists)
+    codes = pc.index_in(pc.list_flatten(lists), value_set=vocab).cast(pa.int32())
+    offsets = lists.offsets                       # of a slice: shifted by its first offset
+    rebuilt = pa.ListArray.from_arrays(pc.subtract(offsets, offsets[0]), codes)
+    return batch.set_column(batch.schema.get_field_index("items"), "items", rebuilt)
+
+
+# -- k-core --------------------------------------------------------------------------------------
+NEVER = np.iinfo(np.int32).max      # the round of an item that never falls below k
+
+
+def _kept(batch: pa.Table, died: np.ndarray, r: int, k_user: int):
+    """(flat item codes, owning row, kept mask, users alive) of round r. An item is alive in r
+    unless it fell in an earlier round; a user is alive in r iff it held >= k_user rows of items
+    alive in r-1 (counts only fall, so this is "never fell below")."""
+    lists = batch["items"].combine_chunks()
+    codes = pc.list_flatten(lists).to_numpy()
     owner = pc.list_parent_indices(lists).to_numpy()
-    n = batch.num_rows
+    fell = died[codes]
     if r == 1:
-        user_alive = np.ones(n, dtype=bool)
+        user_alive = np.ones(batch.num_rows, dtype=bool)
     else:
-        user_alive = np.bincount(owner[_alive(flat, died, r - 1)], minlength=n) >= k_user
-    kept = user_alive[owner] & _alive(flat, died, r)
-    return flat, owner, kept, user_alive
+        user_alive = np.bincount(owner[fell >= r - 1], minlength=batch.num_rows) >= k_user
+    kept = user_alive[owner] & (fell >= r)
+    return codes, owner, kept, user_alive
 
 
-def _round_counts(batch: pa.Table, died: pa.Table, r: int, k_user: int) -> pa.Table:
-    """Round r's kept rows per item, and (on the batch's first row only, so that the sums over
-    the items add up over batches) the batch's kept rows and users below `k_user`."""
-    flat, owner, kept, user_alive = _kept(batch, died, r, k_user)
+def _round_counts(batch: pa.Table, died: np.ndarray, r: int, k_user: int) -> pa.Table:
+    """Round r's kept rows per item code, and (on the batch's first row only, so that the sums
+    over the items add up over batches) the batch's kept rows and users below `k_user`."""
+    codes, owner, kept, user_alive = _kept(batch, died, r, k_user)
     count = np.bincount(owner[kept], minlength=batch.num_rows)
     below = int((user_alive & (count > 0) & (count < k_user)).sum())
-    counts = pa.table({"item": flat.filter(pa.array(kept))}).group_by("item").aggregate([("item", "count")])
-    first = np.zeros(counts.num_rows, dtype=np.int64)
-    firsts = [first.copy(), first.copy()]
-    if counts.num_rows:
-        firsts[0][0], firsts[1][0] = int(kept.sum()), below
-    return pa.table({"item": counts["item"], "n": counts["item_count"].cast(pa.int64()),
+    per_item = np.bincount(codes[kept], minlength=len(died))
+    present = np.flatnonzero(per_item)
+    firsts = np.zeros((2, len(present)), dtype=np.int64)
+    if len(present):
+        firsts[:, 0] = int(kept.sum()), below
+    return pa.table({"code": present.astype(np.int32), "n": per_item[present].astype(np.int64),
                      "kept": firsts[0], "below": firsts[1]})
 
 
@@ -199,50 +223,51 @@ def _falling_or_first(sums: pa.Table, k: int) -> pa.Table:
     return sums.filter(keep)
 
 
-def _kcore(users, k: int, k_user: int, n_parts: int) -> tuple[pa.Table, int, int]:
-    """(items with the round they fell in, rounds, rows kept): `preprocess.kcore`'s loop, one Ray
-    Data job per round (a map over the user rows, a hash aggregation by item)."""
+def _kcore(users, n_items: int, k: int, k_user: int, n_parts: int) -> tuple[np.ndarray, int, int]:
+    """(round each item code fell in, NEVER if not; rounds; rows kept): `preprocess.kcore`'s
+    loop, one Ray Data job per round (a map over the user rows, a hash aggregation by item)."""
     from ray.data.aggregate import Sum
 
-    died = pa.table({"item": pa.array([], pa.string()), "round": pa.array([], pa.int64())})
-    schema = pa.schema([("item", pa.string()), ("sum(n)", pa.int64()), ("sum(kept)", pa.int64()),
+    died = np.full(n_items, NEVER, dtype=np.int32)
+    schema = pa.schema([("code", pa.int32()), ("sum(n)", pa.int64()), ("sum(kept)", pa.int64()),
                         ("sum(below)", pa.int64())])
     r = 0
     while True:
         r += 1
         sums = _arrow(users.map_batches(_round_counts, batch_format="pyarrow",
                                         fn_kwargs={"died": died, "r": r, "k_user": k_user})
-                      .groupby("item", num_partitions=n_parts).aggregate(Sum("n"), Sum("kept"), Sum("below"))
+                      .groupby("code", num_partitions=n_parts).aggregate(Sum("n"), Sum("kept"), Sum("below"))
                       .map_batches(_falling_or_first, fn_kwargs={"k": k}, batch_format="pyarrow"), schema)
         n = sums["sum(n)"]
-        falling = sums.filter(pc.and_(pc.greater(n, 0), pc.less(n, k)))["item"]
+        falling = sums.filter(pc.and_(pc.greater(n, 0), pc.less(n, k)))["code"].to_numpy()
         kept, below = (int(pc.sum(sums[c]).as_py() or 0) for c in ("sum(kept)", "sum(below)"))
         log.info("k-core round %d: %s rows kept; %s users and %s items below %d/%d", r, f"{kept:,}",
                  f"{below:,}", f"{len(falling):,}", k_user, k)
         if below == 0 and len(falling) == 0:
             return died, r, kept
-        died = pa.concat_tables([died, pa.table({"item": falling.combine_chunks().cast(pa.string()),
-                                                 "round": pa.array(np.full(len(falling), r, np.int64))})])
+        died = died.copy()
+        died[falling] = r
 
 
 # -- dense IDs -----------------------------------------------------------------------------------
-def _first_seen(batch: pa.Table, died: pa.Table, r: int, k_user: int) -> pa.Table:
-    flat, _, kept, _ = _kept(batch, died, r, k_user)
-    seqs = pc.list_flatten(batch["seqs"].combine_chunks())
-    mask = pa.array(kept)
-    return (pa.table({"item": flat.filter(mask), "seq": seqs.filter(mask)})
-            .group_by("item").aggregate([("seq", "min")]))
+def _first_seen(batch: pa.Table, died: np.ndarray, r: int, k_user: int) -> pa.Table:
+    codes, _, kept, _ = _kept(batch, died, r, k_user)
+    seqs = pc.list_flatten(batch["seqs"].combine_chunks()).to_numpy()
+    return (pa.table({"code": codes[kept], "seq": seqs[kept]})
+            .group_by("code").aggregate([("seq", "min")]))
 
 
-def _item_order(users, state: dict, n_parts: int) -> pa.Array:
-    """Dense item order: kept items by first kept appearance, then `sorted_id_order` (the rule of
-    `preprocess._sorted_ids`). O(items) on the driver."""
+def _item_order(users, state: dict, vocab: pa.Array, n_parts: int) -> tuple[pa.Array, np.ndarray]:
+    """(dense item ID - 1 -> raw ID, item code -> dense item ID or 0): kept items by first kept
+    appearance, then `sorted_id_order` (the rule of `preprocess._sorted_ids`). O(items)."""
     first = _arrow(users.map_batches(_first_seen, fn_kwargs=state, batch_format="pyarrow")
-                   .groupby("item", num_partitions=n_parts).min("seq_min"),
-                   pa.schema([("item", pa.string()), ("min(seq_min)", pa.int64())]))
-    first = first.sort_by("min(seq_min)")
-    raw = first["item"].combine_chunks().cast(pa.string())
-    return raw.take(pa.array(sorted_id_order(raw)))
+                   .groupby("code", num_partitions=n_parts).min("seq_min"),
+                   pa.schema([("code", pa.int32()), ("min(seq_min)", pa.int64())]))
+    codes = first.sort_by("min(seq_min)")["code"].to_numpy()
+    order = sorted_id_order(vocab.take(pa.array(codes)))
+    dense = np.zeros(len(vocab), dtype=np.int64)
+    dense[codes[order]] = np.arange(1, len(order) + 1)
+    return vocab.take(pa.array(codes[order])), dense
 
 
 def _int_keys(users: pa.Array) -> pa.Array:
@@ -260,15 +285,15 @@ def _int_keys(users: pa.Array) -> pa.Array:
         return pa.array(out, pa.int64())
 
 
-def finish(batch: pa.Table, died: pa.Table, r: int, k_user: int, item_raw: pa.Array, mu: float) -> pa.Table:
+def finish(batch: pa.Table, died: np.ndarray, r: int, k_user: int, dense: np.ndarray, mu: float) -> pa.Table:
     """Kept users of the final round: stable time sort (ties in input order), dense item IDs, the
     `seq.npy` payload, the keys of the dense user order, and the batch's manifest counts."""
-    flat, owner, kept, _ = _kept(batch, died, r, k_user)
+    codes, owner, kept, _ = _kept(batch, died, r, k_user)
     at = np.flatnonzero(kept)
     owner = owner[at]
     times = pc.list_flatten(batch["times"].combine_chunks()).to_numpy()[at]
     seqs = pc.list_flatten(batch["seqs"].combine_chunks()).to_numpy()[at]
-    dense = pc.index_in(flat.take(pa.array(at)), value_set=item_raw).to_numpy(zero_copy_only=False) + 1
+    dense = dense[codes[at]]
     live, first_at, lengths = np.unique(owner, return_index=True, return_counts=True)
     order = np.lexsort((seqs, times, owner))
     items, times = dense[order].astype(np.int64), times[order]
