@@ -78,14 +78,14 @@ def prepare_log(cfg: PrepConfig) -> tuple[CanonicalData, "RayLog"]:
     users = _run(lambda: users.map_batches(_coded, fn_kwargs={"vocab": vocab}, batch_format="pyarrow")
                  .materialize())
     k, k_user = cfg.k_core, max(cfg.k_core, 3)
-    died, rounds, kept = _kcore(users, len(vocab), k, k_user, n_parts)
+    died, rounds, kept = _kcore(users, len(vocab), k, k_user)
     drops.note(f"kcore_{k}", total - kept)
     if kept == 0:
         raise EmptyResultError(f"{data.name}: nothing left after the {k}-core filter "
                                f"({total - kept} of {total} actions removed in {rounds} rounds); "
                                "lower k_core or check the input")
     state = {"died": died, "r": rounds, "k_user": k_user}
-    item_raw, dense = _item_order(users, state, vocab, n_parts)
+    item_raw, dense = _item_order(users, state, vocab)
     final = _run(lambda: users.map_batches(finish, batch_format="pyarrow",
                                            fn_kwargs={**state, "dense": dense, "mu": cfg.mu})
                  .materialize())
@@ -215,32 +215,22 @@ def _round_counts(batch: pa.Table, died: np.ndarray, r: int, k_user: int) -> pa.
                      "kept": firsts[0], "below": firsts[1]})
 
 
-def _falling_or_first(sums: pa.Table, k: int) -> pa.Table:
-    """The items below k (0 < n < k) and the rows that carry the batches' user counts."""
-    n = sums["sum(n)"]
-    keep = pc.or_(pc.and_(pc.greater(n, 0), pc.less(n, k)),
-                  pc.or_(pc.greater(sums["sum(kept)"], 0), pc.greater(sums["sum(below)"], 0)))
-    return sums.filter(keep)
-
-
-def _kcore(users, n_items: int, k: int, k_user: int, n_parts: int) -> tuple[np.ndarray, int, int]:
+def _kcore(users, n_items: int, k: int, k_user: int) -> tuple[np.ndarray, int, int]:
     """(round each item code fell in, NEVER if not; rounds; rows kept): `preprocess.kcore`'s
-    loop, one Ray Data job per round (a map over the user rows, a hash aggregation by item)."""
-    from ray.data.aggregate import Sum
-
+    loop, one Ray Data map job per round over the user rows. The per-batch item counts (sparse:
+    the codes a batch holds) are summed on the driver into one O(items) array: a hash
+    aggregation per round cost seconds of scheduling each on a loaded 2-core box."""
     died = np.full(n_items, NEVER, dtype=np.int32)
-    schema = pa.schema([("code", pa.int32()), ("sum(n)", pa.int64()), ("sum(kept)", pa.int64()),
-                        ("sum(below)", pa.int64())])
+    schema = pa.schema([("code", pa.int32()), ("n", pa.int64()), ("kept", pa.int64()), ("below", pa.int64())])
     r = 0
     while True:
         r += 1
-        sums = _arrow(users.map_batches(_round_counts, batch_format="pyarrow",
-                                        fn_kwargs={"died": died, "r": r, "k_user": k_user})
-                      .groupby("code", num_partitions=n_parts).aggregate(Sum("n"), Sum("kept"), Sum("below"))
-                      .map_batches(_falling_or_first, fn_kwargs={"k": k}, batch_format="pyarrow"), schema)
-        n = sums["sum(n)"]
-        falling = sums.filter(pc.and_(pc.greater(n, 0), pc.less(n, k)))["code"].to_numpy()
-        kept, below = (int(pc.sum(sums[c]).as_py() or 0) for c in ("sum(kept)", "sum(below)"))
+        counts = _arrow(users.map_batches(_round_counts, batch_format="pyarrow",
+                                          fn_kwargs={"died": died, "r": r, "k_user": k_user}), schema)
+        per_item = np.bincount(counts["code"].to_numpy(), weights=counts["n"].to_numpy(),
+                               minlength=n_items).astype(np.int64)
+        falling = np.flatnonzero((per_item > 0) & (per_item < k))
+        kept, below = (int(pc.sum(counts[c]).as_py() or 0) for c in ("kept", "below"))
         log.info("k-core round %d: %s rows kept; %s users and %s items below %d/%d", r, f"{kept:,}",
                  f"{below:,}", f"{len(falling):,}", k_user, k)
         if below == 0 and len(falling) == 0:
@@ -251,19 +241,24 @@ def _kcore(users, n_items: int, k: int, k_user: int, n_parts: int) -> tuple[np.n
 
 # -- dense IDs -----------------------------------------------------------------------------------
 def _first_seen(batch: pa.Table, died: np.ndarray, r: int, k_user: int) -> pa.Table:
+    """The first kept seq of each item code the batch holds (its user rows are in input order)."""
     codes, _, kept, _ = _kept(batch, died, r, k_user)
-    seqs = pc.list_flatten(batch["seqs"].combine_chunks()).to_numpy()
-    return (pa.table({"code": codes[kept], "seq": seqs[kept]})
-            .group_by("code").aggregate([("seq", "min")]))
+    seqs = pc.list_flatten(batch["seqs"].combine_chunks()).to_numpy()[kept]
+    first = np.full(len(died), np.iinfo(np.int64).max)
+    np.minimum.at(first, codes[kept], seqs)
+    present = np.flatnonzero(first < np.iinfo(np.int64).max)
+    return pa.table({"code": present.astype(np.int32), "seq": first[present]})
 
 
-def _item_order(users, state: dict, vocab: pa.Array, n_parts: int) -> tuple[pa.Array, np.ndarray]:
+def _item_order(users, state: dict, vocab: pa.Array) -> tuple[pa.Array, np.ndarray]:
     """(dense item ID - 1 -> raw ID, item code -> dense item ID or 0): kept items by first kept
     appearance, then `sorted_id_order` (the rule of `preprocess._sorted_ids`). O(items)."""
-    first = _arrow(users.map_batches(_first_seen, fn_kwargs=state, batch_format="pyarrow")
-                   .groupby("code", num_partitions=n_parts).min("seq_min"),
-                   pa.schema([("code", pa.int32()), ("min(seq_min)", pa.int64())]))
-    codes = first.sort_by("min(seq_min)")["code"].to_numpy()
+    per_batch = _arrow(users.map_batches(_first_seen, fn_kwargs=state, batch_format="pyarrow"),
+                       pa.schema([("code", pa.int32()), ("seq", pa.int64())]))
+    first = np.full(len(vocab), np.iinfo(np.int64).max)
+    np.minimum.at(first, per_batch["code"].to_numpy(), per_batch["seq"].to_numpy())
+    codes = np.flatnonzero(first < np.iinfo(np.int64).max)
+    codes = codes[np.argsort(first[codes], kind="stable")]      # first kept appearance
     order = sorted_id_order(vocab.take(pa.array(codes)))
     dense = np.zeros(len(vocab), dtype=np.int64)
     dense[codes[order]] = np.arange(1, len(order) + 1)
