@@ -374,7 +374,8 @@ def spilled_mib() -> str:
     try:
         from ray._private.internal_api import memory_summary
 
-        found = re.search(r"Spilled (\d+) MiB", memory_summary(stats_only=True))
+        summary = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+        found = re.search(r"Spilled (\d+) MiB", summary)
         return found.group(1) if found else "0"
     except Exception:  # noqa: BLE001 - an internal API: the figure is informative only
         return "?"
