@@ -25,7 +25,7 @@ import ray
 from data_pipelines.config import PrepConfig
 from data_pipelines.report import DataError, DropLog
 from data_pipelines.sources import load_source
-from data_pipelines.sources.common import CSV_SUFFIXES, csv_frames, require
+from data_pipelines.sources.common import CSV_SUFFIXES, csv_frames, csv_header, require
 from data_pipelines.sources.tabular import _columns
 from data_pipelines.sources.tabular_checks import checked_frames
 
@@ -77,12 +77,7 @@ def plan_parts(cfg: PrepConfig) -> tuple[list[dict], int]:
                 groups, rows = [], 0
         return parts or [{"kind": "parquet", "path": str(path), "groups": [], "row0": 0}], meta.num_rows
     if path.suffix in CSV_SUFFIXES:
-        sep = "\t" if ".tsv" in path.name else ","
-        try:
-            head = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, nrows=0)
-        except Exception as exc:  # noqa: BLE001
-            raise DataError(f"{path}: cannot read table ({exc})") from None
-        _columns(head, path, cols)
+        _columns(pd.DataFrame(columns=csv_header(path)), path, cols)
         return [{"kind": "csv", "path": str(path)}], max(1, path.stat().st_size // 12)
     raise DataError(f"{path}: expected .parquet or .csv")
 

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from data_pipelines.config import PrepConfig
 from data_pipelines.report import DataError, DropLog
 from data_pipelines.sources import load_source
-from data_pipelines.sources.common import csv_frames, require
+from data_pipelines.sources.common import csv_frames, csv_header, require
 from data_pipelines.sources.tabular import _columns, load_item_table
 from data_pipelines.sources.tabular_checks import checked_frames
 
@@ -87,12 +87,7 @@ def _tabular(cfg: PrepConfig) -> ChunkedSource:
             return (pa.Table.from_batches([b]).to_pandas()
                     for b in meta.iter_batches(batch_size=rows, columns=cols))
     elif path.suffix in (".csv", ".gz", ".tsv"):
-        sep = "\t" if ".tsv" in path.name else ","
-        try:
-            head = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, nrows=0)
-        except Exception as exc:  # noqa: BLE001
-            raise DataError(f"{path}: cannot read table ({exc})") from None
-        _columns(head, path, cols)
+        _columns(pd.DataFrame(columns=csv_header(path)), path, cols)
         estimated = max(1, path.stat().st_size // 12)  # 12 bytes: about the shortest real line
         def frames(rows):
             return (chunk[cols] for chunk in csv_frames(path, drops, chunksize=rows))

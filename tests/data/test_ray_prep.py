@@ -12,7 +12,7 @@ from data_pipelines.config import PrepConfig
 from data_pipelines.prepare import prepare
 from data_pipelines.report import DataError
 from tests.data.fixtures import make_log as tiny_log, write_amazon, write_ml100k, write_sequences
-from tests.data.test_streaming_prep import BASE, assert_same, make_log, prepared
+from tests.data.test_streaming_prep import assert_same, make_log, parquet_log_with_items, prepared
 
 
 def both(tmp_path, **kw):
@@ -21,18 +21,9 @@ def both(tmp_path, **kw):
 
 
 def test_parquet_log_with_bad_rows_duplicates_and_items(tmp_path, local_ray, caplog):
-    df = make_log(seed=5)
-    df.loc[len(df)] = ["", "it1", BASE]             # missing user
-    df.loc[len(df)] = ["42", "it2", -5]              # negative timestamp
-    df.loc[len(df)] = ["43", "it3", 1 << 40]         # far future
-    df.to_parquet(tmp_path / "log.parquet", index=False)
-    items = pd.DataFrame({"iid": [f"it{i}" for i in range(0, 220, 2)] + ["it0"],
-                          "title": [f"T{i}" for i in range(111)],
-                          "genres": ["a|b" if i % 3 else "c" for i in range(111)]})
-    items.to_csv(tmp_path / "items.csv", index=False)
+    _, kw = parquet_log_with_items(tmp_path)
     with caplog.at_level("INFO", logger="data_pipelines.ray_prep"):
-        memory, on_ray = both(tmp_path, interactions=str(tmp_path / "log.parquet"),
-                              items=str(tmp_path / "items.csv"), item_id_col="iid", category_col="genres")
+        memory, on_ray = both(tmp_path, **kw)
     c = memory[0]["counts"]
     # preconditions: the log exercises every rule
     assert c["kcore_rounds"] >= 3 and c["dropped"]["duplicate_row"] > 0 and c["dropped"]["kcore_5"] > 0
