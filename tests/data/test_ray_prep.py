@@ -101,3 +101,23 @@ def test_errors_inside_tasks_come_back_as_data_errors(tmp_path, local_ray):
                            progress=False))
     with pytest.raises(DataError, match="engine: expected one of"):
         prepare(PrepConfig("sequence", str(tmp_path / "o"), input_dir=str(raw), engine="spark"))
+
+
+def test_users_table_streams_in_row_groups_as_write_table_cuts_them(tmp_path, local_ray, monkeypatch):
+    """users.parquet is written from the sorted users one row group at a time: with 16-row groups
+    its bytes are those of `pq.write_table(..., row_group_size=16)` of the in-memory table (the
+    default, 1 Mi rows, is the in-memory path's: byte-identical above)."""
+    import pyarrow.parquet as pq
+
+    from data_pipelines import ray_prep
+
+    monkeypatch.setattr(ray_prep, "USERS_ROW_GROUP", 16)
+    write_sequences(tmp_path / "raw", tiny_log(seed=4, n_users=60, n_items=8))
+    cfg = dict(input_dir=str(tmp_path / "raw"), k_core=3, min_shards=3, progress=False)
+    memory = prepare(PrepConfig("sequence", str(tmp_path / "m"), **cfg))
+    prepare(PrepConfig("sequence", str(tmp_path / "r"), engine="ray-data", **cfg))
+    assert memory["counts"]["users"] > 32                       # precondition: several row groups
+    pq.write_table(pq.read_table(tmp_path / "m" / "users.parquet"), tmp_path / "expected.parquet",
+                   row_group_size=16)
+    assert pq.ParquetFile(tmp_path / "r" / "users.parquet").metadata.num_row_groups > 2
+    assert (tmp_path / "r" / "users.parquet").read_bytes() == (tmp_path / "expected.parquet").read_bytes()
