@@ -2,8 +2,9 @@
 to shards, with the in-memory path's output (docs/data_pipeline_design.md).
 
     read parts -> groupby(bucket).map_groups: one deduplicated row per user (list columns)
-    -> k-core rounds: per-round item counts (groupby(item).sum), users below the threshold
-    -> dense item IDs (groupby(item).min(first seq), ordered on the driver: O(items))
+    -> items as int32 codes of a sorted vocabulary (groupby(item).count(): O(items) on the driver)
+    -> k-core rounds: one map per round, per-batch item counts summed on the driver, users below
+    -> dense item IDs (first kept seq per item, ordered on the driver: O(items))
     -> per user: time sort, dense items, the npy payload, the manifest's counts
     -> sort by raw user ID -> dense user IDs -> repartition(n_shards) -> the deterministic datasink
 
