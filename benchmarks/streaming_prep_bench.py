@@ -115,11 +115,13 @@ def run_sampled(cmd: list[str], log_path: Path) -> dict:
             "max_single_process_peak_mb": round(max(own_peaks.values(), default=0) / 2**20, 1)}
 
 
-def prepare_cmd(log: Path, out: Path, budget: int, spill: Path) -> list[str]:
+def prepare_cmd(log: Path, out: Path, budget: int, spill: Path, engine: str = "") -> list[str]:
     cmd = [sys.executable, "-m", "data_pipelines.prepare", "--source", "tabular", "--interactions",
            str(log), "--user-col", "user", "--item-col", "item", "--time-col", "timestamp",
            "--out-dir", str(out), "--no-text", "--no-images", "--force",
            "--log-level", "INFO"]
+    if engine:  # the Ray Data pipeline: the budget sizes the local Ray's object store
+        return cmd + ["--engine", engine] + (["--memory-budget-mb", str(budget)] if budget else [])
     if budget:
         cmd += ["--memory-budget-mb", str(budget), "--spill-dir", str(spill)]
     return cmd
@@ -133,6 +135,9 @@ def main() -> None:
     ap.add_argument("--json", default="outputs/bench/streaming_prep.json")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--in-memory", action="store_true", help="also run the in-memory path")
+    ap.add_argument("--ray-data", action="store_true",
+                    help="also run the Ray Data pipeline (--engine ray-data, object store = budget)")
+    ap.add_argument("--skip-streaming", action="store_true", help="do not run the streaming path")
     ap.add_argument("--keep", action="store_true", help="keep the generated log and outputs")
     ap.add_argument("--reuse-log", action="store_true",
                     help="use <work-dir>/log.parquet when it holds --actions rows (same --seed)")
@@ -155,10 +160,12 @@ def main() -> None:
     print(f"{'reused' if reuse else 'generated'} {actions:,} actions in {result['log']['generate_s']}s "
           f"({result['log']['bytes_on_disk'] / 2**20:.0f} MB Parquet)", flush=True)
     result["pandas_frame_mb"] = round(frame_bytes(log) / 2**20, 1)
-    runs = {"streaming": args.budget_mb} | ({"in_memory": 0} if args.in_memory else {})
-    for name, budget in runs.items():
+    runs = (({} if args.skip_streaming else {"streaming": (args.budget_mb, "")})
+            | ({"ray_data": (args.budget_mb, "ray-data")} if args.ray_data else {})
+            | ({"in_memory": (0, "")} if args.in_memory else {}))
+    for name, (budget, engine) in runs.items():
         print(f"running the {name} preparation ...", flush=True)
-        run = run_sampled(prepare_cmd(log, work / f"prepared-{name}", budget, work),
+        run = run_sampled(prepare_cmd(log, work / f"prepared-{name}", budget, work, engine),
                           work / f"{name}.log")
         if run["rc"] != 0:
             sys.exit(f"{name} preparation failed (rc {run['rc']}): see {work / f'{name}.log'}")
@@ -168,20 +175,35 @@ def main() -> None:
                    dropped=c["dropped"], shards=len(manifest["shards"]),
                    shard_bytes=sum(s["bytes"] for s in manifest["shards"]),
                    timings_s=manifest["timings_s"], fingerprint=manifest["fingerprint"])
+        if engine:   # Ray's own count of what its object store spilled to disk
+            spilled = [l for l in (work / f"{name}.log").read_text().splitlines() if "spilled" in l]
+            run["spilled_mib"] = spilled[-1].rsplit("spilled ", 1)[1].split(" MiB")[0] if spilled else None
         result[name] = run
-    s = result["streaming"]
+    first = next(iter(runs))              # the table's first block describes the first run
+    s = result[first]
     rows = [("actions in the log", f"{actions:,}"),
             ("Parquet on disk", f"{result['log']['bytes_on_disk'] / 2**20:,.0f} MB"),
             ("the log as one pandas frame", f"{result['pandas_frame_mb']:,.0f} MB"),
             ("budget (memory_budget_mb)", f"{args.budget_mb:,} MB"),
-            ("streaming: peak RSS, process tree", f"{s['peak_tree_rss_mb']:,.0f} MB "
+            (f"{first}: peak RSS, process tree", f"{s['peak_tree_rss_mb']:,.0f} MB "
                                                   f"({s['processes_at_peak']} process(es))"),
-            ("streaming: largest single process", f"{s['max_single_process_peak_mb']:,.0f} MB (VmHWM)"),
-            ("streaming: wall time (2 shared cores)", f"{s['wall_s']:,.0f} s"),
+            (f"{first}: largest single process", f"{s['max_single_process_peak_mb']:,.0f} MB (VmHWM)"),
+            (f"{first}: wall time (2 shared cores)", f"{s['wall_s']:,.0f} s"),
             ("kept users / items / actions", f"{s['users']:,} / {s['items']:,} / {s['actions']:,}"),
             ("k-core rounds", f"{s['kcore_rounds']}"),
             ("dropped", ", ".join(f"{k} {v:,}" for k, v in s["dropped"].items())),
             ("shards", f"{s['shards']} ({s['shard_bytes'] / 2**20:,.0f} MB)")]
+    if "spilled_mib" in s:
+        rows.append((f"{first}: object store spilled", f"{s['spilled_mib']} MiB"))
+    if "ray_data" in result and first != "ray_data":
+        r = result["ray_data"]
+        rows += [("ray-data: peak RSS, process tree", f"{r['peak_tree_rss_mb']:,.0f} MB "
+                                                      f"({r['processes_at_peak']} processes, Ray)"),
+                 ("ray-data: largest single process", f"{r['max_single_process_peak_mb']:,.0f} MB (VmHWM)"),
+                 ("ray-data: wall time", f"{r['wall_s']:,.0f} s"),
+                 ("ray-data: object store spilled", f"{r.get('spilled_mib')} MiB"),
+                 ("ray-data: same counts as the first run", str(r["fingerprint"] == s["fingerprint"] and all(
+                     r[k] == s[k] for k in ("users", "items", "actions", "kcore_rounds", "dropped"))))]
     if "in_memory" in result:
         m = result["in_memory"]
         rows += [("in-memory: peak RSS, process tree", f"{m['peak_tree_rss_mb']:,.0f} MB "

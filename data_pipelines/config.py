@@ -9,7 +9,7 @@ from typing import Any
 
 # Fields that change how the work runs but not what it produces: left out of the fingerprint.
 RUNTIME_ONLY = ("force", "num_actors", "num_cpus", "progress", "download_workers", "out_dir",
-                "text_batch_size", "image_batch_size", "memory_budget_mb", "spill_dir")
+                "text_batch_size", "image_batch_size", "memory_budget_mb", "spill_dir", "engine")
 MIN_MEMORY_BUDGET_MB = 384  # the preparation's interpreter alone is ~170 MB (pandas, pyarrow, ray.data)
 
 PATH_FIELDS = ("input_dir", "interactions", "items", "image_dir", "image_cache_dir", "image_checkpoint")
@@ -72,6 +72,9 @@ class PrepConfig:
     # (the O(users + items) ID maps come on top: docs/scaling.md)
     memory_budget_mb: int = 0
     spill_dir: str = ""                       # streaming scratch files (default: beside out_dir)
+    # "": the paths above; "ray-data": EXPERIMENTAL, the whole preparation as one Ray Data pipeline
+    # (ray_prep.py), the same output; memory_budget_mb then sizes the object store of a local Ray
+    engine: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,6 +94,7 @@ LEAST = {"max_len": 1, "min_shards": 1, "target_shard_bytes": 1, "k_core": 1, "t
          "text_batch_size": 1, "image_batch_size": 1, "num_actors": 1, "download_workers": 1,
          "download_retries": 0, "max_future_seconds": 0}
 FOLDER_SOURCES = ("amazon2014", "movielens", "sequence")     # read from --input-dir
+ENGINES = ("", "ray-data")
 
 
 def config_problem(cfg: "PrepConfig") -> str | None:
@@ -110,6 +114,8 @@ def config_problem(cfg: "PrepConfig") -> str | None:
             return f"input_dir: {cfg.input_dir} is not a folder"
     if cfg.source == "tabular" and not cfg.interactions:
         return "interactions: source tabular reads a .parquet or .csv file (--interactions); none was given"
+    if cfg.engine not in ENGINES:
+        return f"engine: expected one of {ENGINES}, got {cfg.engine!r}"
     if problem := check_memory_budget(cfg.memory_budget_mb):
         return f"memory_budget_mb: {problem}"
     return None

@@ -99,8 +99,10 @@ def ensure_ray(cfg: PrepConfig) -> None:
     import ray
 
     if not ray.is_initialized():
+        # the Ray Data pipeline keeps the log in the object store: the budget sizes it (it spills past)
+        store = cfg.memory_budget_mb << 20 if cfg.engine == "ray-data" and cfg.memory_budget_mb else None
         ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+                 configure_logging=False, object_store_memory=store)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
     if not cfg.progress:  # Ray Data logs its progress at INFO when stderr is not a terminal
         logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -110,11 +112,12 @@ def prepare(cfg: PrepConfig) -> dict[str, Any]:
     """Build (or confirm) the prepared folder `cfg.out_dir`; returns its manifest.
 
     The returned manifest carries `"status"`: "written" or "up_to_date" (not stored on disk).
-    `memory_budget_mb > 0` prepares the log in streaming passes (`streaming_prep.py`).
+    `memory_budget_mb > 0` prepares the log in streaming passes (`streaming_prep.py`);
+    `engine="ray-data"` (experimental) as one Ray Data pipeline (`ray_prep.py`).
     """
     if problem := config_problem(cfg):
         raise DataError(problem)
-    if cfg.memory_budget_mb <= 0:
+    if cfg.memory_budget_mb <= 0 or cfg.engine == "ray-data":
         return _prepare(cfg, None)
     from data_pipelines.streaming_prep import remove_spill, spill_folder
 
@@ -139,7 +142,14 @@ def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
 
     timings: dict[str, float] = {}
     clock = time.time()
-    if spill is not None:
+    on_ray = cfg.engine == "ray-data"
+    if on_ray:
+        from data_pipelines.ray_prep import prepare_log as ray_prepare_log
+
+        ensure_ray(cfg)
+        data, prep = ray_prepare_log(cfg)  # read + preprocess as one Ray Data pipeline
+        timings["read_preprocess"] = time.time() - clock
+    elif spill is not None:
         from data_pipelines.streaming_prep import prepare_log
 
         data, prep = prepare_log(cfg, spill)  # read + preprocess in passes over disk
@@ -157,8 +167,11 @@ def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
 
     manifest: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "dataset": data.name,
                                 "fingerprint": fp, "max_len": cfg.max_len, "features": {}}
-    pq.write_table(pa.table({"user_id": pa.array(np.arange(prep.n_users, dtype=np.int64)),
-                             "raw_id": raw_id_column(prep.user_raw)}), build / "users.parquet")
+    if on_ray:
+        prep.write_users(build / "users.parquet")
+    else:
+        pq.write_table(pa.table({"user_id": pa.array(np.arange(prep.n_users, dtype=np.int64)),
+                                 "raw_id": raw_id_column(prep.user_raw)}), build / "users.parquet")
     items = item_tables.align_items(data, prep, stats)
     if items is None:     # no metadata: still the raw <-> dense item IDs, which export and serving read
         pq.write_table(pa.table({"item_id": pa.array(np.arange(1, prep.n_items + 1, dtype=np.int64)),
@@ -186,7 +199,7 @@ def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
 
     timings["features"] = time.time() - clock
     clock = time.time()
-    if spill is not None:
+    if spill is not None or on_ray:
         shards = prep.write_shards(build / SHARD_DIR, cfg.target_shard_bytes, cfg.min_shards)
         tmin, tmax = prep.time_min, prep.time_max
     else:
@@ -199,9 +212,10 @@ def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
         "counts": {"rows_read": data.rows_read, "dropped": dict(data.drops.counts),
                    "drop_examples": data.drops.examples, "items_stats": stats,
                    "users": prep.n_users, "items": prep.n_items, "actions": prep.n_actions,
-                   "kcore_rounds": prep.kcore_rounds, "samples": split_sizes(prep)},
+                   "kcore_rounds": prep.kcore_rounds,
+                   "samples": prep.samples if on_ray else split_sizes(prep)},
         "n_categories": manifest.get("categories", {}).get("n", 0),
-        "interval": prep.interval_stats() if spill is not None else interval_stats(prep, cfg.mu),
+        "interval": prep.interval_stats() if spill is not None or on_ray else interval_stats(prep, cfg.mu),
         "time": {"min": tmin, "max": tmax, "n_days": (tmax - tmin) // SECONDS_PER_DAY + 1},
         "shards": shards,
         "tables": {"users": "users.parquet", "items": "items.parquet"},

@@ -162,9 +162,18 @@ def split_sizes(prep: Prepared) -> dict[str, int]:
     return {s: int(sum(split_count(int(n), s) for n in lengths)) for s in ("train", "valid", "test")}
 
 
+HIST_EDGES = [0, 1, 500, 1000, 1500, 2000, 2500, 3000, 1 << 62]
+
+
 def interval_stats(prep: Prepared, mu: float) -> dict:
     """Largest gaps between consecutive items, within the training part (what training sees) and
     within the test input, plus a histogram of training-part buckets floor(mu*log2(a+1))."""
+    return interval_summary(interval_counts(prep, mu), mu)
+
+
+def interval_counts(prep: Prepared, mu: float) -> dict:
+    """`interval_stats` as whole numbers that add up over disjoint sets of users (maxima, counts):
+    a preparation done in pieces merges these, then calls `interval_summary` once."""
     lengths = prep.lengths()
     gaps = np.diff(prep.times)
     pos = np.arange(len(prep.times))
@@ -179,14 +188,29 @@ def interval_stats(prep: Prepared, mu: float) -> dict:
     a_train = gaps[train_gap]
     a_input = gaps[input_gap]
     buckets = np.floor(mu * np.log2(a_train.astype(np.float64) + 1.0)).astype(np.int64)
-    hist_edges = [0, 1, 500, 1000, 1500, 2000, 2500, 3000, 1 << 62]
-    hist = np.histogram(buckets, bins=hist_edges)[0] if len(buckets) else np.zeros(8, dtype=int)
+    hist = np.histogram(buckets, bins=HIST_EDGES)[0] if len(buckets) else np.zeros(8, dtype=int)
+    return {"max_train": int(a_train.max(initial=0)), "max_input": int(a_input.max(initial=0)),
+            "max_bucket": int(buckets.max(initial=0)), "zeros": int((a_train == 0).sum()),
+            "gaps": int(len(a_train)), "hist": [int(c) for c in hist]}
+
+
+def merge_interval_counts(a: dict | None, b: dict) -> dict:
+    if a is None:
+        return dict(b)
+    return {"max_train": max(a["max_train"], b["max_train"]), "max_input": max(a["max_input"], b["max_input"]),
+            "max_bucket": max(a["max_bucket"], b["max_bucket"]), "zeros": a["zeros"] + b["zeros"],
+            "gaps": a["gaps"] + b["gaps"], "hist": [x + y for x, y in zip(a["hist"], b["hist"])]}
+
+
+def interval_summary(c: dict, mu: float) -> dict:
+    # zeros / gaps is exactly numpy's mean of the boolean array (an exact float64 sum, one division)
     return {
         "mu": mu,
-        "max_train_interval_seconds": int(a_train.max(initial=0)),
-        "max_input_interval_seconds": int(a_input.max(initial=0)),
-        "max_train_bucket": int(buckets.max(initial=0)),
-        "zero_intervals_share": float((a_train == 0).mean()) if len(a_train) else 0.0,
-        "bucket_histogram": {f"[{lo},{hi})": int(c) for lo, hi, c in
-                             zip(hist_edges[:-1], ["inf" if h == 1 << 62 else h for h in hist_edges[1:]], hist)},
+        "max_train_interval_seconds": c["max_train"],
+        "max_input_interval_seconds": c["max_input"],
+        "max_train_bucket": c["max_bucket"],
+        "zero_intervals_share": c["zeros"] / c["gaps"] if c["gaps"] else 0.0,
+        "bucket_histogram": {f"[{lo},{hi})": n for lo, hi, n in
+                             zip(HIST_EDGES[:-1], ["inf" if h == 1 << 62 else h for h in HIST_EDGES[1:]],
+                                 c["hist"])},
     }

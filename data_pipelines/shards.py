@@ -47,8 +47,13 @@ def estimated_bytes(lengths: np.ndarray) -> int:
 
 
 def shard_count(lengths: np.ndarray, target_bytes: int, min_shards: int) -> int:
-    wanted = max(min_shards, math.ceil(estimated_bytes(lengths) / max(target_bytes, 1)))
-    return max(1, min(wanted, len(lengths)))
+    return shard_count_for(estimated_bytes(lengths), len(lengths), target_bytes, min_shards)
+
+
+def shard_count_for(total_bytes: int, n_users: int, target_bytes: int, min_shards: int) -> int:
+    """`shard_count` from the summed `estimated_bytes` (a sum over users: it adds up over pieces)."""
+    wanted = max(min_shards, math.ceil(total_bytes / max(target_bytes, 1)))
+    return max(1, min(wanted, n_users))
 
 
 def encode_batch(batch: dict[str, np.ndarray], items: np.ndarray, times: np.ndarray) -> dict:
@@ -115,13 +120,26 @@ def write_shards(prep: Prepared, shard_dir: str | Path, target_bytes: int, min_s
                  progress: bool = True, *, filesystem=None) -> list[dict]:
     """Write `prep`'s users to `shard_dir/shard-NNNNN.tar` (a local path, a URI, or a path in
     `filesystem`) and return the manifest's shard entries (measured by reading the shards back)."""
+    import ray
+
+    n_shards = shard_count(prep.lengths(), target_bytes, min_shards)
+    rows = pd.DataFrame({"uid": np.arange(prep.n_users), "lo": prep.offsets[:-1], "hi": prep.offsets[1:]})
+    samples = ray.data.from_pandas(rows).map_batches(
+        encode_batch, fn_kwargs={"items": prep.items, "times": prep.times}, batch_size=4096,
+        batch_format="numpy")
+    return write_samples(samples, shard_dir, n_shards, progress, filesystem=filesystem)
+
+
+def write_samples(samples, shard_dir: str | Path, n_shards: int, progress: bool = True, *,
+                  filesystem=None) -> list[dict]:
+    """Write a Ray Dataset of WebDataset rows (`__key__`, `seq.npy`), in user order, as `n_shards`
+    tars of contiguous users (`repartition` without shuffle: equal user counts) and return the
+    manifest's shard entries (measured by reading the shards back)."""
     import pyarrow.fs as pafs
     import ray
 
     out = DataLocation(shard_dir, filesystem)
     names = ShardNames()
-    n_shards = shard_count(prep.lengths(), target_bytes, min_shards)
-    rows = pd.DataFrame({"uid": np.arange(prep.n_users), "lo": prep.offsets[:-1], "hi": prep.offsets[1:]})
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards hold contiguous, ordered user ranges
     staging = DataLocation(out.path().rstrip("/") + ".staging", out.fs)
@@ -131,11 +149,7 @@ def write_shards(prep: Prepared, shard_dir: str | Path, target_bytes: int, min_s
     # a local folder goes to Ray as a plain path (as before); anything else with its filesystem
     sink = (DeterministicTarDatasink(str(local), filename_provider=names) if local is not None else
             DeterministicTarDatasink(staging.path(), filesystem=staging.fs, filename_provider=names))
-    (ray.data.from_pandas(rows)
-        .map_batches(encode_batch, fn_kwargs={"items": prep.items, "times": prep.times},
-                     batch_size=4096, batch_format="numpy")
-        .repartition(n_shards)
-        .write_datasink(sink))
+    samples.repartition(n_shards).write_datasink(sink)
     try:
         listing = staging.fs.get_file_info(pafs.FileSelector(staging.path(), recursive=False))
     except OSError as exc:

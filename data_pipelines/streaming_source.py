@@ -22,15 +22,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipelines.canonical import TimestampCheck
 from data_pipelines.config import PrepConfig
 from data_pipelines.report import DataError, DropLog
 from data_pipelines.sources import load_source
-from data_pipelines.sources.common import csv_frames, require
+from data_pipelines.sources.common import csv_frames, csv_header, require
 from data_pipelines.sources.tabular import _columns, load_item_table
+from data_pipelines.sources.tabular_checks import checked_frames
 
 log = logging.getLogger("data_pipelines.streaming")
-DIGITS = r"[0-9]{1,15}"  # whole seconds/ms parsed exactly by int() and by astype(int64)
 
 
 @dataclass
@@ -88,12 +87,7 @@ def _tabular(cfg: PrepConfig) -> ChunkedSource:
             return (pa.Table.from_batches([b]).to_pandas()
                     for b in meta.iter_batches(batch_size=rows, columns=cols))
     elif path.suffix in (".csv", ".gz", ".tsv"):
-        sep = "\t" if ".tsv" in path.name else ","
-        try:
-            head = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, nrows=0)
-        except Exception as exc:  # noqa: BLE001
-            raise DataError(f"{path}: cannot read table ({exc})") from None
-        _columns(head, path, cols)
+        _columns(pd.DataFrame(columns=csv_header(path)), path, cols)
         estimated = max(1, path.stat().st_size // 12)  # 12 bytes: about the shortest real line
         def frames(rows):
             return (chunk[cols] for chunk in csv_frames(path, drops, chunksize=rows))
@@ -110,59 +104,6 @@ def _tabular(cfg: PrepConfig) -> ChunkedSource:
 
 def _checked_chunks(src: ChunkedSource, frames, cfg: PrepConfig, path: Path,
                     unit: float) -> Iterator[pd.DataFrame]:
-    check = TimestampCheck(src.drops, cfg.max_future_seconds, unit)
-    row0 = 0
-    for df in frames:
-        times = df[cfg.time_col]
-        chk = check
-        if pd.api.types.is_datetime64_any_dtype(times):  # as tabular.load: datetimes -> seconds
-            times = times.map(lambda t: None if pd.isna(t) else int(pd.Timestamp(t).timestamp()))
-            chk = TimestampCheck(src.drops, cfg.max_future_seconds)
-        users, ok_u = _fast_ids(df[cfg.user_col])
-        items, ok_i = _fast_ids(df[cfg.item_col])
-        stamps, ok_t = _fast_times(times, chk)
-        ok = ok_u & ok_i & ok_t
-        if not ok.all():  # the row rule of tabular.load, in row order, for every other row
-            u_raw, i_raw, t_raw = (df[cfg.user_col].to_numpy(object), df[cfg.item_col].to_numpy(object),
-                                   times.to_numpy(object))
-            keep = ok.copy()
-            for r in np.flatnonzero(~ok):
-                u, i, t = u_raw[r], i_raw[r], t_raw[r]
-                where = f"{path}:row {row0 + r + 1}"
-                if u is None or i is None or str(u) == "" or str(i) == "":
-                    src.drops.drop("missing_field", where, f"empty {cfg.user_col!r} or {cfg.item_col!r}")
-                    continue
-                ts = chk(t, where, cfg.time_col)
-                if ts is not None:
-                    users[r], items[r], stamps[r], keep[r] = str(u), str(i), ts, True
-            users, items, stamps = users[keep], items[keep], stamps[keep]
-        row0 += len(df)
-        src.rows_read = row0 + src.drops.counts.get("malformed_line", 0)   # dropped lines were read
-        yield pd.DataFrame({"user": users, "item": items, "timestamp": stamps.astype(np.int64)})
-
-
-def _fast_ids(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """(str values, mask of rows whose value is a non-empty str or an int: kept as str(v))."""
-    if pd.api.types.is_integer_dtype(col.dtype):
-        return col.astype(str).to_numpy(object), np.ones(len(col), dtype=bool)
-    values = col.to_numpy(object)
-    ok = np.fromiter((type(v) is str and v != "" for v in values), dtype=bool, count=len(values))
-    return values.copy(), ok
-
-
-def _fast_times(col: pd.Series, check: TimestampCheck) -> tuple[np.ndarray, np.ndarray]:
-    """(int64 seconds, mask of rows the row check would accept with exactly that value)."""
-    out = np.zeros(len(col), dtype=np.int64)
-    if pd.api.types.is_integer_dtype(col.dtype) and not col.hasnans:  # Int64 with <NA>: row check
-        raw = col.to_numpy(np.int64)
-        out = raw if check.unit == 1.0 else (raw / check.unit).astype(np.int64)
-    elif pd.api.types.is_string_dtype(col.dtype) or col.dtype == object:
-        text = col.astype(object).where(col.map(type) == str, "")  # non-str -> the row check
-        digits = text.str.fullmatch(DIGITS).fillna(False).to_numpy(bool)
-        raw = np.zeros(len(col), dtype=np.int64)
-        raw[digits] = text[digits].astype(np.int64).to_numpy()
-        out = raw if check.unit == 1.0 else (raw / check.unit).astype(np.int64)
-        return out, digits & (out >= 0) & (out <= check.max_ts)
-    else:
-        return out, np.zeros(len(col), dtype=bool)
-    return out, (out >= 0) & (out <= check.max_ts)
+    for df, rows in checked_frames(frames, cfg, path, unit, src.drops):
+        src.rows_read = rows + src.drops.counts.get("malformed_line", 0)   # dropped lines were read
+        yield df

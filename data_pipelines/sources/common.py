@@ -44,6 +44,15 @@ def csv_frames(path: Path, drops: DropLog, chunksize: int | None = None) -> Iter
         yield chunk
 
 
+def csv_header(path: Path) -> list[str]:
+    """The column names of a CSV/TSV file (its first line), or a DataError naming the file."""
+    try:
+        return list(pd.read_csv(path, sep="\t" if ".tsv" in path.name else ",", dtype=str,
+                                keep_default_na=False, nrows=0).columns)
+    except Exception as exc:  # noqa: BLE001 - pandas raises many types; name the file
+        raise DataError(f"{path}: cannot read table ({exc})") from None
+
+
 def require(path: Path, what: str) -> Path:
     if not path.is_file():
         raise DataError(f"{path}: {what} not found")

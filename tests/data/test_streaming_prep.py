@@ -78,7 +78,9 @@ def small_sizes(monkeypatch):
         monkeypatch.setattr(streaming_prep, name, 1 << 40)
 
 
-def test_parquet_log_streamed_equals_in_memory(tmp_path, local_ray, small_sizes, caplog):
+def parquet_log_with_items(tmp_path: Path) -> tuple[pd.DataFrame, dict]:
+    """`make_log(5)` + a missing user, a negative and a far-future timestamp, as Parquet, and an
+    item table (CSV) with one repeated row and categories; (the log, the PrepConfig fields)."""
     df = make_log(seed=5)
     df.loc[len(df)] = ["", "it1", BASE]             # missing user
     df.loc[len(df)] = ["42", "it2", -5]              # negative timestamp
@@ -88,8 +90,12 @@ def test_parquet_log_streamed_equals_in_memory(tmp_path, local_ray, small_sizes,
                           "title": [f"T{i}" for i in range(111)],
                           "genres": ["a|b" if i % 3 else "c" for i in range(111)]})
     items.to_csv(tmp_path / "items.csv", index=False)
-    kw = dict(interactions=str(tmp_path / "log.parquet"), items=str(tmp_path / "items.csv"),
-              item_id_col="iid", category_col="genres")
+    return df, dict(interactions=str(tmp_path / "log.parquet"), items=str(tmp_path / "items.csv"),
+                    item_id_col="iid", category_col="genres")
+
+
+def test_parquet_log_streamed_equals_in_memory(tmp_path, local_ray, small_sizes, caplog):
+    df, kw = parquet_log_with_items(tmp_path)
     memory = prepared(tmp_path, "memory", 0, **kw)
     with caplog.at_level("INFO", logger="data_pipelines.streaming"):
         streamed = prepared(tmp_path, "streamed", budget(), progress=True, **kw)
