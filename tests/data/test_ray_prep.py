@@ -14,6 +14,10 @@ from data_pipelines.report import DataError
 from tests.data.fixtures import make_log as tiny_log, write_amazon, write_ml100k, write_sequences
 from tests.data.test_streaming_prep import assert_same, make_log, parquet_log_with_items, prepared
 
+# the engine is not the default: its tests run with `pytest -m experimental`, not in the
+# default run (pyproject.toml), which they would lengthen by about 4 minutes
+pytestmark = pytest.mark.experimental
+
 
 def both(tmp_path, **kw):
     """(in-memory, Ray Data) preparations of the same tabular input."""

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
+@pytest.mark.experimental      # `pytest -m experimental` (pyproject.toml)
 def test_two_nodes_share_the_work_and_write_the_one_node_output():
     done = subprocess.run([sys.executable, "benchmarks/ray_prep_cluster.py", "--actions", "30000"],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
