@@ -16,6 +16,7 @@ from data_pipelines.canonical import CanonicalData, TimestampCheck, interactions
 from data_pipelines.config import PrepConfig
 from data_pipelines.report import DataError, DropLog
 from data_pipelines.sources.common import CSV_SUFFIXES, csv_frames, require
+from data_pipelines.sources.tabular_checks import checked_row
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -70,15 +71,11 @@ def load(cfg: PrepConfig) -> CanonicalData:
     users, items, stamps = [], [], []
     # Row numbers are 1-based data rows (+1 for the CSV header line: line = row + 1).
     for row, (u, i, t) in enumerate(zip(df[cfg.user_col], df[cfg.item_col], times), start=1):
-        where = f"{path}:row {row}"
-        if u is None or i is None or str(u) == "" or str(i) == "":
-            drops.drop("missing_field", where, f"empty {cfg.user_col!r} or {cfg.item_col!r}")
-            continue
-        ts = check(t, where, cfg.time_col)
-        if ts is not None:
-            users.append(str(u))
-            items.append(str(i))
-            stamps.append(ts)
+        kept = checked_row(u, i, t, f"{path}:row {row}", cfg, drops, check)
+        if kept is not None:
+            users.append(kept[0])
+            items.append(kept[1])
+            stamps.append(kept[2])
     inputs = [path]
     item_table = None
     if cfg.items:

@@ -21,6 +21,16 @@ from data_pipelines.report import DropLog
 DIGITS = r"[0-9]{1,15}"  # whole seconds/ms parsed exactly by int() and by astype(int64)
 
 
+def checked_row(u, i, t, where: str, cfg: PrepConfig, drops: DropLog, check: TimestampCheck):
+    """The row rule of a tabular log, shared by every reader of it: (user, item, unix seconds) of a
+    valid row, or None with the drop counted (`missing_field`, or the timestamp's reason)."""
+    if u is None or i is None or str(u) == "" or str(i) == "":
+        drops.drop("missing_field", where, f"empty {cfg.user_col!r} or {cfg.item_col!r}")
+        return None
+    ts = check(t, where, cfg.time_col)
+    return None if ts is None else (str(u), str(i), ts)
+
+
 def checked_frames(frames, cfg: PrepConfig, path: Path, unit: float, drops: DropLog,
                    row0: int = 0) -> Iterator[tuple[pd.DataFrame, int]]:
     """(canonical frame of the chunk's valid rows, data rows seen so far incl. `row0`) per chunk;
@@ -42,13 +52,9 @@ def checked_frames(frames, cfg: PrepConfig, path: Path, unit: float, drops: Drop
             keep = ok.copy()
             for r in np.flatnonzero(~ok):
                 u, i, t = u_raw[r], i_raw[r], t_raw[r]
-                where = f"{path}:row {row0 + r + 1}"
-                if u is None or i is None or str(u) == "" or str(i) == "":
-                    drops.drop("missing_field", where, f"empty {cfg.user_col!r} or {cfg.item_col!r}")
-                    continue
-                ts = chk(t, where, cfg.time_col)
-                if ts is not None:
-                    users[r], items[r], stamps[r], keep[r] = str(u), str(i), ts, True
+                row = checked_row(u, i, t, f"{path}:row {row0 + r + 1}", cfg, drops, chk)
+                if row is not None:
+                    (users[r], items[r], stamps[r]), keep[r] = row, True
             users, items, stamps = users[keep], items[keep], stamps[keep]
         row0 += len(df)
         yield pd.DataFrame({"user": users, "item": items, "timestamp": stamps.astype(np.int64)}), row0
