@@ -80,6 +80,7 @@ from hm4sr_dist.serving.export import (
     ItemIdMap,
     check_files,
     clear_stale_tmp,
+    process_alive,
     read_export_manifest,
 )
 from hm4sr_dist.serving.scorer import DEFAULT_ITEM_CHUNK, MAX_UNIX_SECONDS, ScoringError
@@ -461,7 +462,8 @@ class _Writer:
         self.parts: list[Path] = []
         self.closed: dict[str, int] = {}
         self.in_part = 0
-        self.resume_at = 0                      # users already in closed parts
+        self.resume_at = 0                      # users in closed parts when this run started
+        self.users_closed = 0                   # users in the parts this run closed
         self.discarded = False                  # an unusable partial output was removed
         if self.folder:
             self.tmp = _partial_name(out)
@@ -476,7 +478,7 @@ class _Writer:
         progress = _read_progress(self.tmp)
         # a live writer on this host holds it (one on another host sharing the folder is not seen)
         if (progress is not None and progress.get("host") == socket.gethostname()
-                and progress.get("pid") != os.getpid() and _alive(progress.get("pid"))):
+                and progress.get("pid") != os.getpid() and process_alive(progress.get("pid"))):
             raise BatchError(f"{self.out}: another hm4sr-recommend (pid {progress['pid']}) is writing "
                              f"it ({self.tmp})")
         usable = (progress is not None and progress.get("request") == self.record["request"]
@@ -496,16 +498,11 @@ class _Writer:
         self._save_progress()
 
     def _save_progress(self) -> None:
-        users = sum(self._rows_of(n) for n in self.closed) // self.k
         body = {"request": self.record["request"], "host": socket.gethostname(), "pid": os.getpid(),
-                "parts": self.closed,
-                "users": users}
+                "parts": self.closed, "users": self.resume_at + self.users_closed}
         tmp = self.tmp / f".{PROGRESS_FILE}.tmp"
         tmp.write_text(json.dumps(body, indent=2))
         tmp.replace(self.tmp / PROGRESS_FILE)
-
-    def _rows_of(self, name: str) -> int:
-        return pq.ParquetFile(self.tmp / name).metadata.num_rows
 
     # -- writing ------------------------------------------------------------------------------------
     def write(self, table: pa.Table) -> None:
@@ -530,6 +527,7 @@ class _Writer:
             if self.folder:
                 part = self.parts[-1]
                 self.closed[part.name] = part.stat().st_size
+                self.users_closed += self.in_part // self.k     # parts end between users
                 self._save_progress()
 
     def publish(self) -> None:
@@ -577,18 +575,6 @@ def _read_progress(folder: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return progress if isinstance(progress, dict) else None
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # -- the run ----------------------------------------------------------------------------------------

@@ -159,11 +159,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, program: bool = True) -
     try:
         _save_weights(weights, tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
-        if not (prepared / ITEMS_FILE).is_file():
-            raise ExportError(f"{prepared / ITEMS_FILE}: missing (the raw <-> dense item ID map; folders "
-                              "prepared from sequence files before 2026-12-07 have none: prepare again "
-                              "with --force, the fingerprint stays the same)")
-        _copy(prepared / ITEMS_FILE, tmp / ITEMS_FILE, "the raw <-> dense item ID map")
+        _copy(prepared / ITEMS_FILE, tmp / ITEMS_FILE, "the raw <-> dense item ID map; folders prepared "
+              "from sequence files before 2026-12-07 have none: prepare again with --force, the "
+              "fingerprint stays the same")
         features = _copy_features(prepared, data_manifest, model_cfg, tmp)
         manifest = _export_manifest(results, model_cfg, prepared, data_manifest, features, tmp)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
@@ -258,16 +256,26 @@ def clear_stale_tmp(out: Path) -> None:
     """Remove the temporaries `.<out>.tmp-<pid>` beside `out` whose process is gone (a killed
     export or recommendation leaves one; a live process may be writing its own)."""
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        try:
-            pid = int(stale.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
-        except (ValueError, PermissionError):
+        pid = stale.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or process_alive(int(pid)):
             continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def process_alive(pid: object) -> bool:
+    """A process with this id runs on this host (one we may not signal counts as running)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _refuse_foreign(out_dir: Path) -> None:

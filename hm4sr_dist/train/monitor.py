@@ -34,6 +34,11 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+def say_tracking_stopped(error: BaseException) -> None:
+    """The one line of a tracker dropped mid-run (training goes on without it)."""
+    say(f"warning: experiment tracking stopped: {error} (training goes on; TensorBoard keeps logging)")
+
+
 def _plotted(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k.rsplit("/", 1)[-1] not in NOT_CURVES}
@@ -75,7 +80,7 @@ class Monitor:
         try:
             call()
         except TrackingError as exc:
-            say(f"warning: experiment tracking stopped: {exc} (training goes on; TensorBoard keeps logging)")
+            say_tracking_stopped(exc)
             self.tracker = None
 
     def step(self, global_step: int, epoch: int, step_in_epoch: int, scalars: dict[str, float]) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from hm4sr_dist.config import ExperimentConfig, to_dict
 from hm4sr_dist.run_folder import PER_USER_FILE, RESULTS_FILE, STOPPED_FILE
 from hm4sr_dist.tracking import STUDY_TAG, NullTracker, Tracker, TrackingError, tracking_uri_for
-from hm4sr_dist.train.monitor import say
+from hm4sr_dist.train.monitor import say_tracking_stopped
 
 
 @dataclass
@@ -70,7 +70,7 @@ def open_for_worker(plan: dict | None, rank: int) -> Tracker:
     try:
         return TrackingPlan(**plan).open()
     except TrackingError as exc:    # the driver reached it before Ray started: gone since, not wrong
-        say(f"warning: experiment tracking stopped: {exc} (training goes on; TensorBoard keeps logging)")
+        say_tracking_stopped(exc)
         return NullTracker()
 
 
