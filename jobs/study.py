@@ -48,14 +48,13 @@ MIN_BOOTSTRAP = 100         # paired-bootstrap resamples below which a 95% CI me
 say = functools.partial(print, flush=True)
 
 
-class _InOrder(argparse._AppendAction):
-    """--param / --values: appended as usual, and also to `args.param_order` as (flag, value), so a
+class _InOrder(argparse.Action):
+    """--param / --values: appended to their list, and to `args.param_order` as (flag, value), so a
     --values binds to the --param just before it."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        super().__call__(parser, namespace, values, option_string)
-        order = list(getattr(namespace, "param_order", None) or [])
-        setattr(namespace, "param_order", order + [(self.dest, values)])
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), values])
+        namespace.param_order = [*namespace.param_order, (self.dest, values)]
 
 
 def param_values(order: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
@@ -86,6 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--param", action=_InOrder, default=[],
                    help="fig4: a panel (k1, k2, l2, l3, beta); grid: a key of the product (a paper name, "
                         "tau too, or a dotted key); repeatable")
+    p.set_defaults(param_order=[])
     p.add_argument("--values", action=_InOrder, default=[],
                    help="fig4, grid: the values of the --param just before it, e.g. 0.5,1.0 "
                         "(default: the paper's grid)")
@@ -157,7 +157,7 @@ def plan(argv: list[str] | None) -> dict:
     if args.param and args.study not in ("fig4", "grid"):
         raise ConfigError("only fig4 and grid take --param", key="--param")
     values = {resolve_param(p): parse_values(v)
-              for p, v in param_values(getattr(args, "param_order", [])) if v is not None}
+              for p, v in param_values(args.param_order) if v is not None}
     if args.setting and args.study != "custom":
         raise ConfigError("only the custom study takes --setting", key="--setting")
     prepared = Path(args.prepared_dir)
