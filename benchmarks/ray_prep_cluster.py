@@ -1,7 +1,7 @@
 """The Ray Data preparation on a two-"node" test cluster (`ray.cluster_utils.Cluster`: two raylets
 on this machine, 1 CPU each): its tasks run on both nodes, shown by the node ID each task reports
-(read parts, dedupe shuffle reducers, encode tasks), and its output equals the one-node output
-(the in-memory preparation of the same log, byte for byte: shards, users.parquet, counts).
+(read parts, dedupe shuffle reducers, encode tasks), and its output equals the one-process output
+(the streaming engine's preparation of the same log, byte for byte: shards, users.parquet, counts).
 
     python benchmarks/ray_prep_cluster.py                   # 60k actions, prints a table + JSON
     python benchmarks/ray_prep_cluster.py --actions 2e5 --json outputs/bench/ray_prep_cluster.json
@@ -80,18 +80,19 @@ def main() -> int:
         clock = time.time()
         on_ray = prepare(PrepConfig("tabular", str(work / "ray"), engine="ray-data", **common))
         ray_s = time.time() - clock
-        memory = prepare(PrepConfig("tabular", str(work / "memory"), **common))
+        single = prepare(PrepConfig("tabular", str(work / "single"), engine="streaming",
+                                    memory_budget_mb=1024, **common))
         placement = json.loads(next(l for l in lines.lines if l.startswith("placement"))
                                .split(": ", 1)[1])
-        same_shards = all((work / "ray/shards" / s["file"]).read_bytes() == (work / "memory/shards" / s["file"]).read_bytes()
-                          for s in memory["shards"]) and on_ray["shards"] == memory["shards"]
-        same_tables = (work / "ray/users.parquet").read_bytes() == (work / "memory/users.parquet").read_bytes()
-        same_counts = on_ray["counts"] == memory["counts"] and on_ray["interval"] == memory["interval"]
+        same_shards = all((work / "ray/shards" / s["file"]).read_bytes() == (work / "single/shards" / s["file"]).read_bytes()
+                          for s in single["shards"]) and on_ray["shards"] == single["shards"]
+        same_tables = (work / "ray/users.parquet").read_bytes() == (work / "single/users.parquet").read_bytes()
+        same_counts = on_ray["counts"] == single["counts"] and on_ray["interval"] == single["interval"]
         used = sorted({n for step in placement.values() for n in step})
         result = {"actions": actions, "nodes": nodes, "nodes_used": used,
                   "placement": placement, "ray_data_s": round(ray_s, 1),
                   "same_shards": same_shards, "same_users_table": same_tables, "same_counts": same_counts,
-                  "users": memory["counts"]["users"], "shards": len(memory["shards"]),
+                  "users": single["counts"]["users"], "shards": len(single["shards"]),
                   "progress": [l for l in lines.lines if re.match(r"(read|k-core|kept|wrote)", l)]}
     finally:
         ray.shutdown()

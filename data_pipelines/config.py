@@ -67,14 +67,19 @@ class PrepConfig:
     download_workers: int = 16
     force: bool = False
     progress: bool = True
-    # 0: the whole log in memory (preprocess.py); > 0: streaming preparation (streaming_prep.py),
-    # the same output; chunks, buckets and ranges are sized to keep peak RSS near this many MB
-    # (the O(users + items) ID maps come on top: docs/scaling.md)
+    # ray-data: the object store of a Ray this preparation starts (0: Ray's default; it spills to
+    # disk past it); streaming: chunks, buckets and ranges are sized to keep peak RSS near this
+    # many MB (the O(users + items) ID maps come on top: docs/scaling.md)
     memory_budget_mb: int = 0
     spill_dir: str = ""                       # streaming scratch files (default: beside out_dir)
-    # "": the paths above; "ray-data": EXPERIMENTAL, the whole preparation as one Ray Data pipeline
-    # (ray_prep.py), the same output; memory_budget_mb then sizes the object store of a local Ray
+    # "ray-data": the preparation as one Ray Data pipeline (ray_prep.py), on one machine or a
+    # cluster; "streaming": one process, an external sort on local disk (streaming_prep.py), the
+    # same output in a fraction of the memory on a single machine; "": streaming when a
+    # memory_budget_mb is given, else ray-data
     engine: str = ""
+
+    def resolved_engine(self) -> str:
+        return self.engine or ("streaming" if self.memory_budget_mb > 0 else "ray-data")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,7 +99,7 @@ LEAST = {"max_len": 1, "min_shards": 1, "target_shard_bytes": 1, "k_core": 1, "t
          "text_batch_size": 1, "image_batch_size": 1, "num_actors": 1, "download_workers": 1,
          "download_retries": 0, "max_future_seconds": 0}
 FOLDER_SOURCES = ("amazon2014", "movielens", "sequence")     # read from --input-dir
-ENGINES = ("", "ray-data")
+ENGINES = ("", "ray-data", "streaming")
 
 
 def config_problem(cfg: "PrepConfig") -> str | None:
@@ -118,6 +123,9 @@ def config_problem(cfg: "PrepConfig") -> str | None:
         return f"engine: expected one of {ENGINES}, got {cfg.engine!r}"
     if problem := check_memory_budget(cfg.memory_budget_mb):
         return f"memory_budget_mb: {problem}"
+    if cfg.engine == "streaming" and cfg.memory_budget_mb == 0:
+        return (f"memory_budget_mb: the streaming engine sizes its passes to a budget; give one "
+                f"(>= {MIN_MEMORY_BUDGET_MB} MB)")
     return None
 
 
@@ -126,6 +134,5 @@ def check_memory_budget(value: object) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int):
         return f"expected a whole number of MB, got {value!r}"
     if value != 0 and value < MIN_MEMORY_BUDGET_MB:
-        return (f"expected 0 (in-memory preparation) or >= {MIN_MEMORY_BUDGET_MB} MB "
-                f"(streaming preparation), got {value}")
+        return f"expected 0 (no budget: Ray's default object store) or >= {MIN_MEMORY_BUDGET_MB} MB, got {value}"
     return None

@@ -34,10 +34,9 @@ import pyarrow.parquet as pq
 
 from data_pipelines import items as item_tables
 from data_pipelines.config import PrepConfig, config_problem
-from data_pipelines.preprocess import interval_stats, preprocess, raw_id_column, split_sizes
+from data_pipelines.preprocess import raw_id_column
 from data_pipelines.report import DataError
-from data_pipelines.shards import write_shards
-from data_pipelines.sources import input_files, load_source
+from data_pipelines.sources import input_files
 from hm4sr_dist.data.manifest import (MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, ManifestError,
                                       read_manifest, sha256_file, verify_shards)
 
@@ -100,7 +99,8 @@ def ensure_ray(cfg: PrepConfig) -> None:
 
     if not ray.is_initialized():
         # the Ray Data pipeline keeps the log in the object store: the budget sizes it (it spills past)
-        store = cfg.memory_budget_mb << 20 if cfg.engine == "ray-data" and cfg.memory_budget_mb else None
+        on_ray = cfg.resolved_engine() == "ray-data"
+        store = cfg.memory_budget_mb << 20 if on_ray and cfg.memory_budget_mb else None
         ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, object_store_memory=store)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
@@ -112,12 +112,12 @@ def prepare(cfg: PrepConfig) -> dict[str, Any]:
     """Build (or confirm) the prepared folder `cfg.out_dir`; returns its manifest.
 
     The returned manifest carries `"status"`: "written" or "up_to_date" (not stored on disk).
-    `memory_budget_mb > 0` prepares the log in streaming passes (`streaming_prep.py`);
-    `engine="ray-data"` (experimental) as one Ray Data pipeline (`ray_prep.py`).
+    The log is prepared as one Ray Data pipeline (`ray_prep.py`), or with `engine="streaming"`
+    (the default when a memory budget is given) in passes over local disk (`streaming_prep.py`).
     """
     if problem := config_problem(cfg):
         raise DataError(problem)
-    if cfg.memory_budget_mb <= 0 or cfg.engine == "ray-data":
+    if cfg.resolved_engine() == "ray-data":
         return _prepare(cfg, None)
     from data_pipelines.streaming_prep import remove_spill, spill_folder
 
@@ -129,7 +129,7 @@ def prepare(cfg: PrepConfig) -> dict[str, Any]:
 
 
 def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
-    """`prepare`'s work; `spill` is the streaming path's scratch folder (None: in memory)."""
+    """`prepare`'s work; `spill` is the streaming path's scratch folder (None: on Ray Data)."""
     started = time.time()
     out = Path(cfg.out_dir)
     _refuse_foreign(out)
@@ -142,24 +142,18 @@ def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
 
     timings: dict[str, float] = {}
     clock = time.time()
-    on_ray = cfg.engine == "ray-data"
-    if on_ray:
+    if spill is None:
         from data_pipelines.ray_prep import prepare_log as ray_prepare_log
 
         ensure_ray(cfg)
+        timings["ray_start"] = time.time() - clock
+        clock = time.time()
         data, prep = ray_prepare_log(cfg)  # read + preprocess as one Ray Data pipeline
-        timings["read_preprocess"] = time.time() - clock
-    elif spill is not None:
+    else:
         from data_pipelines.streaming_prep import prepare_log
 
         data, prep = prepare_log(cfg, spill)  # read + preprocess in passes over disk
-        timings["read_preprocess"] = time.time() - clock
-    else:
-        data = load_source(cfg)
-        timings["read"] = time.time() - clock
-        clock = time.time()
-        prep = preprocess(data.interactions, data.drops, cfg.k_core, data.name)
-        timings["preprocess"] = time.time() - clock
+    timings["read_preprocess"] = time.time() - clock
     stats: dict[str, int] = {}
     build = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(build, ignore_errors=True)
@@ -167,19 +161,15 @@ def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
 
     manifest: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "dataset": data.name,
                                 "fingerprint": fp, "max_len": cfg.max_len, "features": {}}
-    if on_ray:
-        prep.write_users(build / "users.parquet")
-    else:
-        pq.write_table(pa.table({"user_id": pa.array(np.arange(prep.n_users, dtype=np.int64)),
-                                 "raw_id": raw_id_column(prep.user_raw)}), build / "users.parquet")
+    prep.write_users(build / "users.parquet")
     items = item_tables.align_items(data, prep, stats)
     if items is None:     # no metadata: still the raw <-> dense item IDs, which export and serving read
         pq.write_table(pa.table({"item_id": pa.array(np.arange(1, prep.n_items + 1, dtype=np.int64)),
                                  "raw_id": raw_id_column(prep.item_raw)}), build / "items.parquet")
     clock = time.time()
-    if spill is None or items is not None:  # the streaming path writes shards without Ray
+    if items is not None and (cfg.text or cfg.images):  # the feature encoders run on Ray actor pools
         ensure_ray(cfg)
-    timings["ray_start"] = time.time() - clock
+        timings["ray_start"] = timings.get("ray_start", 0.0) + time.time() - clock
     clock = time.time()
     if items is not None:
         items.to_parquet(build / "items.parquet", index=False)
@@ -199,23 +189,18 @@ def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
 
     timings["features"] = time.time() - clock
     clock = time.time()
-    if spill is not None or on_ray:
-        shards = prep.write_shards(build / SHARD_DIR, cfg.target_shard_bytes, cfg.min_shards)
-        tmin, tmax = prep.time_min, prep.time_max
-    else:
-        shards = write_shards(prep, build / SHARD_DIR, cfg.target_shard_bytes, cfg.min_shards, cfg.progress)
-        tmin, tmax = int(prep.times.min()), int(prep.times.max())
+    shards = prep.write_shards(build / SHARD_DIR, cfg.target_shard_bytes, cfg.min_shards)
     timings["shards"] = time.time() - clock
+    tmin, tmax = prep.time_min, prep.time_max
     manifest.update({
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "provenance": {"source": data.source, "inputs": inputs, "versions": _versions()},
         "counts": {"rows_read": data.rows_read, "dropped": dict(data.drops.counts),
                    "drop_examples": data.drops.examples, "items_stats": stats,
                    "users": prep.n_users, "items": prep.n_items, "actions": prep.n_actions,
-                   "kcore_rounds": prep.kcore_rounds,
-                   "samples": prep.samples if on_ray else split_sizes(prep)},
+                   "kcore_rounds": prep.kcore_rounds, "samples": prep.samples},
         "n_categories": manifest.get("categories", {}).get("n", 0),
-        "interval": prep.interval_stats() if spill is not None or on_ray else interval_stats(prep, cfg.mu),
+        "interval": prep.interval_stats(),
         "time": {"min": tmin, "max": tmax, "n_days": (tmax - tmin) // SECONDS_PER_DAY + 1},
         "shards": shards,
         "tables": {"users": "users.parquet", "items": "items.parquet"},

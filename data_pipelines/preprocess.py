@@ -1,13 +1,13 @@
-"""Preprocessing of spec §1 / paper §5.1.1 on canonical interactions.
+"""The rules of spec §1 / paper §5.1.1 that both preparation engines share (ray_prep.py, and
+streaming_prep.py on one machine), and the per-user arrays they are measured on.
 
-1. drop duplicate (user, item, timestamp) rows (the first occurrence stays);
+1. duplicate (user, item, timestamp) rows dropped (the first occurrence stays);
 2. stable time sort per user (ties keep input order);
-3. iterative k-core: drop users and items with fewer than k actions until both hold;
-   Users also need n >= 3 for the leave-one-out split, so the user threshold is max(k, 3)
-   inside the same loop (it differs from k only when k < 3);
+3. iterative k-core: users and items with fewer than k actions dropped until both hold; users
+   also need n >= 3 for the leave-one-out split, so the user threshold is max(k, 3) in the loop;
 4. dense IDs: items 1..n_items, users 0..n_users-1, both in sorted raw-ID order (numeric order
-   when every raw ID is an integer); 0 = the padding item;
-5. per-user arrays (CSR: offsets into flat item/time arrays) and interval statistics.
+   when every raw ID is an integer, `sorted_id_order`); 0 = the padding item;
+5. interval statistics of the per-user sequences (`interval_counts`, `interval_summary`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_pipelines.report import DataError, DropLog
+from data_pipelines.report import DataError
 from hm4sr_dist.data.records import split_count
 
 
@@ -56,16 +55,6 @@ class Prepared:
         return self.items[lo:hi], self.times[lo:hi]
 
 
-def _sorted_ids(values: np.ndarray) -> np.ndarray:
-    """Unique raw IDs, numerically sorted when all are integers (so '10' follows '9')."""
-    unique = pd.unique(values)
-    try:
-        order = np.argsort(np.array([int(v) for v in unique], dtype=np.int64), kind="stable")
-    except (ValueError, OverflowError):
-        order = np.argsort(unique.astype(str), kind="stable")
-    return unique[order]
-
-
 def raw_id_column(values: np.ndarray | pa.Array) -> pa.Array:
     """Raw IDs as an Arrow string column, from `Prepared` (numpy) or the streaming path (Arrow)."""
     if isinstance(values, pa.Array):
@@ -74,18 +63,20 @@ def raw_id_column(values: np.ndarray | pa.Array) -> pa.Array:
 
 
 def sorted_id_order(distinct: pa.Array, chunk: int = 1 << 16) -> np.ndarray:
-    """The order `_sorted_ids` puts these distinct raw IDs (strings) in, without making each a
-    Python object: the streaming path calls it on millions of IDs within a memory budget.
+    """The dense-ID order of these distinct raw IDs (strings): numeric when every one is an
+    integer as Python's `int` reads it (equal integers such as '7' and '007' keep the order they
+    come in: first appearance), else code-point order. No Python object per ID when Arrow can
+    cast: both engines call it on millions of IDs.
 
     Arrow's integer cast accepts a subset of what Python's `int` does (no spaces, '_' or
-    non-ASCII digits), so when it refuses, Python decides chunk by chunk, as `_sorted_ids` would.
+    non-ASCII digits), so when it refuses, Python decides chunk by chunk.
     Strings otherwise sort by code point (= UTF-8 byte order, Arrow's order); distinct values
     have no ties there, so the sort's stability does not matter.
     """
     try:
         as_int = pc.cast(distinct, pa.int64()).to_numpy(zero_copy_only=False)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        as_int = _python_ints(distinct, chunk)
+        as_int = _python_ints(distinct, chunk)   # Python decides, chunk by chunk
     if as_int is not None:
         return np.argsort(as_int, kind="stable")  # equal integers ('7', '007'): first seen first
     return pc.sort_indices(distinct).to_numpy()
@@ -99,62 +90,6 @@ def _python_ints(values: pa.Array, chunk: int) -> np.ndarray | None:
         except (ValueError, OverflowError, TypeError):
             return None
     return out
-
-
-def kcore(user_codes: np.ndarray, item_codes: np.ndarray, k: int,
-          k_user: int | None = None) -> tuple[np.ndarray, int]:
-    """Boolean keep-mask of the iterative k-core over rows, and the number of rounds.
-
-    Items need >= k rows, users >= k_user (default k).
-    """
-    k_user = k if k_user is None else k_user
-    keep = np.ones(len(user_codes), dtype=bool)
-    rounds = 0
-    while True:
-        rounds += 1
-        u_count = np.bincount(user_codes[keep], minlength=user_codes.max(initial=-1) + 1)
-        i_count = np.bincount(item_codes[keep], minlength=item_codes.max(initial=-1) + 1)
-        bad = keep & ((u_count[user_codes] < k_user) | (i_count[item_codes] < k))
-        if not bad.any():
-            return keep, rounds
-        keep &= ~bad
-
-
-def preprocess(df: pd.DataFrame, drops: DropLog, k: int = 5, source_name: str = "") -> Prepared:
-    if k < 1:
-        raise DataError(f"k_core: expected >= 1, got {k}")
-    if df.empty:
-        raise EmptyResultError(f"{source_name}: no valid interactions were read")
-    df = df.reset_index(drop=True)
-    dup = df.duplicated(subset=["user", "item", "timestamp"], keep="first").to_numpy()
-    if dup.any():
-        first = df[dup].iloc[0]
-        drops.note("duplicate_row", int(dup.sum()),
-                   f"e.g. user {first['user']!r}, item {first['item']!r}, t={first['timestamp']}")
-        df = df[~dup].reset_index(drop=True)
-
-    user_codes, _ = pd.factorize(df["user"])
-    item_codes, _ = pd.factorize(df["item"])
-    keep, rounds = kcore(user_codes, item_codes, k, k_user=max(k, 3))
-    removed = int((~keep).sum())
-    drops.note(f"kcore_{k}", removed)
-    df = df[keep]
-    if df.empty:
-        raise EmptyResultError(f"{source_name}: nothing left after the {k}-core filter "
-                               f"({removed} of {len(keep)} actions removed in {rounds} rounds); "
-                               "lower k_core or check the input")
-
-    user_raw = _sorted_ids(df["user"].to_numpy())
-    item_raw = _sorted_ids(df["item"].to_numpy())
-    uid = pd.Index(user_raw).get_indexer(df["user"])
-    iid = pd.Index(item_raw).get_indexer(df["item"]) + 1
-    # Stable time sort per user: lexsort is stable, so equal (user, time) keep input order.
-    order = np.lexsort((df["timestamp"].to_numpy(), uid))
-    items = iid[order].astype(np.int64)
-    times = df["timestamp"].to_numpy()[order].astype(np.int64)
-    counts = np.bincount(uid, minlength=len(user_raw))
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return Prepared(user_raw, item_raw, offsets, items, times, rounds)
 
 
 def split_sizes(prep: Prepared) -> dict[str, int]:

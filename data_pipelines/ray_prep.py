@@ -1,5 +1,5 @@
-"""EXPERIMENTAL (`--engine ray-data`): the whole preparation as one Ray Data pipeline, from raw files
-to shards, with the in-memory path's output (docs/data_pipeline_design.md).
+"""The preparation as one Ray Data pipeline, from raw files to shards (the default engine; the
+design: docs/data_pipeline_design.md). On a cluster its tasks spread over the nodes.
 
     read parts -> groupby(bucket).map_groups: one deduplicated row per user (list columns)
     -> items as int32 codes of a sorted vocabulary (groupby(item).count(): O(items) on the driver)
@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from ray.data.context import ShuffleStrategy
 
 from data_pipelines.canonical import CanonicalData
 from data_pipelines.config import PrepConfig
@@ -44,13 +45,26 @@ log = logging.getLogger("data_pipelines.ray_prep")
 ROWS_PER_PARTITION = 1 << 20      # shuffle partitions (and the rows one map_groups call holds)
 USERS_ROW_GROUP = 1 << 20         # pq.write_table's default row group: users.parquet byte-identical
 NO_STATS = None
+SHUFFLE = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
 
 
 def prepare_log(cfg: PrepConfig) -> tuple[CanonicalData, "RayLog"]:
     """Read, dedupe, k-core, order and encode the log; the shards follow from `RayLog`."""
-    started = time.time()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True   # the sorted users keep their order into shards
+    before = ctx.shuffle_strategy
+    # Ray 2.60's default shuffle (SHUFFLE_V2) starts aggregator actors that hold CPUs: on a
+    # 2-core box, ml-100k took 17 s warm with it and 2.7 s with the pull-based sort shuffle
+    # (same bytes; docs/scaling.md has the 20M figures of both)
+    ctx.shuffle_strategy = SHUFFLE
+    try:
+        return _prepare_log(cfg)
+    finally:
+        ctx.shuffle_strategy = before
+
+
+def _prepare_log(cfg: PrepConfig) -> tuple[CanonicalData, "RayLog"]:
+    started = time.time()
     parts, estimated = plan_parts(cfg)
     n_parts = max(2, math.ceil(estimated / ROWS_PER_PARTITION))
     report = ReadReport.remote()
@@ -90,7 +104,7 @@ def prepare_log(cfg: PrepConfig) -> tuple[CanonicalData, "RayLog"]:
     final = _run(lambda: users.map_batches(finish, batch_format="pyarrow",
                                            fn_kwargs={**state, "dense": dense, "mu": cfg.mu})
                  .materialize())
-    prep = RayLog(final, item_raw, rounds, cfg.mu, cfg.progress)
+    prep = RayLog(final, item_raw, rounds, cfg.mu)
     prep.placement = {**placement, **prep.placement}
     log.info("placement (tasks per node, per step): %s",
              json.dumps({step: dict(nodes) for step, nodes in prep.placement.items()}))
@@ -313,10 +327,10 @@ class RayLog:
     """What `prepare.py` needs of the prepared log (as `streaming_prep.StreamedLog`), held as
     Ray datasets: the user rows sorted into dense user order, and the merged counts."""
 
-    def __init__(self, final, item_raw: pa.Array, rounds: int, mu: float, progress: bool):
+    def __init__(self, final, item_raw: pa.Array, rounds: int, mu: float):
         stats = _stats(final)
         self.placement = {"encode": Counter(s["node"] for s in stats)}   # node -> tasks, per step
-        self.item_raw, self.kcore_rounds, self.progress = item_raw, rounds, progress
+        self.item_raw, self.kcore_rounds = item_raw, rounds
         self.n_users = sum(s["users"] for s in stats)
         self.n_actions = sum(s["actions"] for s in stats)
         self.n_items = len(item_raw)
@@ -364,7 +378,7 @@ class RayLog:
             raise RuntimeError(f"the sorted users hold {at} rows, expected {self.n_users}")
         keyed = self.sorted.map_batches(_keyed, batch_size=None, batch_format="pyarrow",
                                         fn_kwargs={"offsets": offsets})
-        entries = _run(lambda: write_samples(keyed, shard_dir, n_shards, self.progress))
+        entries = _run(lambda: write_samples(keyed, shard_dir, n_shards))
         log.info("wrote %d shards of %s users; object store spilled %s MiB so far", len(entries),
                  f"{self.n_users:,}", spilled_mib())
         return entries

@@ -1,5 +1,4 @@
-"""EXPERIMENTAL (`--engine ray-data`): reading raw logs as a Ray Dataset of canonical rows, for the
-Ray Data preparation (`ray_prep.py`).
+"""Reading raw logs as a Ray Dataset of canonical rows, for the Ray Data preparation (`ray_prep.py`).
 
 The input is cut into *parts* listed in input order: a run of Parquet row groups (~1M rows), a
 whole CSV file, or (sequence, MovieLens, Amazon) one task that runs the source's own adapter.

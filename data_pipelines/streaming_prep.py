@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from data_pipelines.canonical import CanonicalData
 from data_pipelines.config import PrepConfig, check_memory_budget
-from data_pipelines.preprocess import EmptyResultError
+from data_pipelines.preprocess import EmptyResultError, raw_id_column, split_sizes
 from data_pipelines.report import DataError
 from data_pipelines.shards import shard_count
 from data_pipelines.streaming_kcore import IdMaps, check_not_empty, id_maps, kcore
@@ -86,7 +88,8 @@ class StreamedLog:
     """What `prepare.py` needs of a prepared log, without holding its actions.
 
     Duck-types `Prepared` for `items.align_items` and `preprocess.split_sizes` (`user_raw`,
-    `item_raw`, `n_items`, `lengths()`); the shards and statistics come from `write_shards`.
+    `item_raw`, `n_items`, `lengths()`); the shards, time range and interval statistics come
+    from `write_shards`.
     """
 
     def __init__(self, ids: IdMaps, rounds: int, spill: Path, cfg: PrepConfig, plan_: Plan,
@@ -104,6 +107,14 @@ class StreamedLog:
 
     def lengths(self) -> np.ndarray:
         return self._ids.lengths
+
+    @property
+    def samples(self) -> dict[str, int]:
+        return split_sizes(self)
+
+    def write_users(self, path: Path) -> None:
+        pq.write_table(pa.table({"user_id": pa.array(np.arange(self.n_users, dtype=np.int64)),
+                                 "raw_id": raw_id_column(self.user_raw)}), path)
 
     def write_shards(self, shard_dir: Path, target_bytes: int, min_shards: int) -> list[dict]:
         lengths = self._ids.lengths

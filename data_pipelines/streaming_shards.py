@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from data_pipelines.preprocess import Prepared, interval_stats
 from data_pipelines.shards import add_member, open_tar_stream, scan_shard

@@ -1,5 +1,7 @@
-"""Parquet/CSV adapter for everyone else: an interaction table with user, item and time columns,
-plus an optional item table (id, text columns, a category column, an image column).
+"""Parquet/CSV input for everyone else: an interaction table with user, item and time columns,
+plus an optional item table (id, text columns, a category column, an image column). The
+interactions are read in pieces by the engines (`ray_read.py`, `streaming_source.py`) with the
+row rule of `tabular_checks.py`; this module reads the item table and names the files.
 
 The time column may hold integer seconds (or milliseconds with `time_unit: ms`) or datetimes.
 A category cell may be a list or a '|'-separated string.
@@ -12,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_pipelines.canonical import CanonicalData, TimestampCheck, interactions_frame, items_frame
+from data_pipelines.canonical import items_frame
 from data_pipelines.config import PrepConfig
-from data_pipelines.report import DataError, DropLog
-from data_pipelines.sources.common import CSV_SUFFIXES, csv_frames, require
-from data_pipelines.sources.tabular_checks import checked_row
+from data_pipelines.report import DataError
+from data_pipelines.sources.common import require
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -44,46 +45,6 @@ def _categories(cell: object) -> list[str]:
     if isinstance(cell, (list, tuple, np.ndarray)):
         return [str(c) for c in cell if str(c)]
     return [c.strip() for c in str(cell).split("|") if c.strip()]
-
-
-def load(cfg: PrepConfig) -> CanonicalData:
-    path = Path(cfg.interactions)
-    drops = DropLog(strict=cfg.strict)
-    if path.suffix in CSV_SUFFIXES:                  # lines with extra fields: counted drops
-        require(path, "table")
-        try:
-            df = next(csv_frames(path, drops))
-        except DataError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - pandas raises many types; name the file
-            raise DataError(f"{path}: cannot read table ({exc})") from None
-    else:
-        df = read_table(path)
-    _columns(df, path, [cfg.user_col, cfg.item_col, cfg.time_col])
-    unit = {"s": 1.0, "ms": 1000.0}.get(cfg.time_unit)
-    if unit is None:
-        raise DataError(f"time_unit: expected 's' or 'ms', got {cfg.time_unit!r}")
-    check = TimestampCheck(drops, cfg.max_future_seconds, unit)
-    times = df[cfg.time_col]
-    if pd.api.types.is_datetime64_any_dtype(times):  # datetimes -> unix seconds (UTC)
-        times = times.map(lambda t: None if pd.isna(t) else int(pd.Timestamp(t).timestamp()))
-        check = TimestampCheck(drops, cfg.max_future_seconds)
-    users, items, stamps = [], [], []
-    # Row numbers are 1-based data rows (+1 for the CSV header line: line = row + 1).
-    for row, (u, i, t) in enumerate(zip(df[cfg.user_col], df[cfg.item_col], times), start=1):
-        kept = checked_row(u, i, t, f"{path}:row {row}", cfg, drops, check)
-        if kept is not None:
-            users.append(kept[0])
-            items.append(kept[1])
-            stamps.append(kept[2])
-    inputs = [path]
-    item_table = None
-    if cfg.items:
-        item_table = load_item_table(cfg)
-        inputs.append(Path(cfg.items))
-    rows_read = len(df) + drops.counts.get("malformed_line", 0)      # the dropped lines were read
-    return CanonicalData("tabular", cfg.name or path.stem, interactions_frame(users, items, stamps),
-                         item_table, inputs, rows_read, drops)
 
 
 def load_item_table(cfg: PrepConfig):

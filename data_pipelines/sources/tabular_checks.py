@@ -1,9 +1,9 @@
-"""The row rule of `tabular.load` applied to chunks of a table, vectorised: used by every reader
-that takes a tabular log in pieces (the streaming preparation, the Ray Data read tasks).
+"""The row rule of a tabular log (`checked_row`) applied to chunks of a table, vectorised: used by
+every reader of one (the Ray Data read tasks, the streaming preparation).
 
 A vectorised fast path accepts only values the row rule would accept unchanged; any other row goes
 through the row rule itself, so drops, their reasons and their examples (`file:row N`) are the
-ones `tabular.load` gives.
+row rule's, however the table is cut.
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ def checked_frames(frames, cfg: PrepConfig, path: Path, unit: float, drops: Drop
     for df in frames:
         times = df[cfg.time_col]
         chk = check
-        if pd.api.types.is_datetime64_any_dtype(times):  # as tabular.load: datetimes -> seconds
+        if pd.api.types.is_datetime64_any_dtype(times):  # datetimes -> unix seconds (UTC)
             times = times.map(lambda t: None if pd.isna(t) else int(pd.Timestamp(t).timestamp()))
             chk = TimestampCheck(drops, cfg.max_future_seconds)
         users, ok_u = _fast_ids(df[cfg.user_col])
         items, ok_i = _fast_ids(df[cfg.item_col])
         stamps, ok_t = _fast_times(times, chk)
         ok = ok_u & ok_i & ok_t
-        if not ok.all():  # the row rule of tabular.load, in row order, for every other row
+        if not ok.all():  # the row rule, in row order, for every other row
             u_raw, i_raw, t_raw = (df[cfg.user_col].to_numpy(object), df[cfg.item_col].to_numpy(object),
                                    times.to_numpy(object))
             keep = ok.copy()

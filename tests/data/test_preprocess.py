@@ -1,68 +1,97 @@
-"""Preprocessing against brute-force references: dedupe, stable sort, k-core, IDs, splits, intervals."""
+"""The preprocessing rules (dedupe, stable time sort, k-core, dense IDs, splits, intervals) against
+brute-force references, through the default engine (the Ray Data pipeline) on small logs: each
+prepared folder is read back, shard by shard, into raw IDs."""
 
 from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
 
-from data_pipelines.canonical import interactions_frame
-from data_pipelines.preprocess import (EmptyResultError, _sorted_ids, interval_stats, kcore, preprocess,
-                                      sorted_id_order, split_sizes)
-from data_pipelines.report import DropLog
-from hm4sr_dist.data.records import split_ends
+from data_pipelines.config import PrepConfig
+from data_pipelines.prepare import prepare
+from data_pipelines.preprocess import EmptyResultError, Prepared, interval_stats, sorted_id_order
+from hm4sr_dist.data.records import iter_shard_tarfile, split_ends
 from tests.data.fixtures import expected_sequences, make_log
 
 
-def brute_kcore(rows, k):
-    rows = list(rows)
-    while True:
-        uc, ic = {}, {}
-        for u, i in rows:
-            uc[u] = uc.get(u, 0) + 1
-            ic[i] = ic.get(i, 0) + 1
-        kept = [(u, i) for u, i in rows if uc[u] >= k and ic[i] >= k]
-        if kept == rows:
-            return rows
-        rows = kept
+def python_sorted_ids(values: list[str]) -> list[str]:
+    """The dense-ID rule in plain Python: distinct IDs in first-seen order, then numerically
+    (stable: equal integers keep that order) when all are int64 integers, else by code point."""
+    unique = list(dict.fromkeys(values))
+    try:
+        keys = [int(v) for v in unique]
+    except ValueError:
+        return sorted(unique)
+    if any(not -(1 << 63) <= x < (1 << 63) for x in keys):
+        return sorted(unique)
+    return [v for _, v in sorted(zip(keys, unique), key=lambda kv: kv[0])]
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
-def test_kcore_equals_brute_force(k):
-    rng = random.Random(k)
-    rows = [(rng.randint(0, 60), int(rng.paretovariate(1.2)) % 80) for _ in range(1500)]
-    users = np.array([u for u, _ in rows])
-    items = np.array([i for _, i in rows])
-    keep, _ = kcore(users, items, k)
-    assert [r for r, m in zip(rows, keep) if m] == brute_kcore(rows, k)
+def prepared_log(tmp: Path, rows, k: int, name: str = "p") -> tuple[dict, Path]:
+    """`rows` (user, item, timestamp) as a Parquet log, prepared with the default engine."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["u", "i", "t"]).to_parquet(tmp / f"{name}.parquet")
+    cfg = PrepConfig("tabular", str(tmp / name), interactions=str(tmp / f"{name}.parquet"), name=name,
+                     user_col="u", item_col="i", time_col="t", k_core=k, min_shards=3, progress=False,
+                     text=False, images=False)
+    return prepare(cfg), tmp / name
 
 
-def test_preprocess_matches_reference_sequences():
-    log = make_log(seed=3, n_users=40, n_items=12)
-    drops = DropLog()
-    prep = preprocess(interactions_frame(*zip(*log)), drops, k=3)
-    expected = expected_sequences(log, k=3)
-    assert drops.counts["duplicate_row"] == len(log) - len(set(log)) >= 1
-    assert drops.counts["kcore_3"] == len(set(log)) - sum(len(v) for v in expected.values())
+def read_back(out: Path) -> tuple[dict[str, list[tuple[str, int]]], list[str], list[str]]:
+    """({raw user: [(raw item, t), ...] in shard order}, raw users by dense ID, raw items by dense ID)."""
+    users = pd.read_parquet(out / "users.parquet")
+    items = pd.read_parquet(out / "items.parquet")
+    assert users["user_id"].tolist() == list(range(len(users)))
+    assert items["item_id"].tolist() == list(range(1, len(items) + 1))   # 0 = the padding item
+    user_raw, item_raw = users["raw_id"].tolist(), items["raw_id"].tolist()
     got = {}
-    for u in range(prep.n_users):
-        items, times = prep.user(u)
-        got[prep.user_raw[u]] = [(prep.item_raw[i - 1], int(t)) for i, t in zip(items, times)]
+    for shard in sorted((out / "shards").glob("*.tar")):
+        for key, seq_items, times in iter_shard_tarfile(shard):
+            got[user_raw[int(key[1:])]] = [(item_raw[i - 1], int(t)) for i, t in zip(seq_items, times)]
+    return got, user_raw, item_raw
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_prepared_sequences_equal_the_brute_force_reference(tmp_path, local_ray, k):
+    """Duplicates dropped (first stays), k-core with users at max(k, 3), time ties in input
+    order, users and items numbered in sorted raw-ID order; on a power-law log whose k-core
+    takes several rounds."""
+    rng = random.Random(k)
+    log = make_log(seed=3, n_users=60, n_items=12)
+    log += [(f"V{rng.randint(0, 30)}", f"J{int(rng.paretovariate(1.2)) % 40}", 1_300_000_000 + rng.randint(0, 50))
+            for _ in range(600)]
+    log += log[::17]                                                    # more exact duplicates
+    manifest, out = prepared_log(tmp_path, log, k)
+    expected = expected_sequences(log, k=k)
+    got, user_raw, item_raw = read_back(out)
     assert got == expected                          # includes the stable order of equal timestamps
-    assert list(prep.user_raw) == sorted(expected, key=lambda u: int(u[1:])) or \
-        list(prep.user_raw) == sorted(expected)      # dense IDs follow sorted raw IDs
-    assert prep.items.min() == 1 and prep.items.max() == prep.n_items  # 0 is the padding item
+    counts = manifest["counts"]
+    assert counts["dropped"]["duplicate_row"] == len(log) - len(set(log))
+    assert counts["dropped"][f"kcore_{k}"] == len(set(log)) - sum(len(v) for v in expected.values())
+    assert k == 1 or counts["kcore_rounds"] >= 2
+    assert user_raw == python_sorted_ids(list(expected)) and item_raw == python_sorted_ids(
+        [i for seq in expected.values() for i, _ in seq])
 
 
-def test_numeric_ids_sort_numerically():
-    df = interactions_frame(["10", "9", "10", "9", "10", "9"], ["2", "10", "10", "2", "11", "11"],
-                            [1, 2, 3, 4, 5, 6])
-    prep = preprocess(df, DropLog(), k=1)
-    assert list(prep.user_raw) == ["9", "10"] and list(prep.item_raw) == ["2", "10", "11"]
+def test_numeric_ids_sort_numerically_and_short_users_go(tmp_path, local_ray):
+    rows = [("10", "2", 1), ("9", "10", 2), ("10", "10", 3), ("9", "2", 4), ("10", "11", 5),
+            ("9", "11", 6), ("7", "2", 7), ("7", "10", 8)]         # user 7: 2 actions < 3
+    manifest, out = prepared_log(tmp_path, rows, k=1)
+    got, user_raw, item_raw = read_back(out)
+    assert user_raw == ["9", "10"] and item_raw == ["2", "10", "11"]
+    assert manifest["counts"]["samples"] == {"train": 0, "valid": 2, "test": 2}
+    assert manifest["counts"]["dropped"]["kcore_1"] == 2
+
+
+def test_empty_after_kcore_is_an_error(tmp_path, local_ray):
+    with pytest.raises(EmptyResultError, match="nothing left after the 5-core"):
+        prepared_log(tmp_path, [("a", "x", 1), ("b", "y", 2)], k=5)
 
 
 @pytest.mark.parametrize("ids", [
@@ -72,10 +101,10 @@ def test_numeric_ids_sort_numerically():
     ["b", "\u00e9", "a", "B", "\U0001f600", "ab", ""],        # multi-byte UTF-8 = code point order
     ["1", "99999999999999999999"],                             # beyond int64: strings
 ])
-def test_streaming_id_order_is_the_in_memory_one(ids):
-    """The streaming path orders distinct IDs in Arrow; the order must be `_sorted_ids`'s, chunk
-    by chunk too (chunk 2 splits every list)."""
-    expected = list(_sorted_ids(np.array(ids, dtype=object)))
+def test_id_order_is_the_python_rule(ids):
+    """Both engines order distinct IDs in Arrow (`sorted_id_order`); the order must be the plain
+    Python rule's, chunk by chunk too (chunk 2 splits every list)."""
+    expected = python_sorted_ids(ids)
     for chunk in (2, 1 << 16):
         order = sorted_id_order(pa.array(ids, pa.string()), chunk=chunk)
         assert [ids[j] for j in order] == expected
@@ -85,32 +114,22 @@ def test_split_edge_cases():
     assert list(split_ends(3, "train")) == [] and list(split_ends(3, "valid")) == [1]
     assert list(split_ends(5, "train")) == [1, 2] and list(split_ends(5, "test")) == [4]
     assert list(split_ends(2, "test")) == [] and list(split_ends(1, "valid")) == []
-    # k < 3: users still need 3 items for leave-one-out, and are dropped by the k-core loop
-    df = interactions_frame(["a", "a", "b", "b", "b"], ["x", "y", "x", "y", "x"], [1, 2, 3, 4, 5])
-    prep = preprocess(df, DropLog(), k=1)
-    assert list(prep.user_raw) == ["b"]
-    assert split_sizes(prep) == {"train": 0, "valid": 1, "test": 1}
-
-
-def test_empty_after_kcore_is_an_error():
-    df = interactions_frame(["a", "b"], ["x", "y"], [1, 2])
-    with pytest.raises(EmptyResultError, match="nothing left after the 5-core"):
-        preprocess(df, DropLog(), k=5)
 
 
 def test_interval_stats_brute_force():
-    log = make_log(seed=5, n_users=30, n_items=6)
-    prep = preprocess(interactions_frame(*zip(*log)), DropLog(), k=2)
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(1, 9, size=30)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    times = np.concatenate([np.sort(rng.integers(0, 10**6, size=n)) for n in lengths]).astype(np.int64)
+    prep = Prepared(np.arange(30), np.arange(6), offsets, np.ones(offsets[-1], np.int64), times, 1)
     best_train = best_input = 0
     for u in range(prep.n_users):
         _, t = prep.user(u)
         n = len(t)
-        train = [int(b - a) for a, b in zip(t[: n - 2], t[1: n - 2])]
-        best_train = max([best_train, *train])
+        best_train = max([best_train, *[int(b - a) for a, b in zip(t[: n - 2], t[1: n - 2])]])
         best_input = max([best_input, *[int(b - a) for a, b in zip(t[: n - 1], t[1: n - 1])]])
     stats = interval_stats(prep, mu=100.0)
     assert stats["max_train_interval_seconds"] == best_train
     assert stats["max_input_interval_seconds"] == best_input
     assert stats["max_train_bucket"] == math.floor(100 * math.log2(best_train + 1))
-    assert sum(stats["bucket_histogram"].values()) == sum(max(len(prep.user(u)[1]) - 3, 0)
-                                                          for u in range(prep.n_users))
+    assert sum(stats["bucket_histogram"].values()) == sum(max(n - 3, 0) for n in lengths)

@@ -1,7 +1,7 @@
 """The Ray Data preparation on a two-"node" `ray.cluster_utils.Cluster` (benchmarks/ray_prep_cluster.py,
 in a subprocess: the session's embedded Ray stays as it is): tasks of the read, dedupe and encode
-steps run on both nodes (each task reports its node), and the output equals the one-node output
-byte for byte (shards, users.parquet, counts, interval statistics)."""
+steps run on both nodes (each task reports its node), and the output equals the one-process
+(streaming engine) output byte for byte (shards, users.parquet, counts, interval statistics)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.experimental      # `pytest -m experimental` (pyproject.toml)
+@pytest.mark.multinode      # `pytest -m multinode` (pyproject.toml): two more raylets, ~40 s
 def test_two_nodes_share_the_work_and_write_the_one_node_output():
     done = subprocess.run([sys.executable, "benchmarks/ray_prep_cluster.py", "--actions", "30000"],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)

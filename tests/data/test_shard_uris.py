@@ -15,11 +15,11 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from data_pipelines.preprocess import Prepared
-from data_pipelines.shards import publish_prepared, write_shards
+from data_pipelines.shards import publish_prepared, scan_shard, write_samples
 from hm4sr_dist.batch import Batch
 from hm4sr_dist.data import ManifestError, ShardError, ShardReader, load_catalog, read_manifest
 from hm4sr_dist.data.manifest import DataLocation, local_folder, sha256_file, verify_shards
+from hm4sr_dist.data.records import encode_user, user_key
 
 B = 7
 
@@ -96,24 +96,33 @@ def test_published_to_another_filesystem_then_trained_from_there(prepared_sequen
 
 
 def test_shards_are_written_to_a_uri_with_the_same_bytes(local_ray, tmp_path):
+    import ray
+
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, 12, size=40)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    prep = Prepared(user_raw=np.arange(40), item_raw=np.arange(30), offsets=offsets,
-                    items=rng.integers(1, 31, size=offsets[-1]).astype(np.int64),
-                    times=(1_300_000_000 + np.arange(offsets[-1]) * 60).astype(np.int64),
-                    kcore_rounds=1)
-    local = write_shards(prep, tmp_path / "a" / "shards", 1 << 20, 3, progress=False)
-    via_uri = write_shards(prep, (tmp_path / "b" / "shards").as_uri(), 1 << 20, 3, progress=False)
+    rows = [{"__key__": user_key(u), "seq.npy": encode_user(rng.integers(1, 31, size=n),
+                                                             1_300_000_000 + np.arange(n) * 60)}
+            for u, n in enumerate(lengths)]
+
+    def write(where, **kw):
+        return write_samples(ray.data.from_items(rows), where, 3, **kw)
+
+    local = write(tmp_path / "a" / "shards")
+    via_uri = write((tmp_path / "b" / "shards").as_uri())
     subtree = pafs.SubTreeFileSystem(str(tmp_path / "c"), pafs.LocalFileSystem())
-    in_fs = write_shards(prep, "shards", 1 << 20, 3, progress=False, filesystem=subtree)
+    in_fs = write("shards", filesystem=subtree)
     assert local == via_uri == in_fs and len(local) == 3
-    assert sum(e["users"] for e in local) == 40
-    for folder in ("b", "c"):
+    assert sum(e["users"] for e in local) == 40 and sum(e["actions"] for e in local) == lengths.sum()
+    for folder in ("a", "b", "c"):
         names = sorted(p.name for p in (tmp_path / folder).iterdir())
         assert names == ["shards"]                                  # no staging folder left
-        for entry in local:
-            assert sha256_file(tmp_path / folder / "shards" / entry["file"]) == entry["sha256"]
+        assert sorted(p.name for p in (tmp_path / folder / "shards").iterdir()) == [e["file"] for e in local]
+        for entry in local:  # what the write tasks measured is what a reader finds
+            path = tmp_path / folder / "shards" / entry["file"]
+            assert sha256_file(path) == entry["sha256"] and path.stat().st_size == entry["bytes"]
+            scanned = scan_shard(path)
+            assert scanned.pop("first_key") is not None
+            assert scanned == {k: entry[k] for k in scanned}
 
 
 def test_bad_uris_and_missing_files_name_the_uri(prepared_sequences, tmp_path):

@@ -1,4 +1,5 @@
-"""The streaming preparation (`memory_budget_mb > 0`) gives exactly the in-memory path's output:
+"""The two engines give one output: the streaming preparation (`memory_budget_mb > 0`) gives exactly
+the Ray Data pipeline's (the default engine):
 counts, drops and their examples, ID maps, interval statistics and byte-identical shards, on a
 generated log with duplicates, time ties, bad rows and a k-core that takes several rounds.
 The sizing floors are lowered so the small log is cut into many chunks, buckets and user ranges.
@@ -94,17 +95,24 @@ def parquet_log_with_items(tmp_path: Path) -> tuple[pd.DataFrame, dict]:
                     item_id_col="iid", category_col="genres")
 
 
-def test_parquet_log_streamed_equals_in_memory(tmp_path, local_ray, small_sizes, caplog):
+def test_parquet_log_streamed_equals_ray_data(tmp_path, local_ray, small_sizes, caplog):
     df, kw = parquet_log_with_items(tmp_path)
-    memory = prepared(tmp_path, "memory", 0, **kw)
+    with caplog.at_level("INFO", logger="data_pipelines.ray_prep"):
+        on_ray = prepared(tmp_path, "ray", 0, **kw)
+    c = on_ray[0]["counts"]
+    ray_log = caplog.text  # progress: rows read, each k-core round with survivors, shards written
+    assert f"read {c['rows_read']:,} rows (3 dropped)" in ray_log
+    assert f"k-core round {c['kcore_rounds']}: {c['actions']:,} rows kept; 0 users and 0 items" in ray_log
+    assert "wrote 7 shards" in ray_log
+    caplog.clear()
     with caplog.at_level("INFO", logger="data_pipelines.streaming"):
         streamed = prepared(tmp_path, "streamed", budget(), progress=True, **kw)
-    c = memory[0]["counts"]
     # preconditions: the log exercises every rule
     assert c["kcore_rounds"] >= 3 and c["dropped"]["duplicate_row"] > 0
     assert c["dropped"]["kcore_5"] > 0 and c["items_stats"]["duplicate_item_metadata"] == 1
     assert {"missing_field", "negative_timestamp", "future_timestamp"} <= set(c["dropped"])
-    assert_same(memory, streamed)
+    assert_same(on_ray, streamed)
+    assert list(streamed[0]["counts"]["dropped"]) == list(c["dropped"])   # reasons in the same order
     valid = df.iloc[:-3]
     first = valid[valid.duplicated(keep="first")].iloc[0]  # the earliest repeated row, in full
     assert streamed[0]["counts"]["drop_examples"]["duplicate_row"] == \
@@ -121,7 +129,7 @@ def test_parquet_log_streamed_equals_in_memory(tmp_path, local_ray, small_sizes,
         return sorted((int(b.batch.seq_len[r]), int(b.batch.target[r]))
                       for b in ShardReader(d, "test", batch_size=64)
                       for r in np.flatnonzero(b.mask.numpy()))
-    assert test_rows(memory[1]) == test_rows(streamed[1])
+    assert test_rows(on_ray[1]) == test_rows(streamed[1])
 
 
 def test_csv_log_with_numeric_ids_and_equal_ints(tmp_path, local_ray, small_sizes):
@@ -135,24 +143,25 @@ def test_csv_log_with_numeric_ids_and_equal_ints(tmp_path, local_ray, small_size
     df.loc[len(df)] = ["5", "it1", "soon"]
     df.to_csv(tmp_path / "log.csv", index=False)
     kw = dict(interactions=str(tmp_path / "log.csv"), k_core=3)
-    memory = prepared(tmp_path, "memory", 0, **kw)
+    on_ray = prepared(tmp_path, "ray", 0, **kw)
     streamed = prepared(tmp_path, "streamed", budget(), **kw)
-    assert memory[0]["counts"]["dropped"]["bad_timestamp"] == 1
-    users = pd.read_parquet(memory[1] / "users.parquet")["raw_id"].tolist()
+    assert on_ray[0]["counts"]["dropped"]["bad_timestamp"] == 1
+    users = pd.read_parquet(on_ray[1] / "users.parquet")["raw_id"].tolist()
     assert "7" in users and "007" in users
-    assert_same(memory, streamed)
+    assert_same(on_ray, streamed)
 
 
 def test_other_sources_and_rerun_noop(tmp_path, local_ray, small_sizes):
-    """A source without a streaming reader (sequence files) still gives the same output; the budget
-    is not part of the fingerprint, so switching paths on an up-to-date folder is a no-op."""
+    """A source without a streaming reader (sequence files) still gives the same output; neither the
+    budget nor the engine is part of the fingerprint, so switching engines on an up-to-date folder
+    is a no-op."""
     from tests.data.fixtures import make_log as tiny_log, write_sequences
 
     write_sequences(tmp_path / "raw", tiny_log(seed=3, n_users=60, n_items=8))
     cfg = dict(input_dir=str(tmp_path / "raw"), k_core=3, min_shards=3, progress=False)
-    memory = prepare(PrepConfig("sequence", str(tmp_path / "m"), **cfg))
+    on_ray = prepare(PrepConfig("sequence", str(tmp_path / "m"), **cfg))
     streamed = prepare(PrepConfig("sequence", str(tmp_path / "s"), memory_budget_mb=budget(), **cfg))
-    assert_same((memory, tmp_path / "m"), (streamed, tmp_path / "s"))
+    assert_same((on_ray, tmp_path / "m"), (streamed, tmp_path / "s"))
     again = prepare(PrepConfig("sequence", str(tmp_path / "m"), memory_budget_mb=400, **cfg))
     assert again["status"] == "up_to_date"
 
@@ -221,18 +230,19 @@ def test_peak_memory_of_an_exited_process_is_not_ours():
 
 
 def test_a_csv_line_with_an_extra_field_is_the_same_counted_drop_on_both_paths(tmp_path):
-    """Issue 25, finding 5: the in-memory path refused the whole file, the budgeted one kept the
-    line and counted nothing; now both drop it as `malformed_line` naming file:line."""
+    """Issue 25, finding 5: a whole-file reader (since removed) refused the whole file, the budgeted
+    one kept the line and counted nothing; now both engines drop it as `malformed_line` naming
+    file:line."""
     log = make_log(seed=4, n_users=200)
     path = tmp_path / "log.csv"
     log.to_csv(path, index=False)
     lines = path.read_text().splitlines()
     lines[10] += ",EXTRA"                                   # file line 11: one field too many
     path.write_text("\n".join(lines) + "\n")
-    memory = prepared(tmp_path, "m", 0, interactions=str(path))
+    on_ray = prepared(tmp_path, "m", 0, interactions=str(path))
     streamed = prepared(tmp_path, "s", budget(), interactions=str(path))
-    assert_same(memory, streamed)
-    counts = memory[0]["counts"]
+    assert_same(on_ray, streamed)
+    counts = on_ray[0]["counts"]
     assert counts["dropped"]["malformed_line"] == 1
     assert counts["drop_examples"]["malformed_line"] == [f"{path}:11: expected 3 fields, saw 4; the line is dropped"]
     assert counts["rows_read"] == len(log)                  # the dropped line was read and counted
