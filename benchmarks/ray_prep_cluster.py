@@ -103,7 +103,7 @@ def main() -> int:
             *[(f"tasks per node: {step}", ", ".join(f"{short.get(n, n[:8])} {c}" for n, c in sorted(p.items())))
               for step, p in placement.items()],
             ("Ray Data preparation (s)", f"{result['ray_data_s']}"),
-            ("shards equal to the one-node output", str(same_shards)),
+            ("shards equal to the one-process output", str(same_shards)),
             ("users.parquet and counts equal", str(same_tables and same_counts))]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hm4sr_dist.data.manifest import is_uri
+
 # Fields that change how the work runs but not what it produces: left out of the fingerprint.
 RUNTIME_ONLY = ("force", "num_actors", "num_cpus", "progress", "download_workers", "out_dir",
                 "text_batch_size", "image_batch_size", "memory_budget_mb", "spill_dir", "engine")
@@ -88,7 +90,7 @@ class PrepConfig:
         """Fields the output depends on; paths made absolute so their spelling does not count."""
         out = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}
         for key in PATH_FIELDS:
-            if out.get(key):
+            if out.get(key) and not is_uri(out[key]):
                 out[key] = str(Path(out[key]).resolve())
         return out
 
@@ -123,6 +125,10 @@ def config_problem(cfg: "PrepConfig") -> str | None:
         return f"engine: expected one of {ENGINES}, got {cfg.engine!r}"
     if problem := check_memory_budget(cfg.memory_budget_mb):
         return f"memory_budget_mb: {problem}"
+    for key in ("interactions", "items", "out_dir"):
+        if is_uri(getattr(cfg, key)) and cfg.resolved_engine() == "streaming":
+            return (f"{key}: {getattr(cfg, key)} is a URI; the streaming engine reads and writes local "
+                    "files (object storage: --engine ray-data)")
     if cfg.engine == "streaming" and cfg.memory_budget_mb == 0:
         return (f"memory_budget_mb: the streaming engine sizes its passes to a budget; give one "
                 f"(>= {MIN_MEMORY_BUDGET_MB} MB)")

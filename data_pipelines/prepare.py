@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,8 @@ from data_pipelines.config import PrepConfig, config_problem
 from data_pipelines.preprocess import raw_id_column
 from data_pipelines.report import DataError
 from data_pipelines.sources import input_files
-from hm4sr_dist.data.manifest import (MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, ManifestError,
-                                      read_manifest, sha256_file, verify_shards)
+from hm4sr_dist.data.manifest import (MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, DataLocation,
+                                      ManifestError, is_uri, read_manifest, sha256_file, verify_shards)
 
 log = logging.getLogger("data_pipelines.prepare")
 SECONDS_PER_DAY = 86400
@@ -46,8 +47,14 @@ SECONDS_PER_DAY = 86400
 
 # -- fingerprint: what the output depends on -------------------------------------------------
 def describe_inputs(cfg: PrepConfig) -> list[dict]:
-    described = [{"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size,
-                  "sha256": sha256_file(p)} for p in input_files(cfg)]
+    described = []
+    for p in input_files(cfg):
+        if is_uri(p):   # object storage: hashed through its pyarrow filesystem
+            loc = DataLocation(p)
+            described.append({"path": str(p), "bytes": loc.size(), "sha256": sha256_file(loc)})
+        else:
+            described.append({"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size,
+                              "sha256": sha256_file(p)})
     if cfg.image_dir:  # names and sizes of the image folder (hashing every image would be slow)
         listing = sorted((p.name, p.stat().st_size) for p in Path(cfg.image_dir).iterdir() if p.is_file())
         described.append({"path": str(Path(cfg.image_dir).resolve()), "files": len(listing),
@@ -73,8 +80,8 @@ def what_changed(old: dict, inputs: list[dict], cfg: PrepConfig) -> list[str]:
     return changes or ["schema or provenance"]
 
 
-def up_to_date(out: Path, fp: str, inputs: list[dict], cfg: PrepConfig) -> dict | None:
-    if not (out / MANIFEST_NAME).is_file():
+def up_to_date(out: Path | str, fp: str, inputs: list[dict], cfg: PrepConfig) -> dict | None:
+    if not DataLocation(out).exists(MANIFEST_NAME):
         return None
     try:
         old = read_manifest(out)
@@ -97,7 +104,13 @@ def up_to_date(out: Path, fp: str, inputs: list[dict], cfg: PrepConfig) -> dict 
 def ensure_ray(cfg: PrepConfig) -> None:
     import ray
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() and os.environ.get("RAY_ADDRESS"):
+        # a cluster (`ray job submit`, RAY_ADDRESS): its own CPUs and object store; Ray refuses both
+        if cfg.num_cpus or cfg.memory_budget_mb:
+            log.info("num_cpus and memory_budget_mb size a Ray that prepare starts; joining %s as it is",
+                     os.environ["RAY_ADDRESS"])
+        ray.init(log_to_driver=False, configure_logging=False)
+    elif not ray.is_initialized():
         # the Ray Data pipeline keeps the log in the object store: the budget sizes it (it spills past)
         on_ray = cfg.resolved_engine() == "ray-data"
         store = cfg.memory_budget_mb << 20 if on_ray and cfg.memory_budget_mb else None
@@ -131,14 +144,19 @@ def prepare(cfg: PrepConfig) -> dict[str, Any]:
 def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
     """`prepare`'s work; `spill` is the streaming path's scratch folder (None: on Ray Data)."""
     started = time.time()
-    out = Path(cfg.out_dir)
-    _refuse_foreign(out)
+    remote = is_uri(cfg.out_dir)          # object storage: built here, shards written there by Ray
+    out = cfg.out_dir if remote else Path(cfg.out_dir)
+    if remote:
+        _refuse_foreign_uri(out)
+    else:
+        _refuse_foreign(out)
     inputs = describe_inputs(cfg)
     fp = fingerprint(inputs, cfg)
     if not cfg.force and (old := up_to_date(out, fp, inputs, cfg)) is not None:
         log.info("%s is up to date (fingerprint %s): nothing to do", out, fp[:12])
         return {**old, "status": "up_to_date"}
-    _refuse_other_entries(out)
+    if not remote:
+        _refuse_other_entries(out)
 
     timings: dict[str, float] = {}
     clock = time.time()
@@ -155,9 +173,13 @@ def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
         data, prep = prepare_log(cfg, spill)  # read + preprocess in passes over disk
     timings["read_preprocess"] = time.time() - clock
     stats: dict[str, int] = {}
-    build = out.parent / f".{out.name}.building-{os.getpid()}"
-    shutil.rmtree(build, ignore_errors=True)
-    build.mkdir(parents=True)
+    if remote:  # the tables and the manifest are built here; the shards go straight to the URI
+        build = Path(tempfile.mkdtemp(prefix="hm4sr-prepare-", dir=cfg.spill_dir or None))
+        _retract_manifest(DataLocation(out))
+    else:
+        build = out.parent / f".{out.name}.building-{os.getpid()}"
+        shutil.rmtree(build, ignore_errors=True)
+        build.mkdir(parents=True)
 
     manifest: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "dataset": data.name,
                                 "fingerprint": fp, "max_len": cfg.max_len, "features": {}}
@@ -189,7 +211,8 @@ def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
 
     timings["features"] = time.time() - clock
     clock = time.time()
-    shards = prep.write_shards(build / SHARD_DIR, cfg.target_shard_bytes, cfg.min_shards)
+    shard_dir = DataLocation(out).name(SHARD_DIR) if remote else build / SHARD_DIR
+    shards = prep.write_shards(shard_dir, cfg.target_shard_bytes, cfg.min_shards)
     timings["shards"] = time.time() - clock
     tmin, tmax = prep.time_min, prep.time_max
     manifest.update({
@@ -212,7 +235,10 @@ def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
         raise RuntimeError(f"{build}: shards hold {sum(s['actions'] for s in shards)} actions, "
                            f"expected {prep.n_actions}")
     (build / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))  # last: marks completion
-    _swap_in(build, out)
+    if remote:
+        _upload(build, DataLocation(out), manifest)
+    else:
+        _swap_in(build, out)
     return {**manifest, "status": "written"}
 
 
@@ -245,6 +271,44 @@ def _refuse_other_entries(out: Path) -> None:
         raise DataError(f"{out}: --prepared-dir holds {', '.join(others[:3])}"
                         f"{' ...' if len(others) > 3 else ''} beside the prepared data set; a rebuild "
                         "replaces the folder whole: move them out or choose another folder")
+
+
+def _refuse_foreign_uri(out: str) -> None:
+    """`_refuse_foreign` for a URI: a manifest there must be a prepared data set's (an export's
+    would be overwritten file by file)."""
+    loc = DataLocation(out)
+    try:
+        if not loc.exists(MANIFEST_NAME):
+            return
+        manifest = json.loads(loc.read_bytes(MANIFEST_NAME))
+    except (ManifestError, ValueError) as exc:
+        raise DataError(f"{loc.name(MANIFEST_NAME)}: cannot read ({exc})") from None
+    if not (isinstance(manifest, dict) and "schema_version" in manifest and "shards" in manifest):
+        raise DataError(f"{out}: holds a {MANIFEST_NAME} that is not a prepared data set's; choose another URI")
+
+
+def _retract_manifest(loc: DataLocation) -> None:
+    """A rebuild at a URI overwrites files in place: its old manifest goes first, so no reader
+    takes the half-written folder for the old one (a manifest there means a complete folder)."""
+    try:
+        if loc.exists(MANIFEST_NAME):
+            loc.fs.delete_file(loc.path(MANIFEST_NAME))
+    except (ManifestError, OSError) as exc:
+        raise DataError(f"{loc.name(MANIFEST_NAME)}: cannot remove the old manifest before a rebuild ({exc})") from None
+
+
+def _upload(build: Path, loc: DataLocation, manifest: dict) -> None:
+    """The tables built here to the URI (the shards are there already), checked, manifest last."""
+    try:
+        for path in sorted(build.iterdir()):
+            if path.is_file() and path.name != MANIFEST_NAME:
+                loc.write_bytes(path.read_bytes(), path.name)
+        verify_shards(loc, manifest, check="size")
+        loc.write_bytes((build / MANIFEST_NAME).read_bytes(), MANIFEST_NAME)
+    except OSError as exc:
+        raise DataError(f"{loc.name()}: cannot upload the prepared tables ({exc})") from None
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
 
 
 def _swap_in(build: Path, out: Path) -> None:

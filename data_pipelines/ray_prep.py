@@ -38,7 +38,8 @@ from data_pipelines.preprocess import (EmptyResultError, Prepared, interval_coun
 from data_pipelines.ray_read import ReadReport, merged_report, plan_parts, read_rows
 from data_pipelines.report import DataError
 from data_pipelines.shards import TAR_BLOCK, estimated_bytes, shard_count_for, write_samples
-from data_pipelines.sources.tabular import load_item_table
+from data_pipelines.sources.common import file_name
+from data_pipelines.sources.tabular import files as tabular_files, load_item_table
 from hm4sr_dist.data.records import SPLITS, encode_user, split_count, user_key
 
 log = logging.getLogger("data_pipelines.ray_prep")
@@ -418,10 +419,10 @@ def _keyed(block: pa.Table, offsets: dict) -> dict:
 # -- the driver's view -----------------------------------------------------------------------------
 def _canonical(cfg: PrepConfig, extra: dict, drops, rows_read: int) -> CanonicalData:
     if cfg.source == "tabular":
-        path = Path(cfg.interactions)
         items = load_item_table(cfg) if cfg.items else None
-        inputs = [path] + ([Path(cfg.items)] if cfg.items else [])
-        return CanonicalData("tabular", cfg.name or path.stem, None, items, inputs, rows_read, drops)
+        inputs = tabular_files(cfg)                       # local paths, or URIs as given
+        return CanonicalData("tabular", cfg.name or Path(file_name(cfg.interactions)).stem, None, items,
+                             inputs, rows_read, drops)
     return CanonicalData(extra["source"], extra["name"], None, extra["items"],
                          [Path(p) for p in extra["inputs"]], rows_read, drops, extra["category_names"])
 

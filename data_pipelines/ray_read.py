@@ -25,9 +25,10 @@ import ray
 from data_pipelines.config import PrepConfig
 from data_pipelines.report import DataError, DropLog
 from data_pipelines.sources import load_source
-from data_pipelines.sources.common import CSV_SUFFIXES, csv_frames, csv_header, require
+from data_pipelines.sources.common import CSV_SUFFIXES, csv_frames, csv_header, file_name, open_input, require
 from data_pipelines.sources.tabular import _columns
 from data_pipelines.sources.tabular_checks import checked_frames
+from hm4sr_dist.data.manifest import DataLocation, is_uri
 
 PART_ROWS = 1 << 20          # Parquet row groups are joined into parts of at least this many rows
 BLOCK_ROWS = 1 << 18         # rows per block a read task yields
@@ -58,14 +59,19 @@ def plan_parts(cfg: PrepConfig) -> tuple[list[dict], int]:
 
         size = sum(Path(p).stat().st_size for p in input_files(cfg))
         return [{"kind": "adapter"}], max(1, size // 16)
-    path = require(Path(cfg.interactions), "table")
+    path = require(cfg.interactions if is_uri(cfg.interactions) else Path(cfg.interactions), "table")
     cols = [cfg.user_col, cfg.item_col, cfg.time_col]
-    if path.suffix == ".parquet":
+    suffix = Path(file_name(path)).suffix
+    if suffix == ".parquet":
+        source = open_input(path, random_access=True)
         try:
-            meta = pq.ParquetFile(path).metadata
-            names = pq.ParquetFile(path).schema_arrow.names
+            parquet = pq.ParquetFile(source)
+            meta, names = parquet.metadata, parquet.schema_arrow.names
         except Exception as exc:  # noqa: BLE001 - name the file whatever pyarrow raised
             raise DataError(f"{path}: cannot read table ({exc})") from None
+        finally:
+            if source is not path:
+                source.close()
         _columns(pd.DataFrame(columns=names), path, cols)
         parts, groups, rows, row0 = [], [], 0, 0
         for g in range(meta.num_row_groups):
@@ -76,9 +82,10 @@ def plan_parts(cfg: PrepConfig) -> tuple[list[dict], int]:
                 row0 += rows
                 groups, rows = [], 0
         return parts or [{"kind": "parquet", "path": str(path), "groups": [], "row0": 0}], meta.num_rows
-    if path.suffix in CSV_SUFFIXES:
+    if suffix in CSV_SUFFIXES:
         _columns(pd.DataFrame(columns=csv_header(path)), path, cols)
-        return [{"kind": "csv", "path": str(path)}], max(1, path.stat().st_size // 12)
+        size = DataLocation(path).size() if is_uri(path) else path.stat().st_size
+        return [{"kind": "csv", "path": str(path)}], max(1, (size or 0) // 12)
     raise DataError(f"{path}: expected .parquet or .csv")
 
 
@@ -127,14 +134,14 @@ class _TabularFrames:
 
     def __iter__(self):
         part, cfg = self.part, self.cfg
-        path = Path(part["path"])
+        path = part["path"] if is_uri(part["path"]) else Path(part["path"])   # a URI is read through pyarrow
         unit = {"s": 1.0, "ms": 1000.0}.get(cfg.time_unit)
         if unit is None:
             raise DataError(f"time_unit: expected 's' or 'ms', got {cfg.time_unit!r}")
         cols = [cfg.user_col, cfg.item_col, cfg.time_col]
         if part["kind"] == "parquet":
             # no pre-buffering: its read cache keeps every column chunk read
-            reader = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+            reader = pq.ParquetFile(open_input(path, random_access=True), pre_buffer=False, buffer_size=1 << 20)
             raw = (b.to_pandas() for b in reader.iter_batches(batch_size=BLOCK_ROWS, columns=cols,
                                                              row_groups=part["groups"]))
         else:

@@ -13,17 +13,36 @@ import pandas as pd
 from tqdm import tqdm
 
 from data_pipelines.report import DataError, DropLog
+from hm4sr_dist.data.manifest import DataLocation, ManifestError, is_uri
 
 _SKIPPED = re.compile(r"Skipping line (\d+): (.*)")
 CSV_SUFFIXES = (".csv", ".gz", ".tsv")
 
 
-def csv_frames(path: Path, drops: DropLog, chunksize: int | None = None) -> Iterator[pd.DataFrame]:
+def file_name(where: str | Path) -> str:
+    """The file's own name (suffixes decide its format), for a local path or a URI."""
+    return Path(DataLocation(where).path() if is_uri(where) else where).name
+
+
+def open_input(where: str | Path, random_access: bool = False):
+    """What pandas or pyarrow read: a local path as it is, a URI (`s3://...`) opened through its
+    pyarrow filesystem (a stream, decompressed by its suffix; or a seekable file for Parquet)."""
+    if not is_uri(where):
+        return where
+    loc = DataLocation(where)
+    try:
+        return loc.open_file() if random_access else loc.open_stream()
+    except ManifestError as exc:
+        raise DataError(str(exc)) from None
+
+
+def csv_frames(path: str | Path, drops: DropLog, chunksize: int | None = None) -> Iterator[pd.DataFrame]:
     """The CSV (all of it, or chunks of `chunksize` rows) as str columns; a line with more fields
     than the header is dropped and counted as `malformed_line` naming file:line, the same on every
     path (pandas refuses the whole file by default, and reading some columns keeps such a line
-    silently: read every column, select after)."""
-    sep = "\t" if ".tsv" in path.name else ","
+    silently: read every column, select after). `path` may be a URI."""
+    sep = "\t" if ".tsv" in file_name(path) else ","
+    source = open_input(path)
 
     def counted(fn):
         with warnings.catch_warnings(record=True) as caught:
@@ -34,27 +53,43 @@ def csv_frames(path: Path, drops: DropLog, chunksize: int | None = None) -> Iter
                 drops.drop("malformed_line", f"{path}:{line}", f"{detail}; the line is dropped")
         return result
 
-    read = lambda **kw: pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False,  # noqa: E731
+    read = lambda **kw: pd.read_csv(source, sep=sep, dtype=str, keep_default_na=False,  # noqa: E731
                                     on_bad_lines="warn", **kw)
-    if chunksize is None:
-        yield counted(read)
-        return
-    chunks = counted(lambda: read(chunksize=chunksize))
-    while (chunk := counted(lambda: next(chunks, None))) is not None:
-        yield chunk
-
-
-def csv_header(path: Path) -> list[str]:
-    """The column names of a CSV/TSV file (its first line), or a DataError naming the file."""
     try:
-        return list(pd.read_csv(path, sep="\t" if ".tsv" in path.name else ",", dtype=str,
+        if chunksize is None:
+            yield counted(read)
+            return
+        chunks = counted(lambda: read(chunksize=chunksize))
+        while (chunk := counted(lambda: next(chunks, None))) is not None:
+            yield chunk
+    finally:
+        if source is not path:
+            source.close()
+
+
+def csv_header(path: str | Path) -> list[str]:
+    """The column names of a CSV/TSV file (its first line), or a DataError naming the file."""
+    source = open_input(path)
+    try:
+        return list(pd.read_csv(source, sep="\t" if ".tsv" in file_name(path) else ",", dtype=str,
                                 keep_default_na=False, nrows=0).columns)
     except Exception as exc:  # noqa: BLE001 - pandas raises many types; name the file
         raise DataError(f"{path}: cannot read table ({exc})") from None
+    finally:
+        if source is not path:
+            source.close()
 
 
-def require(path: Path, what: str) -> Path:
-    if not path.is_file():
+def require(path: str | Path, what: str) -> str | Path:
+    """`path` when it names a file (a local path or a URI), else a DataError naming it."""
+    if is_uri(path):
+        try:
+            found = DataLocation(path).exists()
+        except ManifestError as exc:
+            raise DataError(str(exc)) from None
+    else:
+        found = Path(path).is_file()
+    if not found:
         raise DataError(f"{path}: {what} not found")
     return path
 

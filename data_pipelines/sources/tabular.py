@@ -17,20 +17,27 @@ import pandas as pd
 from data_pipelines.canonical import items_frame
 from data_pipelines.config import PrepConfig
 from data_pipelines.report import DataError
-from data_pipelines.sources.common import require
+from data_pipelines.sources.common import CSV_SUFFIXES, file_name, open_input, require
+from hm4sr_dist.data.manifest import is_uri
 
 
-def read_table(path: Path) -> pd.DataFrame:
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A whole (item) table, from a local path or a URI."""
     require(path, "table")
+    name = file_name(path)
+    suffix = Path(name).suffix
+    if suffix not in (".parquet", *CSV_SUFFIXES):
+        raise DataError(f"{path}: expected .parquet or .csv")
+    source = open_input(path, random_access=suffix == ".parquet")
     try:
-        if path.suffix == ".parquet":
-            return pd.read_parquet(path)
-        if path.suffix in (".csv", ".gz", ".tsv"):
-            return pd.read_csv(path, sep="\t" if ".tsv" in path.name else ",", dtype=str,
-                               keep_default_na=False)
+        if suffix == ".parquet":
+            return pd.read_parquet(source)
+        return pd.read_csv(source, sep="\t" if ".tsv" in name else ",", dtype=str, keep_default_na=False)
     except Exception as exc:  # noqa: BLE001 - pyarrow/pandas raise many types; name the file
         raise DataError(f"{path}: cannot read table ({exc})") from None
-    raise DataError(f"{path}: expected .parquet or .csv")
+    finally:
+        if source is not path:
+            source.close()
 
 
 def _columns(df: pd.DataFrame, path: Path, names: list[str]) -> None:
@@ -49,7 +56,7 @@ def _categories(cell: object) -> list[str]:
 
 def load_item_table(cfg: PrepConfig):
     """The item table of `cfg.items` (ID, text columns joined, categories, image), as items_frame."""
-    ipath = Path(cfg.items)
+    ipath = cfg.items if is_uri(cfg.items) else Path(cfg.items)
     idf = read_table(ipath)
     _columns(idf, ipath, [cfg.item_id_col, *cfg.text_cols, cfg.category_col, cfg.image_col])
     cats = [_categories(c) for c in idf[cfg.category_col]] if cfg.category_col else [[]] * len(idf)
@@ -60,5 +67,6 @@ def load_item_table(cfg: PrepConfig):
     return items_frame([str(v) for v in idf[cfg.item_id_col]], texts, cats, images)
 
 
-def files(cfg: PrepConfig) -> list[Path]:
-    return [require(Path(p), "table") for p in (cfg.interactions, cfg.items) if p]
+def files(cfg: PrepConfig) -> list[str | Path]:
+    """The interaction and item tables (local paths, or URIs as given)."""
+    return [require(p if is_uri(p) else Path(p), "table") for p in (cfg.interactions, cfg.items) if p]

@@ -93,3 +93,25 @@ def test_bad_source_name_is_an_error(tmp_path):
 
     with pytest.raises(DataError, match="source: expected one of"):
         prepare(PrepConfig("csvv", str(tmp_path / "o")))
+
+
+def test_under_a_cluster_address_the_budget_does_not_stop_prepare(tmp_path, local_ray):
+    """Under `ray job submit` (RAY_ADDRESS set) prepare joins the cluster as it is: Ray refuses an
+    object store size or a CPU count from a process that connects, so `--memory-budget-mb` (which
+    sizes a Ray that prepare starts) is logged and left out instead of failing the job."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    raw = tmp_path / "raw"
+    write_sequences(raw, make_log(seed=2, n_users=30, n_items=6))
+    env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address}
+    done = subprocess.run([sys.executable, "-m", "data_pipelines.prepare", "--source", "sequence",
+                           "--input-dir", str(raw), "--out-dir", str(tmp_path / "out"), "--k-core", "3",
+                           "--min-shards", "2", "--engine", "ray-data", "--memory-budget-mb", "512",
+                           "--num-cpus", "1", "--no-progress"],
+                          cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "joining" in done.stderr and read_manifest(tmp_path / "out")["counts"]["users"] > 0
