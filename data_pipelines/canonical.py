@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pandas as pd
 
@@ -68,6 +69,52 @@ class TimestampCheck:
                             "future")
             return None
         return ts
+
+
+CHUNK_ROWS = 1 << 18        # valid rows per frame a folder source's chunked read yields (about)
+
+
+@dataclass
+class ChunkedRead:
+    """A folder source read in pieces: `frames` yields canonical interaction frames of about
+    `CHUNK_ROWS` rows (a sequence file's line stays in one frame), in input order, counting its drops into `drops` as it goes; `finish()`,
+    called after the last frame, gives everything else (`interactions` None): the item table,
+    name, inputs and rows read. A read task so holds one frame and the item table, not the log."""
+
+    frames: Iterator[pd.DataFrame]
+    finish: Callable[[], "CanonicalData"]
+
+    def whole(self) -> "CanonicalData":
+        """The CanonicalData of the whole log (what `load_source` returns)."""
+        frames = list(self.frames)
+        data = self.finish()
+        data.interactions = (pd.concat(frames, ignore_index=True) if len(frames) > 1 else
+                             frames[0] if frames else interactions_frame([], [], []))
+        return data
+
+
+class RowBuffer:
+    """The valid rows of a chunked read: `add` one, `full` when a frame's worth is held, `frame()`
+    hands them over as a canonical frame and starts again."""
+
+    def __init__(self):
+        self.users: list = []
+        self.items: list = []
+        self.stamps: list = []
+
+    def add(self, user: str, item: str, ts: int) -> None:
+        self.users.append(user)
+        self.items.append(item)
+        self.stamps.append(ts)
+
+    @property
+    def full(self) -> bool:
+        return len(self.users) >= CHUNK_ROWS
+
+    def frame(self) -> pd.DataFrame:
+        out = interactions_frame(self.users, self.items, self.stamps)
+        self.users, self.items, self.stamps = [], [], []
+        return out
 
 
 def interactions_frame(users: list, items: list, stamps: list) -> pd.DataFrame:

@@ -1,7 +1,9 @@
 """Reading raw logs as a Ray Dataset of canonical rows, for the Ray Data preparation (`ray_prep.py`).
 
 The input is cut into *parts* listed in input order: a run of Parquet row groups (~1M rows), a
-whole CSV file, or (sequence, MovieLens, Amazon) one task that runs the source's own adapter.
+whole CSV file, or (sequence, MovieLens, Amazon) one task that runs the source's own adapter, which
+yields the log in frames as it parses it (`sources.read_source`), so the task holds one frame and
+the item table, never the whole log.
 Each part is read by one Ray task (`map_batches` over the part indices, a generator of blocks), so
 a cluster reads parts in parallel. Every row gets `seq` = (part << 40) + its index among the
 part's valid rows: monotone in input order, which decides duplicates and time ties downstream.
@@ -24,7 +26,7 @@ import ray
 
 from data_pipelines.config import PrepConfig
 from data_pipelines.report import DataError, DropLog
-from data_pipelines.sources import load_source
+from data_pipelines.sources import read_source
 from data_pipelines.sources.common import CSV_SUFFIXES, csv_frames, csv_header, file_name, open_input, require
 from data_pipelines.sources.tabular import _columns
 from data_pipelines.sources.tabular_checks import checked_frames
@@ -104,13 +106,9 @@ def _read_parts(batch: dict, cfg: PrepConfig, parts: list[dict], n_buckets: int,
 
 def _read_part(index: int, part: dict, cfg: PrepConfig, n_buckets: int, report):
     drops, extra = DropLog(), {}
-    if part["kind"] == "adapter":
-        data = load_source(cfg)
-        drops, rows_read = data.drops, data.rows_read
-        frame = data.interactions.reset_index(drop=True)
-        frames = (frame.iloc[lo:lo + BLOCK_ROWS] for lo in range(0, len(frame), BLOCK_ROWS))
-        extra = {"source": data.source, "name": data.name, "items": data.items,
-                 "inputs": [str(p) for p in data.inputs], "category_names": data.category_names}
+    if part["kind"] == "adapter":   # frames of CHUNK_ROWS rows as the adapter parses them
+        source = read_source(cfg)
+        frames = source.frames
     else:
         counted = _TabularFrames(part, cfg, drops)
         frames = (df for df, _ in counted)
@@ -119,7 +117,12 @@ def _read_part(index: int, part: dict, cfg: PrepConfig, n_buckets: int, report):
         if len(df):
             yield _block(df, seq, n_buckets)
             seq += len(df)
-    if part["kind"] != "adapter":  # the dropped CSV lines were read too
+    if part["kind"] == "adapter":  # after the last frame: the item table, the lines read, the drops
+        data = source.finish()
+        drops, rows_read = data.drops, data.rows_read
+        extra = {"source": data.source, "name": data.name, "items": data.items,
+                 "inputs": [str(p) for p in data.inputs], "category_names": data.category_names}
+    else:                          # the dropped CSV lines were read too
         rows_read = counted.rows + drops.counts.get("malformed_line", 0)
     ray.get(report.add.remote(index, {"rows_read": rows_read, "counts": list(drops.counts.items()),
                                       "examples": drops.examples, "node": ray.get_runtime_context().get_node_id(),

@@ -12,7 +12,7 @@ import ast
 import json
 from pathlib import Path
 
-from data_pipelines.canonical import CanonicalData, TimestampCheck, interactions_frame, items_frame
+from data_pipelines.canonical import CanonicalData, ChunkedRead, RowBuffer, TimestampCheck, items_frame
 from data_pipelines.config import PrepConfig
 from data_pipelines.report import DataError, DropLog
 from data_pipelines.sources.common import numbered_lines, require
@@ -75,48 +75,58 @@ def files(cfg: PrepConfig) -> list[Path]:
     return list(resolve(cfg)[1:])
 
 
-def load(cfg: PrepConfig) -> CanonicalData:
+def read(cfg: PrepConfig) -> ChunkedRead:
     cat, reviews, meta = resolve(cfg)
     drops = DropLog(strict=cfg.strict)
     check = TimestampCheck(drops, cfg.max_future_seconds)
+    counted = {"rows": 0}
+    wanted: set[str] = set()     # the reviewed items: their metadata is read, no other (O(items))
 
-    users, items, stamps, rows = [], [], [], 0
-    for number, line in numbered_lines(reviews, progress=cfg.progress):
-        rows += 1
-        where = f"{reviews}:{number}"
-        try:
-            record = parse_record(line)
-        except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
-            drops.drop("malformed_line", where, f"not a JSON or Python-literal dict ({exc})")
-            continue
-        user, asin = record.get("reviewerID"), record.get("asin")
-        if not user or not asin:
-            field = "reviewerID" if not user else "asin"
-            drops.drop("missing_field", where, f"field {field!r} is missing")
-            continue
-        ts = check(record.get("unixReviewTime"), where, "unixReviewTime")
-        if ts is not None:
-            users.append(str(user))
-            items.append(str(asin))
-            stamps.append(ts)
+    def frames():
+        rows = RowBuffer()
+        for number, line in numbered_lines(reviews, progress=cfg.progress):
+            counted["rows"] += 1
+            where = f"{reviews}:{number}"
+            try:
+                record = parse_record(line)
+            except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
+                drops.drop("malformed_line", where, f"not a JSON or Python-literal dict ({exc})")
+                continue
+            user, asin = record.get("reviewerID"), record.get("asin")
+            if not user or not asin:
+                field = "reviewerID" if not user else "asin"
+                drops.drop("missing_field", where, f"field {field!r} is missing")
+                continue
+            ts = check(record.get("unixReviewTime"), where, "unixReviewTime")
+            if ts is not None:
+                rows.add(str(user), str(asin), ts)
+                wanted.add(str(asin))
+                if rows.full:
+                    yield rows.frame()
+        yield rows.frame()
 
-    wanted = set(items)
-    images = local_images(cfg.image_dir)
-    ids, texts, cats, refs = [], [], [], []
-    for number, line in numbered_lines(meta, progress=cfg.progress):
-        try:
-            record = parse_record(line)
-        except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
-            drops.drop("malformed_meta_line", f"{meta}:{number}", f"not a dict literal ({exc})")
-            continue
-        asin = record.get("asin")
-        if not asin or asin not in wanted:
-            continue  # metadata of items nobody reviewed: not needed
-        names = category_names(record.get("categories"))
-        ids.append(str(asin))
-        texts.append(item_text(record, names))
-        cats.append(names)
-        refs.append(images.get(str(asin)) or record.get("imUrl") or None)
-    return CanonicalData("amazon2014", cfg.name or cat.lower(),
-                         interactions_frame(users, items, stamps),
-                         items_frame(ids, texts, cats, refs), [reviews, meta], rows, drops)
+    def finish() -> CanonicalData:
+        images = local_images(cfg.image_dir)
+        ids, texts, cats, refs = [], [], [], []
+        for number, line in numbered_lines(meta, progress=cfg.progress):
+            try:
+                record = parse_record(line)
+            except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
+                drops.drop("malformed_meta_line", f"{meta}:{number}", f"not a dict literal ({exc})")
+                continue
+            asin = record.get("asin")
+            if not asin or asin not in wanted:
+                continue  # metadata of items nobody reviewed: not needed
+            names = category_names(record.get("categories"))
+            ids.append(str(asin))
+            texts.append(item_text(record, names))
+            cats.append(names)
+            refs.append(images.get(str(asin)) or record.get("imUrl") or None)
+        return CanonicalData("amazon2014", cfg.name or cat.lower(), None, items_frame(ids, texts, cats, refs),
+                             [reviews, meta], counted["rows"], drops)
+
+    return ChunkedRead(frames(), finish)
+
+
+def load(cfg: PrepConfig) -> CanonicalData:
+    return read(cfg).whole()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_pipelines.canonical import CanonicalData, TimestampCheck, interactions_frame, items_frame
+from data_pipelines.canonical import CanonicalData, ChunkedRead, RowBuffer, TimestampCheck, items_frame
 from data_pipelines.config import PrepConfig
 from data_pipelines.report import DataError, DropLog
 from data_pipelines.sources.common import numbered_lines, require
@@ -15,11 +15,13 @@ from data_pipelines.sources.common import numbered_lines, require
 ENCODING = "latin-1"
 
 
-def _ratings(path: Path, sep: str, cfg: PrepConfig, drops: DropLog):
+def _ratings(path: Path, sep: str, cfg: PrepConfig, drops: DropLog, counted: dict):
+    """Canonical frames of the ratings file, `CHUNK_ROWS` valid rows at a time; lines read go to
+    `counted["rows"]`."""
     check = TimestampCheck(drops, cfg.max_future_seconds)
-    users, items, stamps, rows = [], [], [], 0
+    rows = RowBuffer()
     for number, line in numbered_lines(path, ENCODING, cfg.progress):
-        rows += 1
+        counted["rows"] += 1
         where = f"{path}:{number}"
         parts = line.split(sep)
         if len(parts) != 4 or not parts[0].strip() or not parts[1].strip():
@@ -29,10 +31,10 @@ def _ratings(path: Path, sep: str, cfg: PrepConfig, drops: DropLog):
         ts = check(parts[3].strip(), where)
         if ts is None:
             continue
-        users.append(parts[0].strip())
-        items.append(parts[1].strip())
-        stamps.append(ts)
-    return interactions_frame(users, items, stamps), rows
+        rows.add(parts[0].strip(), parts[1].strip(), ts)
+        if rows.full:
+            yield rows.frame()
+    yield rows.frame()
 
 
 def _genres_100k(path: Path) -> list[str]:
@@ -76,25 +78,34 @@ def _items_1m(path: Path, drops: DropLog):
     return items_frame(ids, texts, cats, [None] * len(ids))
 
 
-def load(cfg: PrepConfig) -> CanonicalData:
+def read(cfg: PrepConfig) -> ChunkedRead:
     root = Path(cfg.input_dir)
     drops = DropLog(strict=cfg.strict)
+    counted = {"rows": 0}
     if (root / "u.data").is_file():
         files = [require(root / "u.data", "ratings"), require(root / "u.item", "item table"),
                  require(root / "u.genre", "genre names")]
-        inter, rows = _ratings(files[0], "\t", cfg, drops)
-        genres = _genres_100k(files[2])
-        items = _items_100k(files[1], genres, drops)
-        name = "ml-100k"
+        sep, name = "\t", "ml-100k"
     elif (root / "ratings.dat").is_file():
         files = [require(root / "ratings.dat", "ratings"), require(root / "movies.dat", "movie table")]
-        inter, rows = _ratings(files[0], "::", cfg, drops)
-        items = _items_1m(files[1], drops)
-        genres = sorted({g for gs in items["categories"] for g in gs})
-        name = "ml-1m"
+        sep, name = "::", "ml-1m"
     else:
         raise DataError(f"{root}: neither u.data (ml-100k) nor ratings.dat (ml-1m) found")
-    return CanonicalData("movielens", cfg.name or name, inter, items, files, rows, drops, genres)
+
+    def finish() -> CanonicalData:
+        if name == "ml-100k":
+            genres = _genres_100k(files[2])
+            items = _items_100k(files[1], genres, drops)
+        else:
+            items = _items_1m(files[1], drops)
+            genres = sorted({g for gs in items["categories"] for g in gs})
+        return CanonicalData("movielens", cfg.name or name, None, items, files, counted["rows"], drops, genres)
+
+    return ChunkedRead(_ratings(files[0], sep, cfg, drops, counted), finish)
+
+
+def load(cfg: PrepConfig) -> CanonicalData:
+    return read(cfg).whole()
 
 
 def files(cfg: PrepConfig) -> list[Path]:

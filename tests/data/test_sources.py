@@ -150,3 +150,34 @@ def test_prepare_refuses_settings_it_cannot_work_with_before_reading(tmp_path, c
     assert main(flags + ["--out-dir", str(tmp_path / "out"), "--no-progress"]) == 2
     assert message.replace("RAW", str(raw)) in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("source,write", [("amazon2014", write_amazon), ("movielens", write_ml100k),
+                                          ("sequence", write_sequences)])
+def test_folder_sources_read_in_frames_give_the_whole_log(tmp_path, monkeypatch, source, write):
+    """The Ray Data read task takes a folder source's log frame by frame (`read_source`): small
+    frames hold every row of the whole read, in order, with the same drops, lines and items."""
+    from data_pipelines import canonical
+    from data_pipelines.sources import read_source
+
+    log = make_log(seed=5, n_users=40)
+    write(tmp_path / "raw", log)
+    noise = {"sequence": {"Toy_item.txt": "U77 I1 I2\n", "Toy_time.txt": "U77 1300000000\n"},
+             "movielens": {"u.data": "7\t1\t4\tsoon\n"}}.get(source, {})   # counted drops
+    for name, line in noise.items():
+        with open(tmp_path / "raw" / name, "a") as fh:
+            fh.write(line)
+    cfg = PrepConfig(source, "", input_dir=str(tmp_path / "raw"))
+    whole = load_source(cfg)
+    monkeypatch.setattr(canonical, "CHUNK_ROWS", 7)
+    read = read_source(cfg)
+    frames = list(read.frames)
+    data = read.finish()
+    longest = max(len(v) for v in pd.DataFrame(log).groupby(0)[1].apply(list))   # a sequence line stays whole
+    assert len(frames) > 5 and all(len(f) <= 7 + (longest if source == "sequence" else 0) for f in frames)
+    assert list(zip(*[pd.concat(frames)[c] for c in ("user", "item", "timestamp")])) == rows_of(whole)
+    assert data.rows_read == whole.rows_read and data.drops.counts == whole.drops.counts
+    assert source == "amazon2014" or sum(whole.drops.counts.values()) > 0
+    assert data.interactions is None and data.name == whole.name
+    if whole.items is not None:
+        pd.testing.assert_frame_equal(data.items, whole.items)
