@@ -58,10 +58,13 @@ def read_back(out: Path) -> tuple[dict[str, list[tuple[str, int]]], list[str], l
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_prepared_sequences_equal_the_brute_force_reference(tmp_path, local_ray, k):
+def test_prepared_sequences_equal_the_brute_force_reference(tmp_path, local_ray, monkeypatch, k):
     """Duplicates dropped (first stays), k-core with users at max(k, 3), time ties in input
     order, users and items numbered in sorted raw-ID order; on a power-law log whose k-core
-    takes several rounds."""
+    takes several rounds. The item vocabulary is merged every few rows (as a large log merges it)."""
+    from data_pipelines import ray_prep
+
+    monkeypatch.setattr(ray_prep, "VOCAB_MERGE_ROWS", 5)
     rng = random.Random(k)
     log = make_log(seed=3, n_users=60, n_items=12)
     log += [(f"V{rng.randint(0, 30)}", f"J{int(rng.paretovariate(1.2)) % 40}", 1_300_000_000 + rng.randint(0, 50))
