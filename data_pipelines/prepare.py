@@ -51,7 +51,7 @@ def describe_inputs(cfg: PrepConfig) -> list[dict]:
     for p in input_files(cfg):
         if is_uri(p):   # object storage: hashed through its pyarrow filesystem
             loc = DataLocation(p)
-            described.append({"path": str(p), "bytes": loc.size(), "sha256": sha256_file(loc)})
+            described.append({"path": str(p), "bytes": loc.size(), "sha256": _stored_sha256(loc)})
         else:
             described.append({"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size,
                               "sha256": sha256_file(p)})
@@ -60,6 +60,19 @@ def describe_inputs(cfg: PrepConfig) -> list[dict]:
         described.append({"path": str(Path(cfg.image_dir).resolve()), "files": len(listing),
                           "listing_sha256": hashlib.sha256(json.dumps(listing).encode()).hexdigest()})
     return described
+
+
+def _stored_sha256(loc: DataLocation) -> str:
+    """sha256 of a file's stored bytes (as `sha256_file` of a local path; a pyarrow stream would
+    decompress a `.gz` by its suffix)."""
+    digest = hashlib.sha256()
+    try:
+        with loc.fs.open_input_stream(loc.path(), compression=None) as fh:
+            while block := fh.read(1 << 22):
+                digest.update(block)
+    except OSError as exc:
+        raise DataError(f"{loc.name()}: cannot read ({exc})") from None
+    return digest.hexdigest()
 
 
 def fingerprint(inputs: list[dict], cfg: PrepConfig) -> str:
@@ -109,6 +122,10 @@ def ensure_ray(cfg: PrepConfig) -> None:
         if cfg.num_cpus or cfg.memory_budget_mb:
             log.info("num_cpus and memory_budget_mb size a Ray that prepare starts; joining %s as it is",
                      os.environ["RAY_ADDRESS"])
+        if not is_uri(cfg.out_dir):
+            log.warning("joining the cluster at %s: --out-dir %s must be a path every node sees (a shared "
+                        "mount) or a URI: the shard writers run on any node", os.environ["RAY_ADDRESS"],
+                        cfg.out_dir)
         ray.init(log_to_driver=False, configure_logging=False)
     elif not ray.is_initialized():
         # the Ray Data pipeline keeps the log in the object store: the budget sizes it (it spills past)
@@ -172,14 +189,25 @@ def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
 
         data, prep = prepare_log(cfg, spill)  # read + preprocess in passes over disk
     timings["read_preprocess"] = time.time() - clock
-    stats: dict[str, int] = {}
     if remote:  # the tables and the manifest are built here; the shards go straight to the URI
         build = Path(tempfile.mkdtemp(prefix="hm4sr-prepare-", dir=cfg.spill_dir or None))
-        _retract_manifest(DataLocation(out))
-    else:
-        build = out.parent / f".{out.name}.building-{os.getpid()}"
-        shutil.rmtree(build, ignore_errors=True)
-        build.mkdir(parents=True)
+        try:
+            _retract_manifest(DataLocation(out))
+            return _build(cfg, out, build, data, prep, fp, inputs, timings, started)
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+    build = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir(parents=True)
+    return _build(cfg, out, build, data, prep, fp, inputs, timings, started)
+
+
+def _build(cfg: PrepConfig, out: Path | str, build: Path, data, prep, fp: str, inputs: list[dict],
+           timings: dict[str, float], started: float) -> dict[str, Any]:
+    """The folder from the prepared log: tables and features in `build`, shards (in `build`, or
+    at the URI `out`), manifest last; then `build` swapped in for `out` (or uploaded to it)."""
+    remote = is_uri(out)
+    stats: dict[str, int] = {}
 
     manifest: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "dataset": data.name,
                                 "fingerprint": fp, "max_len": cfg.max_len, "features": {}}
@@ -211,8 +239,11 @@ def _prepare(cfg: PrepConfig, spill: Path | None) -> dict[str, Any]:
 
     timings["features"] = time.time() - clock
     clock = time.time()
-    shard_dir = DataLocation(out).name(SHARD_DIR) if remote else build / SHARD_DIR
-    shards = prep.write_shards(shard_dir, cfg.target_shard_bytes, cfg.min_shards)
+    if remote:  # through the URI's filesystem: a URI's query (endpoint, region) must not be re-parsed
+        loc = DataLocation(out)
+        shards = prep.write_shards(loc.path(SHARD_DIR), cfg.target_shard_bytes, cfg.min_shards, filesystem=loc.fs)
+    else:
+        shards = prep.write_shards(build / SHARD_DIR, cfg.target_shard_bytes, cfg.min_shards)
     timings["shards"] = time.time() - clock
     tmin, tmax = prep.time_min, prep.time_max
     manifest.update({
@@ -305,10 +336,8 @@ def _upload(build: Path, loc: DataLocation, manifest: dict) -> None:
                 loc.write_bytes(path.read_bytes(), path.name)
         verify_shards(loc, manifest, check="size")
         loc.write_bytes((build / MANIFEST_NAME).read_bytes(), MANIFEST_NAME)
-    except OSError as exc:
+    except (OSError, ManifestError) as exc:
         raise DataError(f"{loc.name()}: cannot upload the prepared tables ({exc})") from None
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
 
 
 def _swap_in(build: Path, out: Path) -> None:

@@ -379,7 +379,8 @@ class RayLog:
         if uid != self.n_users:
             raise RuntimeError(f"{path}: wrote {uid} users, expected {self.n_users}")
 
-    def write_shards(self, shard_dir: Path, target_bytes: int, min_shards: int) -> list[dict]:
+    def write_shards(self, shard_dir: Path | str, target_bytes: int, min_shards: int, *,
+                     filesystem=None) -> list[dict]:
         n_shards = shard_count_for(self.bytes, self.n_users, target_bytes, min_shards)
         heads = _arrow(self.sorted.map_batches(_head, batch_size=None, batch_format="pyarrow"),
                        pa.schema([("user", pa.string()), ("int_key", pa.int64()), ("first_seq", pa.int64()),
@@ -393,7 +394,7 @@ class RayLog:
             raise RuntimeError(f"the sorted users hold {at} rows, expected {self.n_users}")
         keyed = self.sorted.map_batches(_keyed, batch_size=None, batch_format="pyarrow",
                                         fn_kwargs={"offsets": offsets})
-        entries = _run(lambda: write_samples(keyed, shard_dir, n_shards))
+        entries = _run(lambda: write_samples(keyed, shard_dir, n_shards, filesystem=filesystem))
         log.info("wrote %d shards of %s users; object store spilled %s MiB so far", len(entries),
                  f"{self.n_users:,}", spilled_mib())
         return entries

@@ -142,17 +142,23 @@ class _TabularFrames:
         if unit is None:
             raise DataError(f"time_unit: expected 's' or 'ms', got {cfg.time_unit!r}")
         cols = [cfg.user_col, cfg.item_col, cfg.time_col]
-        if part["kind"] == "parquet":
-            # no pre-buffering: its read cache keeps every column chunk read
-            reader = pq.ParquetFile(open_input(path, random_access=True), pre_buffer=False, buffer_size=1 << 20)
-            raw = (b.to_pandas() for b in reader.iter_batches(batch_size=BLOCK_ROWS, columns=cols,
-                                                             row_groups=part["groups"]))
-        else:
-            raw = (chunk[cols] for chunk in csv_frames(path, self.drops, chunksize=BLOCK_ROWS))
-        row0 = part.get("row0", 0)
-        for df, rows in checked_frames(raw, cfg, path, unit, self.drops, row0=row0):
-            self.rows = rows - row0
-            yield df, rows
+        source = path
+        try:
+            if part["kind"] == "parquet":
+                # no pre-buffering: its read cache keeps every column chunk read
+                source = open_input(path, random_access=True)
+                reader = pq.ParquetFile(source, pre_buffer=False, buffer_size=1 << 20)
+                raw = (b.to_pandas() for b in reader.iter_batches(batch_size=BLOCK_ROWS, columns=cols,
+                                                                 row_groups=part["groups"]))
+            else:
+                raw = (chunk[cols] for chunk in csv_frames(path, self.drops, chunksize=BLOCK_ROWS))
+            row0 = part.get("row0", 0)
+            for df, rows in checked_frames(raw, cfg, path, unit, self.drops, row0=row0):
+                self.rows = rows - row0
+                yield df, rows
+        finally:
+            if source is not path:   # a URI's file, opened here
+                source.close()
 
 
 def _block(df: pd.DataFrame, seq0: int, n_buckets: int) -> pa.Table:

@@ -133,7 +133,7 @@ class DataLocation:
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
         self.fs.create_dir(self.path(*parts[:-1]) if len(parts) > 1 else self.root, recursive=True)
-        with self.fs.open_output_stream(self.path(*parts)) as fh:
+        with self.fs.open_output_stream(self.path(*parts), compression=None) as fh:  # as given, even as .gz
             fh.write(data)
 
 

@@ -93,3 +93,31 @@ def test_object_storage_errors_name_the_uri(tmp_path, s3):
     DataLocation("s3://bkt/export").write_bytes(b'{"format": "hm4sr-export"}', "manifest.json")
     with pytest.raises(DataError, match="s3://bkt/export: holds a manifest.json that is not a prepared data set's"):
         prepare(PrepConfig("tabular", "s3://bkt/export", interactions="s3://bkt/raw/none.parquet"))
+
+
+def test_a_uri_with_its_endpoint_in_the_query_and_a_compressed_input(tmp_path, s3, local_ray):
+    """The endpoint and keys in the URI itself (as for MinIO without environment): the shards go
+    through the URI's filesystem, never a re-parsed `<uri>/shards` string (the query would swallow
+    it). A gzip input on object storage is fingerprinted by its stored bytes, as a local file is."""
+    import gzip
+    import hashlib
+
+    from data_pipelines.prepare import describe_inputs
+
+    df, kw = parquet_log_with_items(tmp_path)
+    endpoint = s3["AWS_ENDPOINT_URL"].split("://", 1)[1]
+    query = f"?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+    out = f"s3://testing:testing@bkt/q/toy{query}"       # the session's Ray workers have no AWS variables
+    settings = dict(name="toy", user_col="uid", item_col="iid", time_col="ts", min_shards=3, text=False,
+                    images=False, progress=False, interactions=kw["interactions"])
+    written = prepare(PrepConfig("tabular", out, **settings))
+    local = prepare(PrepConfig("tabular", str(tmp_path / "local"), **settings))
+    assert written["shards"] == local["shards"] and read_manifest(out)["shards"] == local["shards"]
+    assert DataLocation(out).exists("shards", local["shards"][-1]["file"])
+    gz = tmp_path / "log.csv.gz"
+    with gzip.open(gz, "wt") as fh:
+        df.to_csv(fh, index=False)
+    upload(gz, "s3://bkt/raw/log.csv.gz")
+    described = describe_inputs(PrepConfig("tabular", "o", interactions="s3://bkt/raw/log.csv.gz"))
+    assert described[0]["sha256"] == hashlib.sha256(gz.read_bytes()).hexdigest()
+    assert described[0]["bytes"] == gz.stat().st_size
