@@ -51,7 +51,7 @@ def describe_inputs(cfg: PrepConfig) -> list[dict]:
     for p in input_files(cfg):
         if is_uri(p):   # object storage: hashed through its pyarrow filesystem
             loc = DataLocation(p)
-            described.append({"path": str(p), "bytes": loc.size(), "sha256": _stored_sha256(loc)})
+            described.append({"path": str(p), "bytes": loc.size(), "sha256": sha256_file(loc)})
         else:
             described.append({"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size,
                               "sha256": sha256_file(p)})
@@ -60,19 +60,6 @@ def describe_inputs(cfg: PrepConfig) -> list[dict]:
         described.append({"path": str(Path(cfg.image_dir).resolve()), "files": len(listing),
                           "listing_sha256": hashlib.sha256(json.dumps(listing).encode()).hexdigest()})
     return described
-
-
-def _stored_sha256(loc: DataLocation) -> str:
-    """sha256 of a file's stored bytes (as `sha256_file` of a local path; a pyarrow stream would
-    decompress a `.gz` by its suffix)."""
-    digest = hashlib.sha256()
-    try:
-        with loc.fs.open_input_stream(loc.path(), compression=None) as fh:
-            while block := fh.read(1 << 22):
-                digest.update(block)
-    except OSError as exc:
-        raise DataError(f"{loc.name()}: cannot read ({exc})") from None
-    return digest.hexdigest()
 
 
 def fingerprint(inputs: list[dict], cfg: PrepConfig) -> str:

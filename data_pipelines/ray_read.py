@@ -16,6 +16,7 @@ up in part order, which is the order a sequential read counts them in.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -65,15 +66,12 @@ def plan_parts(cfg: PrepConfig) -> tuple[list[dict], int]:
     cols = [cfg.user_col, cfg.item_col, cfg.time_col]
     suffix = Path(file_name(path)).suffix
     if suffix == ".parquet":
-        source = open_input(path, random_access=True)
-        try:
-            parquet = pq.ParquetFile(source)
-            meta, names = parquet.metadata, parquet.schema_arrow.names
-        except Exception as exc:  # noqa: BLE001 - name the file whatever pyarrow raised
-            raise DataError(f"{path}: cannot read table ({exc})") from None
-        finally:
-            if source is not path:
-                source.close()
+        with open_input(path, random_access=True) as source:
+            try:
+                parquet = pq.ParquetFile(source)
+                meta, names = parquet.metadata, parquet.schema_arrow.names
+            except Exception as exc:  # noqa: BLE001 - name the file whatever pyarrow raised
+                raise DataError(f"{path}: cannot read table ({exc})") from None
         _columns(pd.DataFrame(columns=names), path, cols)
         parts, groups, rows, row0 = [], [], 0, 0
         for g in range(meta.num_row_groups):
@@ -142,11 +140,9 @@ class _TabularFrames:
         if unit is None:
             raise DataError(f"time_unit: expected 's' or 'ms', got {cfg.time_unit!r}")
         cols = [cfg.user_col, cfg.item_col, cfg.time_col]
-        source = path
-        try:
+        with open_input(path, random_access=True) if part["kind"] == "parquet" else nullcontext() as source:
             if part["kind"] == "parquet":
                 # no pre-buffering: its read cache keeps every column chunk read
-                source = open_input(path, random_access=True)
                 reader = pq.ParquetFile(source, pre_buffer=False, buffer_size=1 << 20)
                 raw = (b.to_pandas() for b in reader.iter_batches(batch_size=BLOCK_ROWS, columns=cols,
                                                                  row_groups=part["groups"]))
@@ -156,9 +152,6 @@ class _TabularFrames:
             for df, rows in checked_frames(raw, cfg, path, unit, self.drops, row0=row0):
                 self.rows = rows - row0
                 yield df, rows
-        finally:
-            if source is not path:   # a URI's file, opened here
-                source.close()
 
 
 def _block(df: pd.DataFrame, seq0: int, n_buckets: int) -> pa.Table:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -24,16 +25,20 @@ def file_name(where: str | Path) -> str:
     return Path(DataLocation(where).path() if is_uri(where) else where).name
 
 
+@contextmanager
 def open_input(where: str | Path, random_access: bool = False):
     """What pandas or pyarrow read: a local path as it is, a URI (`s3://...`) opened through its
-    pyarrow filesystem (a stream, decompressed by its suffix; or a seekable file for Parquet)."""
+    pyarrow filesystem (a stream, decompressed by its suffix; or a seekable file for Parquet) and
+    closed when the block ends."""
     if not is_uri(where):
-        return where
-    loc = DataLocation(where)
+        yield where
+        return
     try:
-        return loc.open_file() if random_access else loc.open_stream()
+        handle = DataLocation(where).open_file() if random_access else DataLocation(where).open_stream()
     except ManifestError as exc:
         raise DataError(str(exc)) from None
+    with handle:
+        yield handle
 
 
 def csv_frames(path: str | Path, drops: DropLog, chunksize: int | None = None) -> Iterator[pd.DataFrame]:
@@ -42,7 +47,6 @@ def csv_frames(path: str | Path, drops: DropLog, chunksize: int | None = None) -
     path (pandas refuses the whole file by default, and reading some columns keeps such a line
     silently: read every column, select after). `path` may be a URI."""
     sep = "\t" if ".tsv" in file_name(path) else ","
-    source = open_input(path)
 
     def counted(fn):
         with warnings.catch_warnings(record=True) as caught:
@@ -53,31 +57,25 @@ def csv_frames(path: str | Path, drops: DropLog, chunksize: int | None = None) -
                 drops.drop("malformed_line", f"{path}:{line}", f"{detail}; the line is dropped")
         return result
 
-    read = lambda **kw: pd.read_csv(source, sep=sep, dtype=str, keep_default_na=False,  # noqa: E731
-                                    on_bad_lines="warn", **kw)
-    try:
+    with open_input(path) as source:
+        read = lambda **kw: pd.read_csv(source, sep=sep, dtype=str, keep_default_na=False,  # noqa: E731
+                                        on_bad_lines="warn", **kw)
         if chunksize is None:
             yield counted(read)
             return
         chunks = counted(lambda: read(chunksize=chunksize))
         while (chunk := counted(lambda: next(chunks, None))) is not None:
             yield chunk
-    finally:
-        if source is not path:
-            source.close()
 
 
 def csv_header(path: str | Path) -> list[str]:
     """The column names of a CSV/TSV file (its first line), or a DataError naming the file."""
-    source = open_input(path)
-    try:
-        return list(pd.read_csv(source, sep="\t" if ".tsv" in file_name(path) else ",", dtype=str,
-                                keep_default_na=False, nrows=0).columns)
-    except Exception as exc:  # noqa: BLE001 - pandas raises many types; name the file
-        raise DataError(f"{path}: cannot read table ({exc})") from None
-    finally:
-        if source is not path:
-            source.close()
+    with open_input(path) as source:
+        try:
+            return list(pd.read_csv(source, sep="\t" if ".tsv" in file_name(path) else ",", dtype=str,
+                                    keep_default_na=False, nrows=0).columns)
+        except Exception as exc:  # noqa: BLE001 - pandas raises many types; name the file
+            raise DataError(f"{path}: cannot read table ({exc})") from None
 
 
 def require(path: str | Path, what: str) -> str | Path:

@@ -28,16 +28,13 @@ def read_table(path: str | Path) -> pd.DataFrame:
     suffix = Path(name).suffix
     if suffix not in (".parquet", *CSV_SUFFIXES):
         raise DataError(f"{path}: expected .parquet or .csv")
-    source = open_input(path, random_access=suffix == ".parquet")
-    try:
-        if suffix == ".parquet":
-            return pd.read_parquet(source)
-        return pd.read_csv(source, sep="\t" if ".tsv" in name else ",", dtype=str, keep_default_na=False)
-    except Exception as exc:  # noqa: BLE001 - pyarrow/pandas raise many types; name the file
-        raise DataError(f"{path}: cannot read table ({exc})") from None
-    finally:
-        if source is not path:
-            source.close()
+    with open_input(path, random_access=suffix == ".parquet") as source:
+        try:
+            if suffix == ".parquet":
+                return pd.read_parquet(source)
+            return pd.read_csv(source, sep="\t" if ".tsv" in name else ",", dtype=str, keep_default_na=False)
+        except Exception as exc:  # noqa: BLE001 - pyarrow/pandas raise many types; name the file
+            raise DataError(f"{path}: cannot read table ({exc})") from None
 
 
 def _columns(df: pd.DataFrame, path: Path, names: list[str]) -> None:

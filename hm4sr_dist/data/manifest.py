@@ -119,9 +119,11 @@ class DataLocation:
     def exists(self, *parts: str) -> bool:
         return self.size(*parts) is not None
 
-    def open_stream(self, *parts: str):
-        """Sequential binary reader (cheapest on object stores)."""
-        return self._call("open", parts, self.fs.open_input_stream)
+    def open_stream(self, *parts: str, raw: bool = False):
+        """Sequential binary reader (cheapest on object stores); a `.gz` name is decompressed
+        unless `raw` (the stored bytes)."""
+        return self._call("open", parts, lambda path: self.fs.open_input_stream(
+            path, compression=None if raw else "detect"))
 
     def open_file(self, *parts: str):
         """Random-access binary reader (seek/tell)."""
@@ -138,10 +140,10 @@ class DataLocation:
 
 
 def sha256_file(path: str | Path | DataLocation, chunk: int = 1 << 20) -> str:
-    """sha256 of a local file, a URI, or a `DataLocation` naming the file itself."""
+    """sha256 of the stored bytes of a local file, a URI, or a `DataLocation` naming the file itself."""
     digest = hashlib.sha256()
     if isinstance(path, DataLocation) or is_uri(path):
-        with DataLocation(path).open_stream() as fh:
+        with DataLocation(path).open_stream(raw=True) as fh:
             while block := fh.read(chunk):
                 digest.update(block)
         return digest.hexdigest()
